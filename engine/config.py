@@ -1,0 +1,121 @@
+"""The one configuration of a style-transfer run.
+
+``Config`` is frozen and validated on construction: a bad value raises a
+``UserError`` naming the field, the value and what is allowed. The CLI builds
+its options from these fields and takes its defaults from here, so this file
+is the single source of truth for every default.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import Optional
+
+from .errors import UserError
+from .vgg import MODELS, POOLINGS, check_layers
+from .weights import PREPROCESS
+
+OPTIMIZERS = ("adam", "lbfgs")
+INITS = ("content", "noise", "gray")
+DEVICES = ("auto", "cpu", "cuda")
+# A sanity bound, not a memory estimate: beyond this a typo is far likelier than intent.
+MAX_SIZE = 16384
+
+
+@dataclass(frozen=True)
+class Config:
+    # What to compute with.
+    model: str = field(default="vgg19", metadata={"help": "VGG architecture", "choices": MODELS})
+    weights: str = field(
+        default="caffe",
+        metadata={"help": "'caffe' (bundled original VGG19), 'imagenet' (torchvision) or a state-dict file"},
+    )
+    preprocess: str = field(
+        default="auto", metadata={"help": "input preprocessing; 'auto' follows the weights", "choices": PREPROCESS}
+    )
+    pooling: str = field(default="max", metadata={"help": "pooling layers", "choices": POOLINGS})
+    # What to match.
+    content_layers: tuple[str, ...] = field(default=("relu4_2",), metadata={"help": "content layers"})
+    content_layer_weights: Optional[tuple[float, ...]] = field(
+        default=None, metadata={"help": "one weight per content layer (default: equal)"}
+    )
+    style_layers: tuple[str, ...] = field(
+        default=("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1"), metadata={"help": "style layers"}
+    )
+    style_layer_weights: Optional[tuple[float, ...]] = field(
+        default=None, metadata={"help": "one weight per style layer (default: equal)"}
+    )
+    content_weight: float = field(default=1.0, metadata={"help": "weight of the content loss"})
+    style_weight: float = field(default=10.0, metadata={"help": "weight of the style loss"})
+    tv_weight: float = field(default=2.0, metadata={"help": "weight of the total-variation loss"})
+    style_blend_weights: Optional[tuple[float, ...]] = field(
+        default=None, metadata={"help": "one weight per style image (default: equal)"}
+    )
+    style_scale: float = field(
+        default=1.0, metadata={"help": "style image size relative to the output's long side"}
+    )
+    # How to optimise.
+    size: int = field(default=512, metadata={"help": "long side of the output in pixels"})
+    min_size: int = field(
+        default=128, metadata={"help": "long side of the first, coarsest scale (scales grow by sqrt(2))"}
+    )
+    steps: int = field(
+        default=300, metadata={"help": "steps at the coarsest scale; each finer scale takes 1/sqrt(2) as many"}
+    )
+    optimizer: str = field(default="adam", metadata={"help": "optimiser", "choices": OPTIMIZERS})
+    lr: float = field(default=0.02, metadata={"help": "Adam learning rate in pixel units (L-BFGS uses 1)"})
+    init: str = field(default="content", metadata={"help": "starting image", "choices": INITS})
+    seed: int = field(default=0, metadata={"help": "random seed"})
+    device: str = field(default="auto", metadata={"help": "'auto' picks CUDA when present", "choices": DEVICES})
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name.endswith(("layers", "weights")) and isinstance(value, list):
+                object.__setattr__(self, f.name, tuple(value))  # lists from callers; keep it hashable
+            choices = f.metadata.get("choices")
+            if choices and value not in choices:
+                raise UserError(f"{f.name} must be one of {', '.join(choices)}, not {value!r}")
+        check_layers(self.model, self.content_layers + self.style_layers)
+        if not self.style_layers:
+            raise UserError("style_layers must name at least one layer")
+        for name in ("content_weight", "style_weight", "tv_weight", "style_scale", "lr"):
+            _check_number(name, getattr(self, name), allow_zero=name.endswith("_weight"))
+        for name, layers in (
+            ("content_layer_weights", self.content_layers),
+            ("style_layer_weights", self.style_layers),
+        ):
+            _check_weights(name, getattr(self, name), len(layers), f"{name[:-8]}s")
+        _check_weights("style_blend_weights", self.style_blend_weights, None, "style images")
+        for name in ("size", "min_size", "steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_SIZE * 100:
+                raise UserError(f"{name} must be a positive whole number, not {value!r}")
+        if self.size > MAX_SIZE:
+            raise UserError(f"size {self.size} is larger than the {MAX_SIZE} px this engine accepts")
+        if not isinstance(self.seed, int):
+            raise UserError(f"seed must be a whole number, not {self.seed!r}")
+
+    @property
+    def feature_layers(self) -> tuple[str, ...]:
+        """Every layer the losses read, content first, without repeats."""
+        return tuple(dict.fromkeys(self.content_layers + self.style_layers))
+
+
+def _check_number(name: str, value, allow_zero: bool) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < 0 or (value == 0 and not allow_zero):
+        bound = "zero or more" if allow_zero else "greater than zero"
+        raise UserError(f"{name} must be a finite number {bound}, not {value!r}")
+
+
+def _check_weights(name: str, weights, count: Optional[int], what: str) -> None:
+    if weights is None:
+        return
+    if count is not None and len(weights) != count:
+        raise UserError(f"{name} has {len(weights)} values but there are {count} {what}")
+    for w in weights:
+        _check_number(name, w, allow_zero=True)
+    if sum(weights) <= 0:
+        raise UserError(f"{name} must not all be zero")

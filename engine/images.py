@@ -1,0 +1,196 @@
+"""Reading, resizing and writing images.
+
+Inside the engine an image is a float32 tensor ``(3, H, W)`` of RGB in
+[0, 1]. Decoding is Pillow's, with EXIF orientation applied; odd modes are
+converted here so that nothing downstream has to care. Writing is atomic and
+never replaces an existing file unless asked to.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import UserError
+
+ImageLike = Union[str, os.PathLike, Image.Image, torch.Tensor, np.ndarray]
+
+FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".tif": "TIFF", ".tiff": "TIFF",
+           ".webp": "WEBP", ".bmp": "BMP"}
+SIXTEEN_BIT = (".png", ".tif", ".tiff")
+# Pillow's default guard against decompression bombs is 89 Mpx with a warning and
+# 179 Mpx with an error; we turn the warning into a refusal at our own limit.
+MAX_INPUT_PIXELS = 256 * 1024 * 1024
+
+
+def load_image(source: ImageLike, what: str = "image") -> torch.Tensor:
+    """Any supported image source as a float32 ``(3, H, W)`` tensor in [0, 1]."""
+    if isinstance(source, torch.Tensor):
+        return _tensor_image(source, what)
+    if isinstance(source, np.ndarray):
+        return _tensor_image(torch.from_numpy(np.ascontiguousarray(source)), what)
+    if isinstance(source, Image.Image):
+        return pil_to_tensor(source)
+    path = Path(source)
+    if not path.exists():
+        raise UserError(f"{what} {str(path)!r} does not exist")
+    if path.is_dir():
+        raise UserError(f"{what} {str(path)!r} is a directory, not an image file")
+    Image.MAX_IMAGE_PIXELS = MAX_INPUT_PIXELS
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.load()
+                return pil_to_tensor(img)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise UserError(f"{what} {str(path)!r} declares more than {MAX_INPUT_PIXELS} pixels; refusing to decode it") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        # Pillow reports truncated or corrupt data as OSError/SyntaxError/ValueError.
+        detail = str(exc).split("\n")[0][:100]
+        raise UserError(f"{what} {str(path)!r} could not be read as an image ({detail})") from None
+
+
+def pil_to_tensor(img: Image.Image) -> torch.Tensor:
+    """Convert any Pillow mode to RGB float in [0, 1], honouring EXIF orientation."""
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        # Deep grayscale: scale by the real range, not Pillow's 8-bit clip.
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        if img.mode == "F":
+            top = max(1.0, float(arr.max(initial=0)))
+        gray = torch.from_numpy(np.clip(arr / top, 0, 1)).float()
+        return gray.expand(3, *gray.shape).contiguous()
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        # Transparent pixels become white, as in a viewer on a white page.
+        rgba = img.convert("RGBA")
+        img = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img.alpha_composite(rgba)
+    img = img.convert("RGB")  # covers L, P, CMYK, YCbCr, LAB, 1
+    arr = np.asarray(img, dtype=np.uint8)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
+
+
+def _tensor_image(t: torch.Tensor, what: str) -> torch.Tensor:
+    if t.dim() == 4 and t.shape[0] == 1:
+        t = t[0]
+    if t.dim() == 3 and t.shape[0] not in (1, 3) and t.shape[-1] in (1, 3):
+        t = t.permute(2, 0, 1)  # HWC arrays as numpy and Pillow produce them
+    if t.dim() == 2:
+        t = t.unsqueeze(0)
+    if t.dim() != 3 or t.shape[0] not in (1, 3):
+        raise UserError(f"{what} tensor has shape {tuple(t.shape)}; expected (3, H, W), (1, 3, H, W) or (H, W, 3)")
+    if t.dtype == torch.uint8:
+        t = t.float() / 255.0
+    t = t.detach().float().cpu()
+    if not torch.isfinite(t).all():
+        raise UserError(f"{what} tensor has NaN or infinite values")
+    return t.expand(3, -1, -1).clamp(0, 1).contiguous()
+
+
+def fit_long_side(height: int, width: int, long_side: int) -> tuple[int, int]:
+    """(h, w) with the given long side and the same aspect ratio, each at least 1."""
+    scale = long_side / max(height, width)
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def resize(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Antialiased bicubic resize of ``(..., C, H, W)``; clamped because bicubic overshoots."""
+    if tuple(image.shape[-2:]) == tuple(size):
+        return image
+    batched = image if image.dim() == 4 else image.unsqueeze(0)
+    out = F.interpolate(batched, size=size, mode="bicubic", align_corners=False, antialias=True).clamp_(0, 1)
+    return out if image.dim() == 4 else out[0]
+
+
+def check_output_path(path: Union[str, os.PathLike], overwrite: bool, bit_depth: int = 8) -> Path:
+    """Fail before any work when ``path`` cannot be written as asked."""
+    path = Path(path)
+    ext = path.suffix.lower()
+    if ext not in FORMATS:
+        raise UserError(f"output {str(path)!r} has an unknown extension; use one of {', '.join(FORMATS)}")
+    if bit_depth not in (8, 16):
+        raise UserError(f"bit depth must be 8 or 16, not {bit_depth!r}")
+    if bit_depth == 16 and ext not in SIXTEEN_BIT:
+        raise UserError(f"16-bit output needs a .png or .tif file, not {str(path)!r}")
+    if path.is_dir():
+        raise UserError(f"output {str(path)!r} is a directory")
+    if path.exists() and not overwrite:
+        raise UserError(f"output {str(path)!r} already exists; pass --overwrite to replace it")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise UserError(f"output directory {str(parent)!r} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"output directory {str(parent)!r} is not writable")
+    return path
+
+
+def save_image(image: torch.Tensor, path: Union[str, os.PathLike], overwrite: bool = False, bit_depth: int = 8) -> Path:
+    """Write ``(3, H, W)`` in [0, 1] to ``path`` atomically: a temporary file, then a rename."""
+    path = check_output_path(path, overwrite, bit_depth)
+    ext = path.suffix.lower()
+    arr = image.detach().float().cpu().clamp(0, 1).permute(1, 2, 0).numpy()
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent or ".")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            if bit_depth == 16:
+                _write_16bit(fh, np.rint(arr * 65535).astype(np.uint16), ext)
+            else:
+                pil = Image.fromarray(np.rint(arr * 255).astype(np.uint8), "RGB")
+                options = {"quality": 95} if FORMATS[ext] in ("JPEG", "WEBP") else {}
+                pil.save(fh, format=FORMATS[ext], **options)
+            fh.flush()
+            os.fsync(fh.fileno())
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            _publish_no_clobber(tmp, path)
+    except FileExistsError:
+        os.unlink(tmp)
+        raise UserError(f"output {str(path)!r} already exists; pass --overwrite to replace it") from None
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def _publish_no_clobber(tmp: str, path: Path) -> None:
+    try:
+        # link() fails if the name appeared meanwhile: no race can clobber a file.
+        os.link(tmp, path)
+    except FileExistsError:
+        raise
+    except OSError:  # filesystems without hard links: check, then rename
+        if path.exists():
+            raise FileExistsError(path) from None
+        os.replace(tmp, path)
+        return
+    os.unlink(tmp)
+
+
+def _write_16bit(fh, arr: np.ndarray, ext: str) -> None:
+    # Pillow cannot write 16-bit RGB; pypng and tifffile are small, pure-Python writers.
+    if ext == ".png":
+        import png
+
+        h, w, _ = arr.shape
+        png.Writer(w, h, greyscale=False, bitdepth=16).write(fh, arr.reshape(h, w * 3))
+    else:
+        import tifffile
+
+        tifffile.imwrite(fh, arr, photometric="rgb")
+
+
+def to_pil(image: torch.Tensor) -> Image.Image:
+    arr = image.detach().float().cpu().clamp(0, 1).permute(1, 2, 0).numpy()
+    return Image.fromarray(np.rint(arr * 255).astype(np.uint8), "RGB")

@@ -1,0 +1,119 @@
+"""Losses of the optimisation, each a small named module.
+
+Departure from Gatys et al.: every feature loss is a *relative* squared
+error, ``||x - t||^2 / ||t||^2`` per image, instead of a sum scaled by
+hand-tuned constants. Gram matrices are averaged over pixels. Together this
+makes each term independent of the image size, of the layer's activation
+scale and of the weight source (Caffe activations are ~100x ImageNet ones),
+so one set of default weights works everywhere and per-layer weights mean
+what they say.
+
+Shapes: features are ``(N, C, H, W)``; targets carry a leading batch
+dimension of 1 (shared by the batch) or N (one per image).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import torch
+from torch import nn
+
+EPS = 1e-8
+
+
+def gram_matrix(features: torch.Tensor) -> torch.Tensor:
+    """Batched Gram matrices ``(N, C, C)``, averaged over the H*W pixels."""
+    n, c, h, w = features.shape
+    flat = features.reshape(n, c, h * w)
+    return torch.einsum("ncp,ndp->ncd", flat, flat) / (h * w)
+
+
+def relative_squared_error(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch of ``||x - t||^2 / ||t||^2``; targets broadcast over the batch."""
+    dims = tuple(range(1, x.dim()))
+    err = (x - target).pow(2).sum(dims)
+    scale = target.pow(2).sum(dims).clamp_min(EPS)
+    return (err / scale).mean()
+
+
+class ContentLoss(nn.Module):
+    """Relative MSE between the image's features and the content's."""
+
+    def __init__(self, target: torch.Tensor):
+        super().__init__()
+        self.register_buffer("target", target.detach())
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return relative_squared_error(features, self.target)
+
+
+class GramStyleLoss(nn.Module):
+    """Relative squared error between Gram matrices (Gatys et al.'s style loss).
+
+    The target is given as a Gram matrix, not as features, so several style
+    images can be blended into one target beforehand.
+    """
+
+    def __init__(self, target_gram: torch.Tensor):
+        super().__init__()
+        self.register_buffer("target", target_gram.detach())
+
+    @staticmethod
+    def target_from(features: torch.Tensor) -> torch.Tensor:
+        return gram_matrix(features)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return relative_squared_error(gram_matrix(features), self.target)
+
+
+class TotalVariationLoss(nn.Module):
+    """Mean squared difference between neighbouring pixels (smooth, so L-BFGS-friendly)."""
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        dy = image[..., 1:, :] - image[..., :-1, :]
+        dx = image[..., :, 1:] - image[..., :, :-1]
+        return dy.pow(2).mean() + dx.pow(2).mean()
+
+
+class StyleTransferLoss(nn.Module):
+    """The weighted sum ``content + style + tv``, with its parts for reporting."""
+
+    def __init__(
+        self,
+        content: Mapping[str, nn.Module],
+        style: Mapping[str, nn.Module],
+        content_layer_weights: Sequence[float],
+        style_layer_weights: Sequence[float],
+        content_weight: float,
+        style_weight: float,
+        tv_weight: float,
+    ):
+        super().__init__()
+        self.content = nn.ModuleDict(content)
+        self.style = nn.ModuleDict(style)
+        self.tv = TotalVariationLoss()
+        # Layer weights are normalised to sum to one so the global weights keep their meaning.
+        self.content_layer_weights = _normalised(content_layer_weights)
+        self.style_layer_weights = _normalised(style_layer_weights)
+        self.weights = {"content": content_weight, "style": style_weight, "tv": tv_weight}
+
+    def forward(self, features: Mapping[str, torch.Tensor], image: torch.Tensor):
+        parts = {
+            "content": _weighted(self.content, self.content_layer_weights, features),
+            "style": _weighted(self.style, self.style_layer_weights, features),
+            "tv": self.tv(image),
+        }
+        total = sum(self.weights[k] * v for k, v in parts.items())
+        return total, parts
+
+
+def _normalised(weights: Sequence[float]) -> list[float]:
+    total = float(sum(weights))
+    return [float(w) / total for w in weights] if total > 0 else [0.0 for _ in weights]
+
+
+def _weighted(losses: nn.ModuleDict, weights: Sequence[float], features) -> torch.Tensor:
+    if not len(losses):
+        return next(iter(features.values())).new_zeros(())
+    return sum(w * loss(features[name]) for (name, loss), w in zip(losses.items(), weights))

@@ -1,0 +1,144 @@
+"""The truncated VGG feature extractor.
+
+Layers are addressed by their usual names (``conv1_1``, ``relu4_2``,
+``pool3``). The layer list of each architecture is in the same order as
+torchvision's ``vgg*.features``, so a layer's position is also its index
+there; ``weights.py`` relies on that to read torchvision state dicts.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Iterable, Mapping
+
+import torch
+from torch import nn
+
+from .errors import UserError
+
+# Convolutions per block; channels per block are the same for both models.
+BLOCKS = {"vgg16": (2, 2, 3, 3, 3), "vgg19": (2, 2, 4, 4, 4)}
+CHANNELS = (64, 128, 256, 512, 512)
+MODELS = tuple(BLOCKS)
+POOLINGS = ("max", "avg")
+
+
+def layer_names(model: str) -> tuple[str, ...]:
+    """All layer names of ``model`` in forward order (conv, relu, ..., pool)."""
+    names = []
+    for b, n_convs in enumerate(BLOCKS[model], start=1):
+        for k in range(1, n_convs + 1):
+            names += [f"conv{b}_{k}", f"relu{b}_{k}"]
+        names.append(f"pool{b}")
+    return tuple(names)
+
+
+def conv_shapes(model: str) -> "OrderedDict[str, tuple[int, int]]":
+    """(out_channels, in_channels) of every convolution of ``model``, in order."""
+    shapes: OrderedDict[str, tuple[int, int]] = OrderedDict()
+    c_in = 3
+    for b, n_convs in enumerate(BLOCKS[model], start=1):
+        for k in range(1, n_convs + 1):
+            shapes[f"conv{b}_{k}"] = (CHANNELS[b - 1], c_in)
+            c_in = CHANNELS[b - 1]
+    return shapes
+
+
+def check_layers(model: str, layers: Iterable[str]) -> None:
+    known = layer_names(model)
+    for name in layers:
+        if name not in known:
+            raise UserError(
+                f"unknown layer {name!r} for {model}; known layers are "
+                f"conv/relu{{block}}_{{k}} and pool{{block}}, from {known[0]} to {known[-1]}"
+            )
+
+
+def truncated_names(model: str, layers: Iterable[str]) -> tuple[str, ...]:
+    """The layers that must run to produce ``layers``: up to the deepest one."""
+    layers = list(layers)
+    check_layers(model, layers)
+    names = layer_names(model)
+    if not layers:
+        raise UserError("no feature layers were requested; name at least one content or style layer")
+    deepest = max(names.index(name) for name in layers)
+    return names[: deepest + 1]
+
+
+def downsampling(model: str, layers: Iterable[str]) -> int:
+    """How many times the truncated network halves the image (pools that run)."""
+    return sum(name.startswith("pool") for name in truncated_names(model, layers))
+
+
+class Normalize(nn.Module):
+    """Maps RGB in [0, 1] to what the weights were trained on.
+
+    ``y[c] = x[perm[c]] * scale / std[c] - mean[c] / std[c]``: covers both the
+    Caffe convention (BGR, 0..255, mean subtracted) and torchvision's ImageNet
+    mean/std. Kept as its own layer (not folded into conv1_1) because the
+    zero padding of conv1_1 is defined in the normalised space.
+    """
+
+    def __init__(self, perm: tuple[int, int, int], scale: float, mean, std):
+        super().__init__()
+        std_t = torch.tensor(std, dtype=torch.float32)
+        self.perm = tuple(perm)
+        self.register_buffer("mul", (scale / std_t).view(1, 3, 1, 1))
+        self.register_buffer("add", (-torch.tensor(mean, dtype=torch.float32) / std_t).view(1, 3, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.perm != (0, 1, 2):
+            x = x[:, list(self.perm)]
+        return torch.addcmul(self.add, x, self.mul)
+
+
+class VGGFeatures(nn.Module):
+    """A VGG cut after its deepest requested layer; returns ``{name: features}``.
+
+    Parameters are frozen: the optimisation needs gradients with respect to
+    the input image only.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        convs: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+        normalize: Normalize,
+        layers: Iterable[str],
+        pooling: str = "max",
+    ):
+        super().__init__()
+        if pooling not in POOLINGS:
+            raise UserError(f"unknown pooling {pooling!r}; allowed: {', '.join(POOLINGS)}")
+        self.layers = tuple(dict.fromkeys(layers))
+        self.model_name = model
+        self.pooling = pooling
+        self.normalize = normalize
+        body = OrderedDict()
+        for name in truncated_names(model, self.layers):
+            if name.startswith("conv"):
+                weight, bias = convs[name]
+                conv = nn.Conv2d(weight.shape[1], weight.shape[0], 3, padding=1)
+                with torch.no_grad():
+                    conv.weight.copy_(weight)
+                    conv.bias.copy_(bias)
+                body[name] = conv
+            elif name.startswith("relu"):
+                # Not in place: a requested conv output must survive its ReLU.
+                body[name] = nn.ReLU(inplace=False)
+            elif pooling == "max":
+                body[name] = nn.MaxPool2d(2, 2)
+            else:
+                body[name] = nn.AvgPool2d(2, 2)
+        self.body = nn.Sequential(body)
+        self.requires_grad_(False)
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = self.normalize(x)
+        out: dict[str, torch.Tensor] = {}
+        for name, module in self.body.named_children():
+            x = module(x)
+            if name in self.layers:
+                out[name] = x
+        return out
