@@ -84,6 +84,7 @@ def stylize(
     generator = torch.Generator().manual_seed(config.seed)
 
     history: list[dict] = []
+    total_steps = sum(s.steps for s in schedule)
     image = None
     for scale in schedule:
         size = (scale.height, scale.width)
@@ -94,14 +95,14 @@ def stylize(
             image = resize(image, size)
         criterion = _criterion(config, extractor, content_t, style_imgs, blend, min_side)
 
-        def on_step(i, total, parts, scale=scale):
+        def on_step(i, total, parts, live, scale=scale):
             record = {"scale": scale.index, "step": i, "loss": total.item()}
             record.update({k: v.item() for k, v in parts.items()})
             history.append(record)
             if callback is not None:
                 callback(StepInfo(
                     scale.index, len(schedule), scale.height, scale.width, i, scale.steps,
-                    record["loss"], {k: record[k] for k in parts}, image,
+                    len(history), total_steps, record["loss"], {k: record[k] for k in parts}, live.detach(),
                 ))
 
         image = optimize_scale(image, extractor, criterion, scale.steps, config.optimizer, config.lr, on_step)

@@ -47,7 +47,7 @@ class Config:
         default=None, metadata={"help": "one weight per style layer (default: equal)"}
     )
     content_weight: float = field(default=1.0, metadata={"help": "weight of the content loss"})
-    style_weight: float = field(default=10.0, metadata={"help": "weight of the style loss"})
+    style_weight: float = field(default=4.0, metadata={"help": "weight of the style loss"})
     tv_weight: float = field(default=2.0, metadata={"help": "weight of the total-variation loss"})
     style_blend_weights: Optional[tuple[float, ...]] = field(
         default=None, metadata={"help": "one weight per style image (default: equal)"}
@@ -61,7 +61,7 @@ class Config:
         default=128, metadata={"help": "long side of the first, coarsest scale (scales grow by sqrt(2))"}
     )
     steps: int = field(
-        default=300, metadata={"help": "steps at the coarsest scale; each finer scale takes 1/sqrt(2) as many"}
+        default=200, metadata={"help": "steps at the coarsest scale; each finer scale takes 1/sqrt(2) as many"}
     )
     optimizer: str = field(default="adam", metadata={"help": "optimiser", "choices": OPTIMIZERS})
     lr: float = field(default=0.02, metadata={"help": "Adam learning rate in pixel units (L-BFGS uses 1)"})

@@ -26,6 +26,8 @@ class StepInfo:
     width: int
     step: int
     steps: int
+    total_step: int
+    total_steps: int
     loss: float
     parts: dict[str, float]
     image: torch.Tensor
@@ -103,7 +105,7 @@ def optimize_scale(
     steps: int,
     optimizer: str,
     lr: float,
-    on_step: Optional[Callable[[int, torch.Tensor, dict], None]] = None,
+    on_step: Optional[Callable[[int, torch.Tensor, dict, torch.Tensor], None]] = None,
 ) -> torch.Tensor:
     """Run ``steps`` steps from ``image`` (not modified) and return the result."""
     param = image.detach().clone().requires_grad_(True)
@@ -111,5 +113,5 @@ def optimize_scale(
     for i in range(1, steps + 1):
         total, parts = step()
         if on_step is not None:
-            on_step(i, total, parts)
+            on_step(i, total, parts, param)
     return step.finish()

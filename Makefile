@@ -1,0 +1,32 @@
+# Two entry points for a newcomer: `make demo` and `make test`.
+# Everything lives in .venv; nothing is installed outside the checkout.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+DEMO   := out/tubingen_starry_night.png
+
+.PHONY: demo test bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+# Installs the project, then stylises the bundled Tübingen photo as The Starry Night.
+demo: $(VENV)/.installed
+	@mkdir -p out
+	$(BIN)/nst stylize examples/tubingen.jpg examples/starry_night.jpg -o $(DEMO) --size 384 --steps 100 --overwrite
+
+# Installs the test extra, then runs the whole test suite (CPU; CUDA tests skip without a GPU).
+test: $(VENV)/.installed-test
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf out .pytest_cache .benchmarks

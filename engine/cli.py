@@ -1,0 +1,158 @@
+"""``nst``: the command line.
+
+Options of ``nst stylize`` are generated from ``Config``'s fields, with
+their help and defaults read from there (argparse itself holds no defaults,
+so an option the user did not give never reaches ``Config``). Errors the
+user can fix print one line and exit 2; there is no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+import typing
+from pathlib import Path
+from typing import Optional, Sequence
+
+from .config import Config
+from .errors import UserError
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+# Fields the CLI exposes under a shorter name.
+SHORT = {"size": ["-s"], "steps": ["-n"]}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except UserError as exc:
+        print(f"nst: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("\nnst: interrupted; nothing was written", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nst", description="Neural style transfer (Gatys et al.), offline.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    st = sub.add_parser(
+        "stylize", help="repaint a photo in the style of one or more images",
+        description="Repaint CONTENT in the style of STYLE (several styles are blended).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    st.add_argument("content", metavar="CONTENT", help="content image")
+    st.add_argument("styles", metavar="STYLE", nargs="+", help="style image(s)")
+    st.add_argument("-o", "--output", required=True, help="output file; format from the extension")
+    st.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    st.add_argument("--bit-depth", type=int, choices=(8, 16), default=8, help="bits per channel (16: .png or .tif)")
+    st.add_argument("--snapshot-every", type=int, default=0, metavar="N",
+                    help="also write the image every N steps into OUTPUT_STEM_snapshots/ (0: never)")
+    st.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    add_config_options(st)
+    st.set_defaults(run=run_stylize)
+    return parser
+
+
+def add_config_options(parser: argparse.ArgumentParser) -> None:
+    """One option per ``Config`` field, help and default taken from the field."""
+    group = parser.add_argument_group("settings (defaults come from engine.Config)")
+    hints = typing.get_type_hints(Config)
+    for f in dataclasses.fields(Config):
+        kind = hints[f.name]
+        flags = SHORT.get(f.name, []) + ["--" + f.name.replace("_", "-")]
+        kwargs = {"help": f.metadata.get("help", ""), "default": argparse.SUPPRESS, "dest": f.name}
+        if f.metadata.get("choices"):
+            kwargs["choices"] = f.metadata["choices"]
+        if "tuple" in str(kind):
+            item = float if "float" in str(kind) else str
+            kwargs["type"] = _list_of(item)
+            kwargs["metavar"] = "A,B,..."
+        else:
+            kwargs["type"] = {int: int, float: float}.get(kind, str)
+        # ArgumentDefaultsHelpFormatter shows "%(default)s"; show Config's value instead.
+        default = f.default if f.default is not None else "none"
+        if isinstance(default, tuple):
+            default = ",".join(map(str, default))
+        kwargs["help"] += f" (default: {default})"
+        group.add_argument(*flags, **kwargs)
+
+
+def _list_of(item):
+    def parse(text: str):
+        parts = [p.strip() for p in text.split(",") if p.strip()]
+        try:
+            return tuple(item(p) for p in parts)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
+
+    return parse
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if hasattr(args, f.name)}
+    return Config(**given)
+
+
+def run_stylize(args: argparse.Namespace) -> int:
+    from .images import check_output_path
+
+    config = config_from_args(args)
+    output = check_output_path(args.output, args.overwrite, args.bit_depth)
+    for src in [args.content, *args.styles]:
+        if Path(src).exists() and Path(src).resolve() == output.resolve():
+            raise UserError(f"output {args.output!r} is also an input; choose another output name")
+    if args.snapshot_every < 0:
+        raise UserError(f"--snapshot-every must be 0 or more, not {args.snapshot_every}")
+    snapshots = output.with_name(output.stem + "_snapshots")
+    if args.snapshot_every and snapshots.exists() and any(snapshots.iterdir()) and not args.overwrite:
+        raise UserError(f"snapshot directory {str(snapshots)!r} is not empty; pass --overwrite or move it")
+
+    from tqdm import tqdm
+
+    from .api import stylize
+    from .images import save_image
+
+    started = time.perf_counter()
+    bar = tqdm(total=None, disable=args.quiet, unit="step", dynamic_ncols=True, file=sys.stderr)
+
+    def callback(info):
+        if info.step == 1:
+            bar.total = info.total_steps
+            bar.set_description(f"scale {info.scale + 1}/{info.scales} {info.width}x{info.height}")
+        bar.update(1)
+        bar.set_postfix_str(f"loss {info.loss:.4g}", refresh=False)
+        if args.snapshot_every and info.total_step % args.snapshot_every == 0:
+            snapshots.mkdir(exist_ok=True)
+            name = snapshots / f"step{info.total_step:05d}_scale{info.scale + 1}{output.suffix}"
+            save_image(info.image[0], name, overwrite=True, bit_depth=args.bit_depth)
+
+    try:
+        result = stylize(args.content, args.styles, config, callback=callback)
+    finally:
+        bar.close()
+    written = result.save(output, overwrite=args.overwrite, bit_depth=args.bit_depth)
+    h, w = result.image.shape[-2:]
+    seconds = time.perf_counter() - started
+    print(f"wrote {written} ({w}x{h}, {len(result.history)} steps) in {seconds:.1f} s")
+    return 0
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("nst-engine")
+    except Exception:  # running from a source tree that is not installed
+        return "unknown"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
