@@ -1,0 +1,1 @@
+"""Measurements of the engine. Never imported by ``engine/``."""

@@ -93,7 +93,7 @@ def stylize(
             image = _initial_image(config.init, content_t, generator)
         else:
             image = resize(image, size)
-        criterion = _criterion(config, extractor, content_t, style_imgs, blend, min_side)
+        criterion = build_criterion(config, extractor, content_t, style_imgs, blend, min_side)
 
         def on_step(i, total, parts, live, scale=scale):
             record = {"scale": scale.index, "step": i, "loss": total.item()}
@@ -118,7 +118,7 @@ def _initial_image(init: str, content: torch.Tensor, generator: torch.Generator)
 
 
 @torch.no_grad()
-def _criterion(config, extractor, content, style_imgs, blend, min_side) -> StyleTransferLoss:
+def build_criterion(config, extractor, content, style_imgs, blend, min_side) -> StyleTransferLoss:
     """Loss with this scale's targets: content features and the blended style Grams."""
     content_feats = extractor(content)
     long_side = round(config.style_scale * max(content.shape[-2:]))

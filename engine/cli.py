@@ -46,13 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser(
         "stylize", help="repaint a photo in the style of one or more images",
         description="Repaint CONTENT in the style of STYLE (several styles are blended).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     st.add_argument("content", metavar="CONTENT", help="content image")
     st.add_argument("styles", metavar="STYLE", nargs="+", help="style image(s)")
     st.add_argument("-o", "--output", required=True, help="output file; format from the extension")
     st.add_argument("--overwrite", action="store_true", help="replace an existing output file")
-    st.add_argument("--bit-depth", type=int, choices=(8, 16), default=8, help="bits per channel (16: .png or .tif)")
+    st.add_argument("--bit-depth", type=int, choices=(8, 16), default=8, help="bits per channel; 16 needs .png or .tif (default: 8)")
     st.add_argument("--snapshot-every", type=int, default=0, metavar="N",
                     help="also write the image every N steps into OUTPUT_STEM_snapshots/ (0: never)")
     st.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -77,11 +76,9 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
             kwargs["metavar"] = "A,B,..."
         else:
             kwargs["type"] = {int: int, float: float}.get(kind, str)
-        # ArgumentDefaultsHelpFormatter shows "%(default)s"; show Config's value instead.
-        default = f.default if f.default is not None else "none"
-        if isinstance(default, tuple):
-            default = ",".join(map(str, default))
-        kwargs["help"] += f" (default: {default})"
+        if f.default is not None:  # None defaults explain themselves in their help
+            default = ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
+            kwargs["help"] += f" (default: {default})"
         group.add_argument(*flags, **kwargs)
 
 
