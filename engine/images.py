@@ -186,9 +186,14 @@ def _write_16bit(fh, arr: np.ndarray, ext: str) -> None:
         h, w, _ = arr.shape
         png.Writer(w, h, greyscale=False, bitdepth=16).write(fh, arr.reshape(h, w * 3))
     else:
+        import io
+
         import tifffile
 
-        tifffile.imwrite(fh, arr, photometric="rgb")
+        # tifffile reads the handle's .name, which is an int for os.fdopen handles.
+        buffer = io.BytesIO()
+        tifffile.imwrite(buffer, arr, photometric="rgb")
+        fh.write(buffer.getbuffer())
 
 
 def to_pil(image: torch.Tensor) -> Image.Image:
