@@ -95,7 +95,14 @@ def _list_of(item):
 
 def config_from_args(args: argparse.Namespace) -> Config:
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if hasattr(args, f.name)}
-    return Config(**given)
+    try:
+        return Config(**given)
+    except UserError as exc:
+        # Config speaks of fields ("style_weight must be ..."); a CLI user typed options.
+        field_name, _, rest = str(exc).partition(" ")
+        if field_name in given or field_name in {f.name for f in dataclasses.fields(Config)}:
+            raise UserError(f"--{field_name.replace('_', '-')} {rest}") from None
+        raise
 
 
 def run_stylize(args: argparse.Namespace) -> int:

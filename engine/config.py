@@ -86,14 +86,19 @@ class Config:
             ("content_layer_weights", self.content_layers),
             ("style_layer_weights", self.style_layers),
         ):
-            _check_weights(name, getattr(self, name), len(layers), f"{name[:-8]}s")
+            _check_weights(name, getattr(self, name), len(layers), name[:-8].replace("_", " ") + "s")
         _check_weights("style_blend_weights", self.style_blend_weights, None, "style images")
         for name in ("size", "min_size", "steps"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_SIZE * 100:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise UserError(f"{name} must be a positive whole number, not {value!r}")
         if self.size > MAX_SIZE:
             raise UserError(f"size {self.size} is larger than the {MAX_SIZE} px this engine accepts")
+        if self.style_scale * self.size > MAX_SIZE:
+            raise UserError(
+                f"style_scale {self.style_scale} makes the style images {self.style_scale * self.size:.0f} px, "
+                f"larger than the {MAX_SIZE} px this engine accepts"
+            )
         if not isinstance(self.seed, int):
             raise UserError(f"seed must be a whole number, not {self.seed!r}")
 

@@ -64,8 +64,8 @@ BAD = {
     "missing input": (["nope.png", "style.png"], [], "does not exist"),
     "unreadable image": (["notes.jpg", "style.png"], [], "could not be read as an image"),
     "unknown layer": (["content.png", "style.png"], ["--style-layers", "relu1_1,relu9_9"], "unknown layer 'relu9_9'"),
-    "negative weight": (["content.png", "style.png"], ["--style-weight", "-1"], "style_weight must be"),
-    "nan weight": (["content.png", "style.png"], ["--content-weight", "nan"], "content_weight must be a finite"),
+    "negative weight": (["content.png", "style.png"], ["--style-weight", "-1"], "--style-weight must be a finite number zero or more, not -1.0"),
+    "nan weight": (["content.png", "style.png"], ["--content-weight", "nan"], "--content-weight must be a finite"),
     "output is an input": (["content.png", "style.png"], ["-o", "content.png", "--overwrite"], "is also an input"),
     "existing output": (["content.png", "style.png"], [], "already exists"),
 }
