@@ -9,7 +9,7 @@ never replaces an existing file unless asked to.
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 import warnings
 from pathlib import Path
 from typing import Union
@@ -36,7 +36,12 @@ def load_image(source: ImageLike, what: str = "image") -> torch.Tensor:
     if isinstance(source, torch.Tensor):
         return _tensor_image(source, what)
     if isinstance(source, np.ndarray):
-        return _tensor_image(torch.from_numpy(np.ascontiguousarray(source)), what)
+        # numpy images are (H, W, C) or (H, W), as Pillow, imageio and OpenCV give them: no guessing,
+        # since a 3-row picture would otherwise look like channels first.
+        if source.ndim not in (2, 3) or (source.ndim == 3 and source.shape[-1] not in (1, 3)):
+            raise UserError(f"{what} array has shape {source.shape}; expected (H, W, 3), (H, W, 1) or (H, W)")
+        chw = source if source.ndim == 2 else source.transpose(2, 0, 1)
+        return _tensor_image(torch.from_numpy(np.ascontiguousarray(chw)), what, kind="array")
     if isinstance(source, Image.Image):
         return pil_to_tensor(source)
     path = Path(source)
@@ -80,20 +85,21 @@ def pil_to_tensor(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
 
 
-def _tensor_image(t: torch.Tensor, what: str) -> torch.Tensor:
+def _tensor_image(t: torch.Tensor, what: str, kind: str = "tensor") -> torch.Tensor:
+    """``kind`` "array": already channels first (from a numpy image); "tensor": (C, H, W) or (H, W, 3)."""
     if t.dim() == 4 and t.shape[0] == 1:
         t = t[0]
-    if t.dim() == 3 and t.shape[0] not in (1, 3) and t.shape[-1] in (1, 3):
-        t = t.permute(2, 0, 1)  # HWC arrays as numpy and Pillow produce them
+    if kind == "tensor" and t.dim() == 3 and t.shape[0] not in (1, 3) and t.shape[-1] in (1, 3):
+        t = t.permute(2, 0, 1)  # an (H, W, 3) tensor made from a numpy image; unambiguous only here
     if t.dim() == 2:
         t = t.unsqueeze(0)
     if t.dim() != 3 or t.shape[0] not in (1, 3):
-        raise UserError(f"{what} tensor has shape {tuple(t.shape)}; expected (3, H, W), (1, 3, H, W) or (H, W, 3)")
+        raise UserError(f"{what} {kind} has shape {tuple(t.shape)}; expected (3, H, W), (1, 3, H, W) or (H, W, 3)")
     if t.dtype == torch.uint8:
         t = t.float() / 255.0
     t = t.detach().float().cpu()
     if not torch.isfinite(t).all():
-        raise UserError(f"{what} tensor has NaN or infinite values")
+        raise UserError(f"{what} {kind} has NaN or infinite values")
     return t.expand(3, -1, -1).clamp(0, 1).contiguous()
 
 
@@ -139,7 +145,7 @@ def save_image(image: torch.Tensor, path: Union[str, os.PathLike], overwrite: bo
     path = check_output_path(path, overwrite, bit_depth)
     ext = path.suffix.lower()
     arr = image.detach().float().cpu().clamp(0, 1).permute(1, 2, 0).numpy()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent or ".")
+    fd, tmp = _create_temporary(path)
     try:
         with os.fdopen(fd, "wb") as fh:
             if bit_depth == 16:
@@ -162,6 +168,21 @@ def save_image(image: torch.Tensor, path: Union[str, os.PathLike], overwrite: bo
             os.unlink(tmp)
         raise
     return path
+
+
+def _create_temporary(path: Path) -> tuple[int, str]:
+    """A new, hidden ``.NAME.XXXX.part`` beside ``path``, opened for writing.
+
+    Not tempfile.mkstemp: it creates files 0600 and the rename would keep that, so results would be
+    private to their owner; os.open with 0666 lets the umask decide, as for any file a program writes.
+    """
+    for _ in range(100):
+        tmp = str(path.parent / f".{path.name}.{secrets.token_hex(4)}.part")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name beside {path}")
 
 
 def _publish_no_clobber(tmp: str, path: Path) -> None:
