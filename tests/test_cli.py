@@ -1,6 +1,14 @@
-"""The ``nst`` command in subprocesses, as a user runs it: results, errors, and files left alone."""
+"""The ``nst`` command in subprocesses, as a user runs it: results, errors, and files left alone.
 
+Every subprocess imports torch (about 3 s of CPU), so the runs a group of tests needs are started
+together by one module-scoped fixture and the tests then read their results: the file takes about
+half the time it would with one run after the other. Selecting a single parametrized case still
+starts its whole group.
+"""
+
+import dataclasses
 import hashlib
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,92 +20,221 @@ from PIL import Image
 from engine import Config
 
 ROOT = Path(__file__).resolve().parents[1]
+# A bare environment, so that nothing from the caller's (warnings filters, CUDA settings) reaches stderr;
+# one thread each, since the runs share the machine.
+ENV = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+TIMEOUT = 300
+TINY = ["--size", "48", "--min-size", "48", "--steps", "3", "--quiet"]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+JPEG_MAGIC = b"\xff\xd8\xff"
 
 
-def nst(*args, cwd):
-    return subprocess.run(
-        [sys.executable, "-m", "engine", *map(str, args)],
-        cwd=cwd, capture_output=True, text=True, timeout=300,
-        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)},
-    )
+def run_together(jobs):
+    """Run ``{key: (args, cwd)}`` of ``python -m engine ARGS`` at once; ``{key: CompletedProcess}``."""
+    procs = {}
+    try:
+        for key, (args, cwd) in jobs.items():
+            procs[key] = subprocess.Popen(
+                [sys.executable, "-m", "engine", *map(str, args)], cwd=cwd, env=ENV,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            )
+        results = {}
+        for key, proc in procs.items():
+            out, err = proc.communicate(timeout=TIMEOUT)
+            results[key] = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+        return results
+    finally:
+        for proc in procs.values():  # only after a failure above: a timeout or a failed start
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
 
 
 def sha(path):
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-@pytest.fixture
-def pics(tmp_path):
+def tree(folder):
+    """Every file and folder under ``folder``, with a hash of each file's bytes."""
+    return {
+        str(p.relative_to(folder)): ("<dir>" if p.is_dir() else sha(p)) for p in sorted(Path(folder).rglob("*"))
+    }
+
+
+def make_pics(folder):
     """A 48x40 content with stripes and a 40x40 diagonal-gradient style, both PNG."""
     yy, xx = np.mgrid[0:40, 0:48]
     content = np.stack([(xx % 8 < 4) * 200 + 20, yy * 5, 255 - xx * 4], -1).astype(np.uint8)
-    style = np.stack([(xx[:, :40] + yy[:, :40]) * 3, 255 - yy[:, :40] * 6, (xx[:, :40] * 7) % 256], -1).astype(np.uint8)
-    Image.fromarray(content).save(tmp_path / "content.png")
-    Image.fromarray(style).save(tmp_path / "style.png")
-    return tmp_path
+    style = np.stack([(xx[:, :40] + yy[:, :40]) * 3, 255 - yy[:, :40] * 6, (xx[:, :40] * 7) % 256], -1)
+    Image.fromarray(content).save(folder / "content.png")
+    Image.fromarray(style.astype(np.uint8)).save(folder / "style.png")
+    return folder
 
 
-TINY = ["--size", "48", "--min-size", "48", "--steps", "3", "--quiet"]
+def pixels(path):
+    with Image.open(path) as img:
+        return np.asarray(img.convert("RGB"), np.int16)
+
+
+def one_error_line(result):
+    """The single non-empty stderr line of a failed run, after checking there is exactly one."""
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("nst: error: "), lines[0]
+    return lines[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Successful runs
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def good_runs(tmp_path_factory):
+    fresh = make_pics(tmp_path_factory.mktemp("fresh"))
+    again = make_pics(tmp_path_factory.mktemp("overwrite"))
+    (again / "out.jpg").write_bytes(b"the user's earlier result")
+    results = run_together({
+        "fresh": (["stylize", "content.png", "style.png", "-o", "out.png", "--snapshot-every", "1", *TINY], fresh),
+        "overwrite": (["stylize", "content.png", "style.png", "-o", "out.jpg", "--overwrite",
+                       "--snapshot-every", "2", *TINY], again),
+    })
+    return {"fresh": (results["fresh"], fresh), "overwrite": (results["overwrite"], again)}
 
 
 @pytest.mark.slow
-def test_run_writes_output_and_snapshots(pics):
-    r = nst("stylize", "content.png", "style.png", "-o", "out.png", "--snapshot-every", "2", *TINY, cwd=pics)
+def test_run_writes_output(good_runs):
+    r, folder = good_runs["fresh"]
     assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stderr and r.stderr.strip() == ""  # --quiet: no progress bar either
     last = r.stdout.strip().splitlines()[-1]
-    assert last.startswith("wrote out.png (48x40, 3 steps) in ") and last.endswith(" s")
-    out = Image.open(pics / "out.png")
-    assert out.size == (48, 40) and out.mode == "RGB"
-    assert sorted(p.name for p in (pics / "out_snapshots").iterdir()) == ["step00002_scale1.png"]
-    assert not list(pics.glob("*.part"))
+    assert re.fullmatch(r"wrote out\.png \(48x40, 3 steps\) in \d+\.\d s", last), last
+    out = folder / "out.png"
+    assert out.read_bytes()[:8] == PNG_MAGIC
+    with Image.open(out) as img:
+        assert img.size == (48, 40) and img.mode == "RGB"  # 48 on the long side, aspect kept
+    # Three Adam steps moved the pixels, but not far from the content they started from.
+    diff = np.abs(pixels(out) - pixels(folder / "content.png"))
+    assert diff.max() > 0 and diff.mean() < 40
+    assert sorted(tree(folder)) == ["content.png", "out.png", "out_snapshots", *[
+        f"out_snapshots/step0000{i}_scale1.png" for i in (1, 2, 3)], "style.png"]  # and no .part file anywhere
 
 
 @pytest.mark.slow
-def test_overwrite_replaces_existing_output(pics):
-    (pics / "out.jpg").write_bytes(b"old")
-    r = nst("stylize", "content.png", "style.png", "-o", "out.jpg", "--overwrite", *TINY, cwd=pics)
+def test_snapshot_every_step(good_runs):
+    r, folder = good_runs["fresh"]
     assert r.returncode == 0, r.stderr
-    assert Image.open(pics / "out.jpg").size == (48, 40)
+    snaps = sorted((folder / "out_snapshots").iterdir())
+    assert [p.name for p in snaps] == ["step00001_scale1.png", "step00002_scale1.png", "step00003_scale1.png"]
+    for p in snaps:
+        assert p.read_bytes()[:8] == PNG_MAGIC
+        with Image.open(p) as img:
+            assert img.size == (48, 40)
+    assert not np.array_equal(pixels(snaps[0]), pixels(snaps[-1]))  # each is the image of its step
+    np.testing.assert_array_equal(pixels(snaps[-1]), pixels(folder / "out.png"))  # the last step is the result
 
 
+@pytest.mark.slow
+def test_overwrite_replaces_existing_output(good_runs):
+    r, folder = good_runs["overwrite"]
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1].startswith("wrote out.jpg (48x40, 3 steps)")
+    out = folder / "out.jpg"
+    assert out.read_bytes()[:3] == JPEG_MAGIC  # the old bytes are gone, replaced by a JPEG
+    with Image.open(out) as img:
+        assert img.size == (48, 40) and img.format == "JPEG"
+    # Every second step, in the output's format.
+    assert sorted(tree(folder)) == [
+        "content.png", "out.jpg", "out_snapshots", "out_snapshots/step00002_scale1.jpg", "style.png"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors: one line, exit 2, no traceback, nothing touched
+# ---------------------------------------------------------------------------------------------
+
+# case: (positional inputs, extra options, what the error line must contain)
 BAD = {
-    "missing input": (["nope.png", "style.png"], [], "does not exist"),
-    "unreadable image": (["notes.jpg", "style.png"], [], "could not be read as an image"),
-    "unknown layer": (["content.png", "style.png"], ["--style-layers", "relu1_1,relu9_9"], "unknown layer 'relu9_9'"),
-    "negative weight": (["content.png", "style.png"], ["--style-weight", "-1"], "--style-weight must be a finite number zero or more, not -1.0"),
-    "nan weight": (["content.png", "style.png"], ["--content-weight", "nan"], "--content-weight must be a finite"),
-    "output is an input": (["content.png", "style.png"], ["-o", "content.png", "--overwrite"], "is also an input"),
-    "existing output": (["content.png", "style.png"], [], "already exists"),
+    "missing input": (["nope.png", "style.png"], [], ["content image 'nope.png' does not exist"]),
+    "unreadable image": (["notes.jpg", "style.png"], [], ["content image 'notes.jpg' could not be read as an image"]),
+    "unknown layer": (["content.png", "style.png"], ["--style-layers", "relu1_1,relu9_9"], ["unknown layer 'relu9_9'"]),
+    "negative weight": (["content.png", "style.png"], ["--style-weight", "-1"],
+                        ["--style-weight must be a finite number zero or more, not -1.0"]),
+    "nan weight": (["content.png", "style.png"], ["--content-weight", "nan"],
+                   ["--content-weight must be a finite number zero or more, not nan"]),
+    "output is an input": (["content.png", "style.png"], ["-o", "content.png", "--overwrite"],
+                           ["output 'content.png' is also an input"]),
+    "existing output": (["content.png", "style.png"], [], ["output 'out.png' already exists", "--overwrite"]),
 }
+
+
+@pytest.fixture(scope="module")
+def bad_runs(tmp_path_factory):
+    jobs, folders, before = {}, {}, {}
+    for case, (inputs, extra, _) in BAD.items():
+        folder = make_pics(tmp_path_factory.mktemp(case.replace(" ", "_")))
+        (folder / "notes.jpg").write_text("not an image\n")
+        (folder / "out.png").write_bytes(b"the user's earlier result")
+        args = ["stylize", *inputs, *TINY, "--snapshot-every", "1", *extra]
+        if "-o" not in extra:
+            # --overwrite on purpose: a run that fails must not touch out.png even when allowed to.
+            args += ["-o", "out.png"] + ([] if case == "existing output" else ["--overwrite"])
+        jobs[case], folders[case], before[case] = (args, folder), folder, tree(folder)
+    results = run_together(jobs)
+    return {case: (results[case], before[case], tree(folders[case])) for case in BAD}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", list(BAD))
-def test_bad_input_is_one_sentence_and_touches_nothing(pics, case):
-    inputs, extra, message = BAD[case]
-    (pics / "notes.jpg").write_text("not an image\n")
-    (pics / "out.png").write_bytes(b"the user's earlier result")
-    before = {p.name: sha(p) for p in pics.iterdir()}
-    args = ["stylize", *inputs, *TINY, *extra]
-    if "-o" not in extra:
-        # --overwrite on purpose: a run that fails must not touch out.png even when allowed to.
-        args += ["-o", "out.png"] + ([] if case == "existing output" else ["--overwrite"])
-    r = nst(*args, cwd=pics)
+def test_bad_input_is_one_sentence_and_touches_nothing(bad_runs, case):
+    r, before, after = bad_runs[case]
     assert r.returncode == 2, (r.stdout, r.stderr)
-    lines = [line for line in r.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, r.stderr
-    assert lines[0].startswith("nst: error: ") and message in lines[0], lines[0]
     assert "Traceback" not in r.stderr + r.stdout
-    assert {p.name: sha(p) for p in pics.iterdir()} == before
+    assert r.stdout == ""  # in particular no "wrote" line
+    line = one_error_line(r)
+    for part in BAD[case][2]:
+        assert part in line, line
+    assert after == before  # out.png and the inputs byte for byte the same; no new file or folder
+    assert before["out.png"] == hashlib.sha256(b"the user's earlier result").hexdigest()
 
 
-def test_help_shows_config_defaults():
-    r = nst("stylize", "--help", cwd=ROOT)
-    assert r.returncode == 0
-    text = " ".join(r.stdout.split())
+# ---------------------------------------------------------------------------------------------
+# Help
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def help_runs(tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("help")
+    return run_together({"top": (["--help"], cwd), "stylize": (["stylize", "--help"], cwd), "bare": ([], cwd)})
+
+
+def _default_text(value):
+    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
+def test_help(help_runs):
+    r = help_runs["top"]
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("usage: nst") and "stylize" in r.stdout and r.stderr == ""
+
+
+def test_stylize_help_shows_config_defaults(help_runs):
+    r = help_runs["stylize"]
+    assert r.returncode == 0, r.stderr
+    text = " ".join(r.stdout.split())  # argparse wraps to the terminal width
     defaults = Config()
+    assert "relu4_2" in text
     assert f"weight of the style loss (default: {defaults.style_weight})" in text
-    assert f"(default: {','.join(defaults.style_layers)})" in text
-    assert f"(default: {defaults.content_layers[0]})" in text
-    r = nst(cwd=ROOT)
+    assert f"style layers (default: {','.join(defaults.style_layers)})" in text
+    # Every Config field is an option, with its help and (where not None) its default from Config.
+    for f in dataclasses.fields(Config):
+        assert f"--{f.name.replace('_', '-')}" in text, f.name
+        value = getattr(defaults, f.name)
+        if value is not None:
+            assert f"{f.metadata['help']} (default: {_default_text(value)})" in text, f.name
+
+
+def test_no_command_is_a_usage_error(help_runs):
+    r = help_runs["bare"]
     assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.startswith("usage: nst") and "required: COMMAND" in r.stderr
