@@ -22,7 +22,7 @@ $(VENV)/.installed-test: $(VENV)/.installed
 # Installs the project, then stylises the bundled Tübingen photo as The Starry Night.
 demo: $(VENV)/.installed
 	@mkdir -p out
-	$(BIN)/nst stylize examples/tubingen.jpg examples/starry_night.jpg -o $(DEMO) --size 384 --steps 100 --overwrite
+	$(BIN)/nst stylize examples/tubingen.jpg examples/starry_night.jpg -o $(DEMO) --size 384 --steps 80 --overwrite
 
 # Installs the test extra, then runs the whole test suite (CPU; CUDA tests skip without a GPU).
 test: $(VENV)/.installed-test
