@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 import time
 import typing
@@ -100,7 +99,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
     except UserError as exc:
         # Config speaks of fields ("style_weight must be ..."); a CLI user typed options.
         field_name, _, rest = str(exc).partition(" ")
-        if field_name in given or field_name in {f.name for f in dataclasses.fields(Config)}:
+        if field_name in {f.name for f in dataclasses.fields(Config)}:
             raise UserError(f"--{field_name.replace('_', '-')} {rest}") from None
         raise
 
