@@ -45,14 +45,19 @@ def median_seconds(fn, device: torch.device, warmup: int, repeats: int) -> float
     return statistics.median(times)
 
 
-def measure(size: int, config: Config, warmup: int = 2, repeats: int = 5) -> dict:
-    device = resolve_device(config.device)
+def build_problem(size: int, config: Config, device: torch.device):
+    """The bundled samples at ``size`` on ``device``: ``(content batch, extractor, criterion)``."""
     content, style = load_image(EXAMPLES / "tubingen.jpg"), load_image(EXAMPLES / "starry_night.jpg")
-    h, w = fit_long_side(*content.shape[-2:], size)
-    content = resize(content, (h, w)).unsqueeze(0).to(device)
+    content = resize(content, fit_long_side(*content.shape[-2:], size)).unsqueeze(0).to(device)
     extractor = build_extractor(config, device)
     min_side = 2 ** downsampling(config.model, config.feature_layers)
-    criterion = build_criterion(config, extractor, content, [style], (1.0,), min_side)
+    return content, extractor, build_criterion(config, extractor, content, [style], (1.0,), min_side)
+
+
+def measure(size: int, config: Config, warmup: int = 2, repeats: int = 5) -> dict:
+    device = resolve_device(config.device)
+    content, extractor, criterion = build_problem(size, config, device)
+    h, w = content.shape[-2:]
 
     def forward():
         with torch.no_grad():

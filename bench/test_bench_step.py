@@ -6,21 +6,17 @@ Not part of the test suite (``testpaths`` is ``tests/``); these only measure.
 import pytest
 import torch
 
-from engine import Config, build_extractor
-from engine.api import build_criterion
-from engine.images import load_image, resize
+from engine import Config
 from engine.optimize import StepFunction
 
-from .step_time import EXAMPLES
+from .step_time import build_problem
+
+CONFIG = Config(device="cpu")
 
 
 @pytest.fixture(scope="module", params=[128, 256], ids=lambda s: f"{s}px")
 def problem(request):
-    config = Config(device="cpu")
-    content = resize(load_image(EXAMPLES / "tubingen.jpg"), (request.param * 3 // 4, request.param)).unsqueeze(0)
-    extractor = build_extractor(config, torch.device("cpu"))
-    criterion = build_criterion(config, extractor, content, [load_image(EXAMPLES / "starry_night.jpg")], (1.0,), 16)
-    return content, extractor, criterion
+    return build_problem(request.param, CONFIG, torch.device("cpu"))
 
 
 def test_forward_baseline(benchmark, problem):
@@ -32,6 +28,6 @@ def test_forward_baseline(benchmark, problem):
 @pytest.mark.parametrize("optimizer", ["adam", "lbfgs"])
 def test_step(benchmark, problem, optimizer):
     content, extractor, criterion = problem
-    step = StepFunction(content.clone().requires_grad_(True), extractor, criterion, optimizer, 0.02)
+    step = StepFunction(content.clone().requires_grad_(True), extractor, criterion, optimizer, CONFIG.lr)
     total, _ = benchmark(step)
     assert torch.isfinite(total)
