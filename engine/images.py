@@ -9,7 +9,6 @@ never replaces an existing file unless asked to.
 from __future__ import annotations
 
 import os
-import secrets
 import warnings
 from pathlib import Path
 from typing import Union
@@ -20,6 +19,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import UserError
+from .files import check_writable, write_atomically
 
 ImageLike = Union[str, os.PathLike, Image.Image, torch.Tensor, np.ndarray]
 
@@ -128,16 +128,7 @@ def check_output_path(path: Union[str, os.PathLike], overwrite: bool, bit_depth:
         raise UserError(f"bit depth must be 8 or 16, not {bit_depth!r}")
     if bit_depth == 16 and ext not in SIXTEEN_BIT:
         raise UserError(f"16-bit output needs a .png or .tif file, not {str(path)!r}")
-    if path.is_dir():
-        raise UserError(f"output {str(path)!r} is a directory")
-    if path.exists() and not overwrite:
-        raise UserError(f"output {str(path)!r} already exists; pass --overwrite to replace it")
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise UserError(f"output directory {str(parent)!r} does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(f"output directory {str(parent)!r} is not writable")
-    return path
+    return check_writable(path, overwrite)
 
 
 def save_image(image: torch.Tensor, path: Union[str, os.PathLike], overwrite: bool = False, bit_depth: int = 8) -> Path:
@@ -145,58 +136,16 @@ def save_image(image: torch.Tensor, path: Union[str, os.PathLike], overwrite: bo
     path = check_output_path(path, overwrite, bit_depth)
     ext = path.suffix.lower()
     arr = image.detach().float().cpu().clamp(0, 1).permute(1, 2, 0).numpy()
-    fd, tmp = _create_temporary(path)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            if bit_depth == 16:
-                _write_16bit(fh, np.rint(arr * 65535).astype(np.uint16), ext)
-            else:
-                pil = Image.fromarray(np.rint(arr * 255).astype(np.uint8), "RGB")
-                options = {"quality": 95} if FORMATS[ext] in ("JPEG", "WEBP") else {}
-                pil.save(fh, format=FORMATS[ext], **options)
-            fh.flush()
-            os.fsync(fh.fileno())
-        if overwrite:
-            os.replace(tmp, path)
+
+    def write(fh):
+        if bit_depth == 16:
+            _write_16bit(fh, np.rint(arr * 65535).astype(np.uint16), ext)
         else:
-            _publish_no_clobber(tmp, path)
-    except FileExistsError:
-        os.unlink(tmp)
-        raise UserError(f"output {str(path)!r} already exists; pass --overwrite to replace it") from None
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+            pil = Image.fromarray(np.rint(arr * 255).astype(np.uint8), "RGB")
+            options = {"quality": 95} if FORMATS[ext] in ("JPEG", "WEBP") else {}
+            pil.save(fh, format=FORMATS[ext], **options)
 
-
-def _create_temporary(path: Path) -> tuple[int, str]:
-    """A new, hidden ``.NAME.XXXX.part`` beside ``path``, opened for writing.
-
-    Not tempfile.mkstemp: it creates files 0600 and the rename would keep that, so results would be
-    private to their owner; os.open with 0666 lets the umask decide, as for any file a program writes.
-    """
-    for _ in range(100):
-        tmp = str(path.parent / f".{path.name}.{secrets.token_hex(4)}.part")
-        try:
-            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666), tmp
-        except FileExistsError:
-            continue
-    raise FileExistsError(f"no free temporary name beside {path}")
-
-
-def _publish_no_clobber(tmp: str, path: Path) -> None:
-    try:
-        # link() fails if the name appeared meanwhile: no race can clobber a file.
-        os.link(tmp, path)
-    except FileExistsError:
-        raise
-    except OSError:  # filesystems without hard links: check, then rename
-        if path.exists():
-            raise FileExistsError(path) from None
-        os.replace(tmp, path)
-        return
-    os.unlink(tmp)
+    return write_atomically(path, write, overwrite)
 
 
 def _write_16bit(fh, arr: np.ndarray, ext: str) -> None:
