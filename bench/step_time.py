@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from engine import Config, build_extractor
-from engine.api import build_criterion, resolve_device
+from engine import Config
+from engine.api import build_criterion, loop_extractor, resolve_device
 from engine.images import fit_long_side, load_image, resize
 from engine.optimize import StepFunction
 from engine.vgg import downsampling
@@ -49,7 +49,7 @@ def build_problem(size: int, config: Config, device: torch.device):
     """The bundled samples at ``size`` on ``device``: ``(content batch, extractor, criterion)``."""
     content, style = load_image(EXAMPLES / "tubingen.jpg"), load_image(EXAMPLES / "starry_night.jpg")
     content = resize(content, fit_long_side(*content.shape[-2:], size)).unsqueeze(0).to(device)
-    extractor = build_extractor(config, device)
+    extractor = loop_extractor(config, device)
     min_side = 2 ** downsampling(config.model, config.feature_layers)
     return content, extractor, build_criterion(config, extractor, content, [style], (1.0,), min_side)
 
@@ -77,13 +77,14 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--backend", default="eager", choices=("eager", "torchscript"))
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     args = parser.parse_args(argv)
-    config = Config(device=args.device)
+    config = Config(device=args.device, backend=args.backend)
     device = resolve_device(config.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     print(f"device: {name}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
-          f"{config.model} to {config.feature_layers[-1]}, {len(config.style_layers)} Gram layers + content")
+          f"{config.backend} {config.model} to {config.feature_layers[-1]}, {len(config.style_layers)} Gram layers + content")
     print(f"{'size':>9} {'forward ms':>11} {'adam ms':>9} {'adam/fwd':>9} {'lbfgs ms':>9} {'lbfgs/fwd':>10} {'Mpx-steps/s':>12}")
     rows = []
     for size in args.sizes:

@@ -55,6 +55,17 @@ def build_extractor(config: Config, device: Optional[torch.device] = None) -> VG
     return extractor.to(device or resolve_device(config.device))
 
 
+def loop_extractor(config: Config, device: Optional[torch.device] = None) -> Callable:
+    """The extractor the optimisation runs on, as ``config.backend`` asks: eager or TorchScript."""
+    extractor = build_extractor(config, device)
+    if config.backend == "torchscript":
+        # export/ builds on engine/, so it is imported only here, when asked for.
+        from export.torchscript import cached
+
+        return cached(extractor)
+    return extractor
+
+
 def stylize(
     content: ImageLike,
     styles: Union[ImageLike, Sequence[ImageLike]],
@@ -80,7 +91,7 @@ def stylize(
     style_imgs = [load_image(s, "style image") for s in style_list]
     min_side = 2 ** downsampling(config.model, config.feature_layers)
     schedule = build_schedule(*content_img.shape[-2:], config.size, config.min_size, config.steps, min_side)
-    extractor = build_extractor(config, device)
+    extractor = loop_extractor(config, device)
     generator = torch.Generator().manual_seed(config.seed)
 
     history: list[dict] = []

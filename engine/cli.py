@@ -19,10 +19,16 @@ from typing import Optional, Sequence
 from .config import Config
 from .errors import UserError
 
+EXIT_FAILED_CHECK = 1
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 # Fields the CLI exposes under a shorter name.
 SHORT = {"size": ["-s"], "steps": ["-n"]}
+# The settings that define the extractor, for `nst export` and `nst validate`.
+EXTRACTOR_FIELDS = ("model", "weights", "preprocess", "pooling", "content_layers", "style_layers", "device")
+EXPORT_FORMATS = ("torchscript", "onnx")
+FORMAT_OF_SUFFIX = {".pt": "torchscript", ".ts": "torchscript", ".torchscript": "torchscript", ".onnx": "onnx"}
+
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -56,14 +62,48 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     add_config_options(st)
     st.set_defaults(run=run_stylize)
+
+    ex = sub.add_parser(
+        "export", help="write the feature extractor as a TorchScript or ONNX file",
+        description="Write the truncated VGG (preprocessing included) for the chosen model, weights and layers "
+                    "as a TorchScript (.pt) or ONNX (.onnx) file. See README, 'Exported artifacts'.",
+    )
+    ex.add_argument("output", metavar="OUTPUT", help="artifact file: .pt (TorchScript) or .onnx")
+    ex.add_argument("--format", choices=EXPORT_FORMATS, help="artifact format (default: from the extension)")
+    ex.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    ex.add_argument("--external-data", action="store_true", help="ONNX only: weights in OUTPUT.data beside the model")
+    add_config_options(ex, only=EXTRACTOR_FIELDS)
+    ex.set_defaults(run=run_export)
+
+    from export.validate import BACKENDS, DEFAULT_SIZES, TOLERANCE
+
+    va = sub.add_parser(
+        "validate", help="check the TorchScript and ONNX Runtime extractors against eager PyTorch",
+        description="Run the eager, TorchScript and ONNX Runtime extractors on IMAGEs at several sizes, print "
+                    "each layer's error against eager and each backend's forward time; exit 1 if an error "
+                    "exceeds the tolerance.",
+    )
+    va.add_argument("images", metavar="IMAGE", nargs="+", help="images to run the extractors on")
+    va.add_argument("--sizes", type=_list_of(str), default=DEFAULT_SIZES, metavar="A,B,...",
+                    help="long sides (256) or HEIGHTxWIDTH (97x131) (default: %s)" % ",".join(DEFAULT_SIZES))
+    va.add_argument("--backends", type=_list_of(str), default=BACKENDS, metavar="A,B",
+                    help="backends to check (default: %s)" % ",".join(BACKENDS))
+    va.add_argument("--torchscript", metavar="PATH", help="check this TorchScript file (default: the loop's cached graph)")
+    va.add_argument("--onnx", metavar="PATH", help="check this ONNX file (default: a fresh export)")
+    va.add_argument("--repeats", type=int, default=3, help="timed forward passes per backend and size (default: 3)")
+    va.add_argument("--tolerance", type=float, help="largest allowed error (default: %s)" % ", ".join(f"{v:g} on {k}" for k, v in TOLERANCE.items()))
+    add_config_options(va, only=EXTRACTOR_FIELDS)
+    va.set_defaults(run=run_validate)
     return parser
 
 
-def add_config_options(parser: argparse.ArgumentParser) -> None:
-    """One option per ``Config`` field, help and default taken from the field."""
+def add_config_options(parser: argparse.ArgumentParser, only: Optional[Sequence[str]] = None) -> None:
+    """One option per ``Config`` field (or the fields in ``only``), help and default taken from the field."""
     group = parser.add_argument_group("settings (defaults come from engine.Config)")
     hints = typing.get_type_hints(Config)
     for f in dataclasses.fields(Config):
+        if only is not None and f.name not in only:
+            continue
         kind = hints[f.name]
         flags = SHORT.get(f.name, []) + ["--" + f.name.replace("_", "-")]
         kwargs = {"help": f.metadata.get("help", ""), "default": argparse.SUPPRESS, "dest": f.name}
@@ -146,6 +186,46 @@ def run_stylize(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - started
     print(f"wrote {written} ({w}x{h}, {len(result.history)} steps) in {seconds:.1f} s")
     return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from .files import check_writable
+
+    config = config_from_args(args)
+    fmt = args.format or FORMAT_OF_SUFFIX.get(Path(args.output).suffix.lower())
+    if fmt is None:
+        raise UserError(f"cannot tell the format of {args.output!r} from its extension; "
+                        "name it .pt or .onnx, or pass --format torchscript|onnx")
+    if args.external_data and fmt != "onnx":
+        raise UserError("--external-data applies to ONNX files only")
+    output = check_writable(args.output, args.overwrite, what="artifact")
+
+    from .api import build_extractor
+
+    started = time.perf_counter()
+    extractor = build_extractor(config)
+    if fmt == "onnx":
+        from export import onnx_export
+
+        onnx_export.export(extractor, output, overwrite=args.overwrite, external_data=args.external_data)
+    else:
+        from export import torchscript
+
+        torchscript.export(extractor, output, overwrite=args.overwrite)
+    print(f"wrote {output} ({fmt}, {config.model}, outputs {', '.join(extractor.output_names)}) "
+          f"in {time.perf_counter() - started:.1f} s")
+    return 0
+
+
+def run_validate(args: argparse.Namespace) -> int:
+    from export.validate import validate
+
+    report = validate(
+        args.images, config_from_args(args), sizes=args.sizes, backends=args.backends,
+        torchscript_path=args.torchscript, onnx_path=args.onnx, repeats=args.repeats, tolerance=args.tolerance,
+    )
+    print(report.format())
+    return 0 if report.passed else EXIT_FAILED_CHECK
 
 
 def _version() -> str:

@@ -19,6 +19,7 @@ from .weights import PREPROCESS
 OPTIMIZERS = ("adam", "lbfgs")
 INITS = ("content", "noise", "gray")
 DEVICES = ("auto", "cpu", "cuda")
+BACKENDS = ("eager", "torchscript")
 # A sanity bound, not a memory estimate: beyond this a typo is far likelier than intent.
 MAX_SIZE = 16384
 
@@ -68,6 +69,11 @@ class Config:
     init: str = field(default="content", metadata={"help": "starting image", "choices": INITS})
     seed: int = field(default=0, metadata={"help": "random seed"})
     device: str = field(default="auto", metadata={"help": "'auto' picks CUDA when present", "choices": DEVICES})
+    backend: str = field(
+        default="eager",
+        metadata={"help": "what runs the extractor: eager PyTorch or its frozen TorchScript graph (cached on disk)",
+                  "choices": BACKENDS},
+    )
 
     def __post_init__(self) -> None:
         for f in fields(self):

@@ -134,6 +134,11 @@ class VGGFeatures(nn.Module):
         self.requires_grad_(False)
         self.eval()
 
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        """The requested layers in the order ``forward`` returns them (forward order)."""
+        return tuple(name for name in self.body._modules if name in self.layers)
+
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         x = self.normalize(x)
         out: dict[str, torch.Tensor] = {}

@@ -1,5 +1,9 @@
-"""Turns the engine's extractor into deployable artifacts (TorchScript, ONNX) and validates them.
+"""Turns the engine's extractor into artifacts (TorchScript, ONNX) and validates them.
 
-Empty for now: the exporters arrive with the issue "Compiled extractor: a fused
-TorchScript graph for the loop and ONNX Runtime as an independent validator".
+* ``torchscript``: trace + freeze, save/load with a description, the on-disk cache the loop uses.
+* ``onnx_export``: the dynamo ONNX exporter with dynamic batch/height/width and named outputs.
+* ``ort``: an ONNX Runtime extractor with the same call as the torch one.
+* ``validate``: every backend against eager, per layer, with timings (``nst validate``).
+
+Builds on ``engine``; ``engine`` reaches in here only for ``--backend torchscript``.
 """

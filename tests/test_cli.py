@@ -9,56 +9,17 @@ starts its whole group.
 import dataclasses
 import hashlib
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from engine import Config
+from helpers import one_error_line, run_together, tree
 
-ROOT = Path(__file__).resolve().parents[1]
-# A bare environment, so that nothing from the caller's (warnings filters, CUDA settings) reaches stderr;
-# one thread each, since the runs share the machine.
-ENV = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-TIMEOUT = 300
 TINY = ["--size", "48", "--min-size", "48", "--steps", "3", "--quiet"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 JPEG_MAGIC = b"\xff\xd8\xff"
-
-
-def run_together(jobs):
-    """Run ``{key: (args, cwd)}`` of ``python -m engine ARGS`` at once; ``{key: CompletedProcess}``."""
-    procs = {}
-    try:
-        for key, (args, cwd) in jobs.items():
-            procs[key] = subprocess.Popen(
-                [sys.executable, "-m", "engine", *map(str, args)], cwd=cwd, env=ENV,
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            )
-        results = {}
-        for key, proc in procs.items():
-            out, err = proc.communicate(timeout=TIMEOUT)
-            results[key] = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
-        return results
-    finally:
-        for proc in procs.values():  # only after a failure above: a timeout or a failed start
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
-
-
-def sha(path):
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def tree(folder):
-    """Every file and folder under ``folder``, with a hash of each file's bytes."""
-    return {
-        str(p.relative_to(folder)): ("<dir>" if p.is_dir() else sha(p)) for p in sorted(Path(folder).rglob("*"))
-    }
 
 
 def make_pics(folder):
@@ -74,14 +35,6 @@ def make_pics(folder):
 def pixels(path):
     with Image.open(path) as img:
         return np.asarray(img.convert("RGB"), np.int16)
-
-
-def one_error_line(result):
-    """The single non-empty stderr line of a failed run, after checking there is exactly one."""
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("nst: error: "), lines[0]
-    return lines[0]
 
 
 # ---------------------------------------------------------------------------------------------
