@@ -297,3 +297,61 @@ def test_validate_cli_refuses_artifact_without_a_layer(perturbed_runs):
     r = perturbed_runs["missing layer"]
     assert r.returncode == 2
     assert "has no output 'relu4_1'" in one_error_line(r)
+
+
+# --------------------------------------------------------------------------------------------- nst export
+
+
+@pytest.fixture(scope="module")
+def export_runs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("export_cli")
+    (folder / "taken.pt").write_bytes(b"the user's file")
+    tiny = ["--content-layers", "relu1_2", "--style-layers", "relu1_1", "--device", "cpu"]
+    results = run_together({
+        "onnx": (["export", "out.onnx", *tiny], folder),
+        "torchscript": (["export", "out.ts", *tiny], folder),
+        "taken": (["export", "taken.pt", *tiny], folder),
+        "unknown extension": (["export", "out.txt", *tiny], folder),
+        "external data for torchscript": (["export", "other.pt", "--external-data", *tiny], folder),
+        "help": (["validate", "--help"], folder),
+    })
+    return results, folder
+
+
+@pytest.mark.slow
+def test_export_cli_writes_both_formats(export_runs):
+    results, folder = export_runs
+    for case, fmt, name in (("onnx", "onnx", "out.onnx"), ("torchscript", "torchscript", "out.ts")):
+        r = results[case]
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.startswith(f"wrote {name} ({fmt}, vgg19, outputs relu1_1, relu1_2)"), r.stdout
+    x = picture(20, 24)
+    want = build_extractor(Config(content_layers=("relu1_2",), style_layers=("relu1_1",), device="cpu"))(x)
+    got_ts = torchscript.load(folder / "out.ts")[0](x)
+    got_ort = OrtExtractor(folder / "out.onnx", device="cpu")(x)
+    for name in want:
+        torch.testing.assert_close(got_ts[name], want[name], rtol=1e-5, atol=1e-6)
+        assert layer_error(got_ort[name], want[name]) < ORT_TOL
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case,message", [
+    ("taken", "artifact 'taken.pt' already exists; pass --overwrite to replace it"),
+    ("unknown extension", "cannot tell the format of 'out.txt' from its extension"),
+    ("external data for torchscript", "--external-data applies to ONNX files only"),
+])
+def test_export_cli_errors(export_runs, case, message):
+    results, folder = export_runs
+    r = results[case]
+    assert r.returncode == 2 and message in one_error_line(r)
+    assert (folder / "taken.pt").read_bytes() == b"the user's file"
+    assert not list(folder.glob(".*"))  # no temporary file or staging folder left behind
+
+
+def test_validate_help_lists_its_options(export_runs):
+    r = export_runs[0]["help"]
+    assert r.returncode == 0
+    text = " ".join(r.stdout.split())
+    for option in ("--sizes", "--backends", "--torchscript", "--onnx", "--tolerance", "--style-layers", "--weights"):
+        assert option in text
+    assert "--steps" not in text  # only the settings that define the extractor
