@@ -9,7 +9,12 @@ so one set of default weights works everywhere and per-layer weights mean
 what they say.
 
 Shapes: features are ``(N, C, H, W)``; targets carry a leading batch
-dimension of 1 (shared by the batch) or N (one per image).
+dimension of 1 (shared by the batch) or N (one per image). A batch holds N
+independent jobs: every loss is the *sum* of the per-image losses, so each
+image gets exactly the gradient it would get alone.
+
+Precision: features may arrive in bf16/fp16 (autocast); every loss casts
+them up to float32 before it reduces anything.
 """
 
 from __future__ import annotations
@@ -22,19 +27,30 @@ from torch import nn
 EPS = 1e-8
 
 
+def at_least_float32(t: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 up to float32; float32 and float64 (the tests' references) as they are."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
 def gram_matrix(features: torch.Tensor) -> torch.Tensor:
-    """Batched Gram matrices ``(N, C, C)``, averaged over the H*W pixels."""
+    """Batched Gram matrices ``(N, C, C)``, averaged over the H*W pixels, in float32.
+
+    float32 whatever the features' dtype: in fp16, Caffe-VGG activations (up
+    to ~1e3) squared and summed over a million pixels overflow 65504 long
+    before the division by H*W.
+    """
     n, c, h, w = features.shape
-    flat = features.reshape(n, c, h * w)
+    flat = at_least_float32(features.reshape(n, c, h * w))
     return torch.einsum("ncp,ndp->ncd", flat, flat) / (h * w)
 
 
 def relative_squared_error(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean over the batch of ``||x - t||^2 / ||t||^2``; targets broadcast over the batch."""
+    """Sum over the batch of ``||x - t||^2 / ||t||^2``; targets broadcast over the batch."""
+    x, target = at_least_float32(x), at_least_float32(target)
     dims = tuple(range(1, x.dim()))
     err = (x - target).pow(2).sum(dims)
     scale = target.pow(2).sum(dims).clamp_min(EPS)
-    return (err / scale).mean()
+    return (err / scale).sum()
 
 
 class ContentLoss(nn.Module):
@@ -42,7 +58,7 @@ class ContentLoss(nn.Module):
 
     def __init__(self, target: torch.Tensor):
         super().__init__()
-        self.register_buffer("target", target.detach())
+        self.register_buffer("target", at_least_float32(target.detach()))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return relative_squared_error(features, self.target)
@@ -68,12 +84,13 @@ class GramStyleLoss(nn.Module):
 
 
 class TotalVariationLoss(nn.Module):
-    """Mean squared difference between neighbouring pixels (smooth, so L-BFGS-friendly)."""
+    """Mean squared difference between neighbouring pixels (smooth, so L-BFGS-friendly), summed over the batch."""
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         dy = image[..., 1:, :] - image[..., :-1, :]
         dx = image[..., :, 1:] - image[..., :, :-1]
-        return dy.pow(2).mean() + dx.pow(2).mean()
+        per_image = (-3, -2, -1)
+        return (dy.pow(2).mean(per_image) + dx.pow(2).mean(per_image)).sum()
 
 
 class StyleTransferLoss(nn.Module):

@@ -63,7 +63,7 @@ def test_gram_is_size_invariant_for_tiled_images(rng):
 def test_content_loss_matches_reference(rng):
     x, t = rng.standard_normal((2, 3, 4, 5)), rng.standard_normal((1, 3, 4, 5))
     loss = ContentLoss(torch.tensor(t))(torch.tensor(x))
-    want = np.mean([np_relative_error(xi, t[0]) for xi in x])
+    want = np.sum([np_relative_error(xi, t[0]) for xi in x])  # a batch holds independent jobs: losses add
     assert loss.item() == pytest.approx(want, rel=1e-10)
 
 
@@ -76,7 +76,7 @@ def test_gram_style_loss_matches_reference(rng):
     x, s = rng.standard_normal((2, 3, 4, 5)), rng.standard_normal((3, 6, 2))
     target = torch.tensor(np_gram(s))[None]
     loss = GramStyleLoss(target)(torch.tensor(x))
-    want = np.mean([np_relative_error(np_gram(xi), np_gram(s)) for xi in x])
+    want = np.sum([np_relative_error(np_gram(xi), np_gram(s)) for xi in x])
     assert loss.item() == pytest.approx(want, rel=1e-10)
 
 
@@ -101,8 +101,8 @@ def test_style_loss_is_scale_invariant(rng):
 def test_tv_matches_reference(rng, shape):
     img = rng.random(shape)
     got = TotalVariationLoss()(torch.tensor(img)).item()
-    # The module averages over the whole batch: same as averaging per-image references for equal sizes.
-    want = np.mean([np_tv(i) for i in img])
+    # Per-image means, added over the batch.
+    want = np.sum([np_tv(i) for i in img])
     assert got == pytest.approx(want, rel=1e-10)
 
 
@@ -140,3 +140,26 @@ def test_combined_loss_weights_and_parts(rng):
     torch.testing.assert_close(parts["style"], want_style, rtol=1e-12, atol=0)
     torch.testing.assert_close(parts["content"], content["a"](feats["a"]), rtol=1e-12, atol=0)
     torch.testing.assert_close(total, 2 * parts["content"] + 5 * parts["style"] + 7 * parts["tv"], rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gram_of_half_features_is_float32_and_finite(dtype):
+    # Caffe-VGG-like magnitudes: relu1_1 reaches ~1e3. In fp16 the sum over 64x64 pixels of squares
+    # (~4e9) overflows 65504; the Gram must come out finite and equal to a float64 reference.
+    g = torch.Generator().manual_seed(0)
+    feats = (torch.rand(2, 8, 64, 64, generator=g) * 1500).to(dtype)
+    got = gram_matrix(feats)
+    assert got.dtype == torch.float32 and torch.isfinite(got).all()
+    want = gram_matrix(feats.double())
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=0)
+    naive = torch.einsum("ncp,ndp->ncd", feats.reshape(2, 8, -1), feats.reshape(2, 8, -1))
+    if dtype == torch.float16:
+        assert not torch.isfinite(naive).all()  # what the float32 cast prevents
+
+
+def test_losses_of_half_features_are_float32(rng):
+    t = torch.tensor(rng.standard_normal((1, 4, 5, 5)), dtype=torch.float32)
+    x = (t + 0.1).to(torch.bfloat16)
+    for loss in (ContentLoss(t.to(torch.bfloat16)), GramStyleLoss(gram_matrix(t))):
+        out = loss(x)
+        assert out.dtype == torch.float32 and torch.isfinite(out)
