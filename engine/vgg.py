@@ -83,12 +83,15 @@ class Normalize(nn.Module):
         super().__init__()
         std_t = torch.tensor(std, dtype=torch.float32)
         self.perm = tuple(perm)
+        # A device buffer, not a Python list: indexing with a list copies it from host memory
+        # at every call, which a CUDA graph cannot capture.
+        self.register_buffer("perm_index", torch.tensor(perm, dtype=torch.long), persistent=False)
         self.register_buffer("mul", (scale / std_t).view(1, 3, 1, 1))
         self.register_buffer("add", (-torch.tensor(mean, dtype=torch.float32) / std_t).view(1, 3, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.perm != (0, 1, 2):
-            x = x[:, list(self.perm)]
+            x = x.index_select(1, self.perm_index)
         return torch.addcmul(self.add, x, self.mul)
 
 

@@ -32,9 +32,15 @@ def describe(extractor: torch.nn.Module) -> dict:
         "weights_sha256": weights_digest(extractor),
         "dtype": str(param.dtype).removeprefix("torch."),
         "device": param.device.type,
+        "memory_format": "channels_last" if _channels_last(extractor) else "contiguous",
         "torch": torch.__version__,
         "input": INPUT_DOC,
     }
+
+
+def _channels_last(module: torch.nn.Module) -> bool:
+    weight = next(p for p in module.parameters() if p.dim() == 4)
+    return not weight.is_contiguous() and weight.is_contiguous(memory_format=torch.channels_last)
 
 
 def cache_key(meta: dict) -> str:
