@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from engine import Config
-from engine.api import build_criterion, loop_extractor, resolve_device
+from engine.api import build_criterion, loop_extractor
+from engine.runtime import resolve_device, resolve_runtime
 from engine.images import fit_long_side, load_image, resize
 from engine.optimize import StepFunction
 from engine.vgg import downsampling
@@ -48,10 +49,11 @@ def median_seconds(fn, device: torch.device, warmup: int, repeats: int) -> float
 def build_problem(size: int, config: Config, device: torch.device):
     """The bundled samples at ``size`` on ``device``: ``(content batch, extractor, criterion)``."""
     content, style = load_image(EXAMPLES / "tubingen.jpg"), load_image(EXAMPLES / "starry_night.jpg")
-    content = resize(content, fit_long_side(*content.shape[-2:], size)).unsqueeze(0).to(device)
-    extractor = loop_extractor(config, device)
+    runtime = resolve_runtime(config, device)
+    content = runtime.layout(resize(content, fit_long_side(*content.shape[-2:], size)).unsqueeze(0))
+    extractor = loop_extractor(config, runtime)
     min_side = 2 ** downsampling(config.model, config.feature_layers)
-    return content, extractor, build_criterion(config, extractor, content, [style], (1.0,), min_side)
+    return content, extractor, build_criterion(config, extractor, content, [([style], (1.0,))], min_side, runtime)
 
 
 def measure(size: int, config: Config, warmup: int = 2, repeats: int = 5) -> dict:

@@ -1,11 +1,13 @@
 """The Python entry point: ``stylize(content, styles, config) -> Result``.
 
-Device and dtype are decided here, once; everything below reads them off
-the tensors it is given.
+Device, precision, layout and CUDA graphs are decided here, once
+(``runtime.resolve_runtime``); everything below reads them off the tensors
+it is given or the ``Runtime`` it is handed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -17,7 +19,8 @@ from .config import Config
 from .errors import UserError
 from .images import ImageLike, fit_long_side, load_image, resize, save_image, to_pil
 from .losses import ContentLoss, GramStyleLoss, StyleTransferLoss
-from .optimize import StepInfo, optimize_scale
+from .optimize import SYNC_EVERY, StepInfo, optimize_scale
+from .runtime import Runtime, resolve_device, resolve_runtime
 from .schedule import build_schedule
 from .vgg import VGGFeatures, conv_shapes, downsampling, truncated_names
 from .weights import load_weights
@@ -39,31 +42,27 @@ class Result:
         return save_image(self.image, path, overwrite=overwrite, bit_depth=bit_depth)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("device 'cuda' was asked for but no CUDA GPU is available; use --device cpu or auto")
-    return torch.device(name)
-
-
 def build_extractor(config: Config, device: Optional[torch.device] = None) -> VGGFeatures:
-    """The truncated VGG for ``config``'s layers and weights, on ``device``."""
+    """The truncated VGG for ``config``'s layers and weights, on ``device`` (eager, float32, contiguous)."""
     needed = [n for n in truncated_names(config.model, config.feature_layers) if n in conv_shapes(config.model)]
     convs, normalize = load_weights(config.model, config.weights, config.preprocess, needed)
     extractor = VGGFeatures(config.model, convs, normalize, config.feature_layers, config.pooling)
     return extractor.to(device or resolve_device(config.device))
 
 
-def loop_extractor(config: Config, device: Optional[torch.device] = None) -> Callable:
-    """The extractor the optimisation runs on, as ``config.backend`` asks: eager or TorchScript."""
-    extractor = build_extractor(config, device)
+def loop_extractor(config: Config, runtime: Optional[Runtime] = None) -> Callable:
+    """The extractor the optimisation runs on: laid out for ``runtime``, eager or TorchScript as configured."""
+    runtime = runtime or resolve_runtime(config)
+    extractor = runtime.prepare(build_extractor(config, runtime.device))
     if config.backend == "torchscript":
         # export/ builds on engine/, so it is imported only here, when asked for.
         from export.torchscript import cached
 
         return cached(extractor)
     return extractor
+
+
+Job = tuple[ImageLike, Union[ImageLike, Sequence[ImageLike]]]
 
 
 def stylize(
@@ -77,77 +76,146 @@ def stylize(
     Images may be paths, PIL images, arrays or tensors. ``callback`` is called
     after every step with a ``StepInfo``.
     """
+    return stylize_batch([(content, styles)], config, callback)[0]
+
+
+def stylize_batch(
+    jobs: Sequence[Job],
+    config: Optional[Config] = None,
+    callback: Optional[Callable[[StepInfo], None]] = None,
+) -> list[Result]:
+    """Run several ``(content, styles)`` jobs; one ``Result`` per job, in order.
+
+    Jobs whose contents have the same size share the extractor: up to
+    ``config.batch_size`` of them are optimised together, one forward and
+    backward per step for the whole batch. Each job's loss is its own (the
+    batch loss is their sum), and Adam moves each pixel independently, so a
+    job ends where it would alone, up to floating-point summation order.
+    L-BFGS couples the jobs through its line search, so it runs one job at a time.
+    """
     config = config or Config()
-    started = time.perf_counter()
-    style_list = list(styles) if isinstance(styles, (list, tuple)) else [styles]
-    if not style_list:
-        raise UserError("at least one style image is needed")
-    blend = config.style_blend_weights or (1.0,) * len(style_list)
-    if len(blend) != len(style_list):
-        raise UserError(f"style_blend_weights has {len(blend)} values but there are {len(style_list)} style images")
-    device = resolve_device(config.device)
-
-    content_img = load_image(content, "content image")
-    style_imgs = [load_image(s, "style image") for s in style_list]
+    if not jobs:
+        raise UserError("no job to run: give at least one content image")
+    runtime = resolve_runtime(config)
+    decoded = _decode_jobs(jobs, config)  # every input read before any work
     min_side = 2 ** downsampling(config.model, config.feature_layers)
-    schedule = build_schedule(*content_img.shape[-2:], config.size, config.min_size, config.steps, min_side)
-    extractor = loop_extractor(config, device)
-    generator = torch.Generator().manual_seed(config.seed)
+    extractor = loop_extractor(config, runtime)
+    groups: dict[tuple, list[int]] = {}
+    for index, (content, _, _) in enumerate(decoded):
+        schedule = build_schedule(*content.shape[-2:], config.size, config.min_size, config.steps, min_side)
+        groups.setdefault(tuple(schedule), []).append(index)
+    per_batch = config.batch_size if config.optimizer == "adam" else 1
+    results: list[Optional[Result]] = [None] * len(decoded)
+    for schedule, members in groups.items():
+        for start in range(0, len(members), per_batch):
+            chunk = members[start:start + per_batch]
+            started = time.perf_counter()
+            images, history = _run_batch(
+                [decoded[i] for i in chunk], list(schedule), config, runtime, extractor, min_side, callback, tuple(chunk)
+            )
+            seconds = time.perf_counter() - started
+            for i, image in zip(chunk, images):
+                results[i] = Result(image, history, seconds, config)
+    return results
 
+
+def _decode_jobs(jobs: Sequence[Job], config: Config):
+    """``[(content, [styles], blend)]`` as tensors; a style used by many jobs is decoded once."""
+    cache: dict[str, torch.Tensor] = {}
+
+    def load(source, what):
+        if isinstance(source, (str, os.PathLike)):
+            key = os.fspath(source)
+            if key not in cache:
+                cache[key] = load_image(source, what)
+            return cache[key]
+        return load_image(source, what)
+
+    decoded = []
+    for content, styles in jobs:
+        style_list = list(styles) if isinstance(styles, (list, tuple)) else [styles]
+        if not style_list:
+            raise UserError("at least one style image is needed")
+        blend = config.style_blend_weights or (1.0,) * len(style_list)
+        if len(blend) != len(style_list):
+            raise UserError(f"style_blend_weights has {len(blend)} values but there are {len(style_list)} style images")
+        decoded.append((load(content, "content image"), [load(s, "style image") for s in style_list], blend))
+    return decoded
+
+
+def _run_batch(jobs, schedule, config, runtime, extractor, min_side, callback, indices):
+    """Optimise a batch of same-size jobs through every scale; ``(images, history)``."""
     history: list[dict] = []
     total_steps = sum(s.steps for s in schedule)
     image = None
     for scale in schedule:
         size = (scale.height, scale.width)
-        content_t = resize(content_img, size).unsqueeze(0).to(device)
+        content = runtime.layout(torch.stack([resize(c, size) for c, _, _ in jobs]))
         if image is None:
-            image = _initial_image(config.init, content_t, generator)
+            image = runtime.layout(torch.cat([_initial_image(config, c[None]) for c in content.cpu()]))
         else:
-            image = resize(image, size)
-        criterion = build_criterion(config, extractor, content_t, style_imgs, blend, min_side)
+            image = runtime.layout(resize(image, size))
+        criterion = build_criterion(config, extractor, content, [(s, b) for _, s, b in jobs], min_side, runtime)
 
-        def on_step(i, total, parts, live, scale=scale):
-            record = {"scale": scale.index, "step": i, "loss": total.item()}
-            record.update({k: v.item() for k, v in parts.items()})
+        def on_step(i, loss, parts, live, scale=scale):
+            record = {"scale": scale.index, "step": i, "loss": loss, **parts}
             history.append(record)
             if callback is not None:
                 callback(StepInfo(
                     scale.index, len(schedule), scale.height, scale.width, i, scale.steps,
-                    len(history), total_steps, record["loss"], {k: record[k] for k in parts}, live.detach(),
+                    len(history), total_steps, loss, dict(parts), live.detach(), indices,
                 ))
 
-        image = optimize_scale(image, extractor, criterion, scale.steps, config.optimizer, config.lr, on_step)
-    return Result(image[0].float().cpu(), history, time.perf_counter() - started, config)
+        image = optimize_scale(
+            image, extractor, criterion, scale.steps, config.optimizer, config.lr,
+            on_step, runtime=runtime, sync_every=None if callback is not None else SYNC_EVERY,
+        )
+    return [im.float().cpu().contiguous() for im in image], history
 
 
-def _initial_image(init: str, content: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    if init == "content":
+def _initial_image(config: Config, content: torch.Tensor) -> torch.Tensor:
+    """The starting image of one job; noise is seeded per job, so batching does not change it."""
+    if config.init == "content":
         return content.clone()
-    if init == "gray":
+    if config.init == "gray":
         return torch.full_like(content, 0.5)
-    return torch.rand(content.shape, generator=generator).to(content)
+    return torch.rand(content.shape, generator=torch.Generator().manual_seed(config.seed))
 
 
 @torch.no_grad()
-def build_criterion(config, extractor, content, style_imgs, blend, min_side) -> StyleTransferLoss:
-    """Loss with this scale's targets: content features and the blended style Grams."""
-    content_feats = extractor(content)
+def build_criterion(config, extractor, content, styles, min_side, runtime=None) -> StyleTransferLoss:
+    """The loss with this scale's targets: content features and blended style Grams, one per job.
+
+    ``content`` is the ``(N, 3, H, W)`` batch; ``styles`` holds, per job, its
+    style images and blend weights.
+    """
+    autocast = runtime.autocast if runtime is not None else contextlib.nullcontext
+    layout = runtime.layout if runtime is not None else (lambda t: t.to(content.device))
+    with autocast():
+        content_feats = extractor(content)
     long_side = round(config.style_scale * max(content.shape[-2:]))
-    grams: dict[str, torch.Tensor] = {}
-    total_w = float(sum(blend))
-    for style, w in zip(style_imgs, blend):
-        if w == 0:
-            continue
-        h, w_px = fit_long_side(*style.shape[-2:], long_side)
-        if min(h, w_px) < min_side:  # tiny style_scale or a thin style image
-            h, w_px = fit_long_side(*style.shape[-2:], round(long_side * min_side / min(h, w_px)))
-        feats = extractor(resize(style, (h, w_px)).unsqueeze(0).to(content.device))
-        for name in config.style_layers:
-            g = GramStyleLoss.target_from(feats[name]) * (w / total_w)
-            grams[name] = grams[name] + g if name in grams else g
+    per_job: list[dict[str, torch.Tensor]] = []
+    memo: dict[tuple[int, float], dict[str, torch.Tensor]] = {}  # same style, same weight: computed once
+    for style_imgs, blend in styles:
+        grams: dict[str, torch.Tensor] = {}
+        total_w = float(sum(blend))
+        for style, w in zip(style_imgs, blend):
+            if w == 0:
+                continue
+            key = (id(style), w / total_w)
+            if key not in memo:
+                h, w_px = fit_long_side(*style.shape[-2:], long_side)
+                if min(h, w_px) < min_side:  # tiny style_scale or a thin style image
+                    h, w_px = fit_long_side(*style.shape[-2:], round(long_side * min_side / min(h, w_px)))
+                with autocast():
+                    feats = extractor(layout(resize(style, (h, w_px)).unsqueeze(0)))
+                memo[key] = {name: GramStyleLoss.target_from(feats[name]) * key[1] for name in config.style_layers}
+            for name, g in memo[key].items():
+                grams[name] = grams[name] + g if name in grams else g
+        per_job.append(grams)
     return StyleTransferLoss(
         content={name: ContentLoss(content_feats[name]) for name in config.content_layers},
-        style={name: GramStyleLoss(grams[name]) for name in config.style_layers},
+        style={name: GramStyleLoss(torch.cat([g[name] for g in per_job])) for name in config.style_layers},
         content_layer_weights=config.content_layer_weights or (1.0,) * len(config.content_layers),
         style_layer_weights=config.style_layer_weights or (1.0,) * len(config.style_layers),
         content_weight=config.content_weight,

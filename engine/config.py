@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields
 from typing import Optional
 
 from .errors import UserError
+from .runtime import MEMORY_FORMATS, PRECISIONS, SWITCHES
 from .vgg import MODELS, POOLINGS, check_layers
 from .weights import PREPROCESS
 
@@ -69,6 +70,24 @@ class Config:
     init: str = field(default="content", metadata={"help": "starting image", "choices": INITS})
     seed: int = field(default=0, metadata={"help": "random seed"})
     device: str = field(default="auto", metadata={"help": "'auto' picks CUDA when present", "choices": DEVICES})
+    precision: str = field(
+        default="auto",
+        metadata={"help": "math precision: fp32, tf32 (CUDA), bf16 or fp16 (autocast; image, optimiser and losses "
+                          "stay float32); 'auto' is tf32 on CUDA, fp32 on the CPU", "choices": PRECISIONS},
+    )
+    memory_format: str = field(
+        default="auto",
+        metadata={"help": "tensor layout; 'auto' is channels_last on CUDA, contiguous on the CPU",
+                  "choices": MEMORY_FORMATS},
+    )
+    cuda_graphs: str = field(
+        default="auto",
+        metadata={"help": "capture each scale's Adam step as a CUDA graph and replay it; 'auto' is on for CUDA + adam",
+                  "choices": SWITCHES},
+    )
+    batch_size: int = field(
+        default=4, metadata={"help": "jobs of the same size run through one extractor call (folder inputs)"}
+    )
     backend: str = field(
         default="eager",
         metadata={"help": "what runs the extractor: eager PyTorch or its frozen TorchScript graph (cached on disk)",
@@ -94,7 +113,7 @@ class Config:
         ):
             _check_weights(name, getattr(self, name), len(layers), name[:-8].replace("_", " ") + "s")
         _check_weights("style_blend_weights", self.style_blend_weights, None, "style images")
-        for name in ("size", "min_size", "steps"):
+        for name in ("size", "min_size", "steps", "batch_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise UserError(f"{name} must be a positive whole number, not {value!r}")

@@ -2,18 +2,31 @@
 
 ``StepFunction`` is the unit of work every path shares: one call computes the
 features, the loss and its gradient, and moves the pixels once. Faster paths
-(compiled extractors, CUDA graphs) swap what runs inside, never the maths.
+swap what runs around it, never the maths: ``GraphedStep`` captures a
+``StepFunction`` call as a CUDA graph and replays it; compiled extractors
+(TorchScript) are just another ``extractor``.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, ContextManager, Optional
 
 import torch
 
+from .errors import UserError
+
 LBFGS_HISTORY = 50  # memory: 2 * history * image numel floats (about 0.1 GB at 1024 px)
 LBFGS_MAX_EVALS = 20  # function evaluations one L-BFGS step may spend in its line search
+GRAPH_WARMUP = 3  # eager steps before capture: cuDNN autotuning and lazy workspaces happen here
+# Without a per-step callback, losses stay on the device and are read this often: each read is
+# a host-device sync that would otherwise stall the queue of kernels every step.
+SYNC_EVERY = 16
+
+
+class NonFiniteLoss(UserError):
+    """The loss became NaN or infinite: the run stops rather than write garbage."""
 
 
 @dataclass
@@ -31,6 +44,7 @@ class StepInfo:
     loss: float
     parts: dict[str, float]
     image: torch.Tensor
+    jobs: tuple[int, ...] = (0,)  # which of the run's jobs this (batched) step serves
 
 
 class StepFunction:
@@ -39,16 +53,29 @@ class StepFunction:
     Adam: one forward/backward, one update, then the pixels are clamped to
     [0, 1]. L-BFGS: one iteration with a strong-Wolfe line search; the image
     is left unclamped during the scale (clamping would break the curvature
-    pairs) and clamped when the scale ends.
+    pairs) and clamped when the scale ends. ``autocast`` wraps the extractor
+    only: the image, the optimiser state and the losses stay float32.
     """
 
-    def __init__(self, image: torch.Tensor, extractor: Callable, criterion: Callable, optimizer: str, lr: float):
+    def __init__(
+        self,
+        image: torch.Tensor,
+        extractor: Callable,
+        criterion: Callable,
+        optimizer: str,
+        lr: float,
+        autocast: Callable[[], ContextManager] = contextlib.nullcontext,
+        capturable: bool = False,
+    ):
         self.image = image
         self.extractor = extractor
         self.criterion = criterion
         self.kind = optimizer
+        self.autocast = autocast
         if optimizer == "adam":
-            self.optimizer = torch.optim.Adam([image], lr=lr)
+            # capturable keeps Adam's step count on the device, which CUDA graph replay needs.
+            fused = image.is_cuda or None  # one kernel for the whole update on CUDA
+            self.optimizer = torch.optim.Adam([image], lr=lr, capturable=capturable, fused=fused)
         else:
             self.optimizer = torch.optim.LBFGS(
                 [image], lr=1.0, max_iter=1, max_eval=LBFGS_MAX_EVALS,
@@ -59,7 +86,9 @@ class StepFunction:
     def evaluate(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Loss at the current image, with its gradient left in ``image.grad``."""
         self.optimizer.zero_grad(set_to_none=False)
-        total, parts = self.criterion(self.extractor(self.image), self.image)
+        with self.autocast():
+            features = self.extractor(self.image)
+        total, parts = self.criterion(features, self.image)
         total.backward()
         return total.detach(), {k: v.detach() for k, v in parts.items()}
 
@@ -98,6 +127,55 @@ class StepFunction:
         return self.image.detach()
 
 
+class GraphedStep:
+    """A ``StepFunction`` (Adam) replayed as a CUDA graph.
+
+    The first ``GRAPH_WARMUP`` calls run the step eagerly on a side stream
+    (they are real steps, as the capture API requires warm-up there). The
+    next call captures one whole step (forward, losses, backward, Adam
+    update, clamp) and replays it, and every later call only replays: one
+    launch per step instead of hundreds. The returned loss tensors are the
+    graph's static outputs, overwritten by the next replay; callers copy them.
+    Shapes are fixed, so a new scale needs a new ``GraphedStep``.
+    """
+
+    def __init__(self, step: StepFunction):
+        if step.kind != "adam":
+            raise ValueError("CUDA graphs capture Adam steps only")
+        self.step = step
+        self.calls = 0
+        self.graph: Optional[torch.cuda.CUDAGraph] = None
+        self.outputs = None
+        self.stream = torch.cuda.Stream(step.image.device)
+
+    def __call__(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        self.calls += 1
+        if self.calls <= GRAPH_WARMUP:
+            self.stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.stream):
+                out = self.step()
+            torch.cuda.current_stream().wait_stream(self.stream)
+            return out
+        if self.graph is None:
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.outputs = self.step()  # recorded, not run: the replay below runs it
+        self.graph.replay()
+        return self.outputs
+
+    def finish(self) -> torch.Tensor:
+        self.graph = None  # frees the graph's private memory pool with the last reference
+        return self.step.finish()
+
+
+def make_step(image: torch.Tensor, extractor, criterion, optimizer: str, lr: float, runtime) -> Callable:
+    """The step for this scale: a ``StepFunction``, wrapped in a ``GraphedStep`` when the runtime says so."""
+    graphs = runtime is not None and runtime.cuda_graphs and optimizer == "adam"
+    autocast = runtime.autocast if runtime is not None else contextlib.nullcontext
+    step = StepFunction(image, extractor, criterion, optimizer, lr, autocast=autocast, capturable=graphs)
+    return GraphedStep(step) if graphs else step
+
+
 def optimize_scale(
     image: torch.Tensor,
     extractor: Callable,
@@ -105,13 +183,41 @@ def optimize_scale(
     steps: int,
     optimizer: str,
     lr: float,
-    on_step: Optional[Callable[[int, torch.Tensor, dict, torch.Tensor], None]] = None,
+    on_step: Optional[Callable[[int, float, dict, torch.Tensor], None]] = None,
+    runtime=None,
+    sync_every: Optional[int] = None,
 ) -> torch.Tensor:
-    """Run ``steps`` steps from ``image`` (not modified) and return the result."""
-    param = image.detach().clone().requires_grad_(True)
-    step = StepFunction(param, extractor, criterion, optimizer, lr)
+    """Run ``steps`` steps from ``image`` (not modified) and return the result.
+
+    ``on_step(i, loss, parts, live_image)`` receives plain floats. Losses are
+    read from the device every ``sync_every`` steps (every step when
+    ``on_step`` wants them live); a NaN or infinite loss stops the run with
+    ``NonFiniteLoss`` at that read.
+    """
+    param = image.detach().clone(memory_format=torch.preserve_format).requires_grad_(True)
+    step = make_step(param, extractor, criterion, optimizer, lr, runtime)
+    every = sync_every or (1 if on_step is not None else SYNC_EVERY)
+    pending: list[tuple[int, torch.Tensor]] = []
+    names: list[str] = []
     for i in range(1, steps + 1):
         total, parts = step()
-        if on_step is not None:
-            on_step(i, total, parts, param)
+        names = list(parts)
+        # One small device tensor per step; the copy matters for graph replay, whose outputs are reused.
+        pending.append((i, torch.stack([total, *parts.values()]).float()))
+        if len(pending) >= every or i == steps:
+            _flush(pending, names, on_step, param)
+            pending = []
     return step.finish()
+
+
+def _flush(pending, names, on_step, live) -> None:
+    values = torch.stack([v for _, v in pending]).cpu()  # the one host-device sync
+    for (i, _), row in zip(pending, values.tolist()):
+        if not all(v == v and abs(v) != float("inf") for v in row):
+            bad = "NaN" if any(v != v for v in row) else "infinite"
+            raise NonFiniteLoss(
+                f"the loss became {bad} at step {i} of this scale, so the run stopped and nothing was written; "
+                "try a lower --lr, or --precision fp32 or bf16 instead of fp16"
+            )
+        if on_step is not None:
+            on_step(i, row[0], dict(zip(names, row[1:])), live)

@@ -1,0 +1,119 @@
+"""Device, precision, layout and CUDA-graph decisions, made once from the config.
+
+Everything below this boundary reads what it needs off its tensors (device,
+dtype, memory format) or off the ``Runtime`` handed to it; nothing else looks
+at the config or at the hardware.
+
+Precision modes:
+
+* ``fp32``: float32 everywhere; TF32 is switched *off* for cuDNN and cuBLAS
+  (PyTorch enables it for cuDNN by default), so this is the honest baseline.
+* ``tf32``: float32 tensors, TF32 tensor-core math in convolutions and matmuls.
+* ``bf16`` / ``fp16``: the extractor runs under autocast; the image being
+  optimised, the optimiser state, the Gram matrices and every loss stay
+  float32 (the losses cast features up before reducing).
+
+``auto`` picks ``tf32`` on CUDA and ``fp32`` on the CPU. bf16/fp16 are opt-in
+until they have been measured to track fp32 on a GPU (see README).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .errors import UserError
+
+PRECISIONS = ("auto", "fp32", "tf32", "bf16", "fp16")
+MEMORY_FORMATS = ("auto", "contiguous", "channels_last")
+SWITCHES = ("auto", "on", "off")
+_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: torch.device
+    precision: str  # resolved: fp32, tf32, bf16 or fp16
+    channels_last: bool
+    cuda_graphs: bool
+
+    @property
+    def autocast_dtype(self) -> Optional[torch.dtype]:
+        return _AUTOCAST.get(self.precision)
+
+    def autocast(self):
+        """Autocast for the extractor in bf16/fp16 modes; a no-op otherwise.
+
+        ``cache_enabled=False``: the weight-cast cache does not survive CUDA
+        graph capture, and the weights are constants, so it saves nothing.
+        """
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype, cache_enabled=False)
+
+    def layout(self, image: torch.Tensor) -> torch.Tensor:
+        """``image`` on this device, in this runtime's memory format (float32)."""
+        image = image.to(self.device, torch.float32)
+        if self.channels_last and image.dim() == 4:
+            return image.contiguous(memory_format=torch.channels_last)
+        return image.contiguous()
+
+    def prepare(self, extractor: torch.nn.Module) -> torch.nn.Module:
+        extractor = extractor.to(self.device)
+        return extractor.to(memory_format=torch.channels_last) if self.channels_last else extractor
+
+    def synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("device 'cuda' was asked for but no CUDA GPU is available; use --device cpu or auto")
+    return torch.device(name)
+
+
+def cpu_supports(precision: str) -> bool:
+    """Whether this CPU has native bf16/fp16 math (else it is emulated, ~150x slower than float32)."""
+    check = {"bf16": "_is_mkldnn_bf16_supported", "fp16": "_is_mkldnn_fp16_supported"}.get(precision)
+    if check is None:
+        return True
+    fn = getattr(torch.ops.mkldnn, check, None)
+    return bool(fn and fn())
+
+
+def resolve_runtime(config, device: Optional[torch.device] = None) -> Runtime:
+    """Turn the config's ``auto``s into decisions, check them, and set torch's global math flags."""
+    device = device or resolve_device(config.device)
+    cuda = device.type == "cuda"
+    precision = config.precision
+    if precision == "auto":
+        precision = "tf32" if cuda else "fp32"
+    if precision == "tf32" and not cuda:
+        raise UserError("precision 'tf32' needs a CUDA GPU; use fp32 on the CPU")
+    if precision in _AUTOCAST and not cuda and not cpu_supports(precision):
+        raise UserError(
+            f"precision {precision!r} is emulated on this CPU (about 150 times slower than fp32); use fp32, "
+            "or a CUDA GPU for reduced precision"
+        )
+    if precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
+        raise UserError("precision 'bf16' is not supported by this GPU; use fp16 or tf32")
+    channels_last = {"auto": cuda, "channels_last": True, "contiguous": False}[config.memory_format]
+    graphs = config.cuda_graphs
+    if graphs == "on" and not cuda:
+        raise UserError("cuda_graphs 'on' needs a CUDA GPU; use auto or off")
+    if graphs == "on" and config.optimizer != "adam":
+        raise UserError(f"cuda_graphs 'on' works with the adam optimizer only, not {config.optimizer!r}")
+    use_graphs = graphs == "on" or (graphs == "auto" and cuda and config.optimizer == "adam")
+    if cuda:
+        # Process-wide flags: the one place they are set.
+        tf32 = precision != "fp32"
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
+        torch.backends.cudnn.benchmark = True  # shapes are static within a scale
+    return Runtime(device, precision, channels_last, use_graphs)
