@@ -28,5 +28,9 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest
 
+# The speed matrix on this machine (see README, "Speed"); results also as JSON under out/.
+bench: $(VENV)/.installed-test
+	$(BIN)/nst bench --json out/bench.json
+
 clean:
 	rm -rf out .pytest_cache .benchmarks

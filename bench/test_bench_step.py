@@ -1,33 +1,32 @@
 """pytest-benchmark entry points: ``pytest bench/ --benchmark-enable``.
 
-Not part of the test suite (``testpaths`` is ``tests/``); these only measure.
+Not part of the test suite (``testpaths`` is ``tests/``); these only measure. The same steps as
+``nst bench`` (``suite.build_step``), one benchmark per lever this machine has, at 128 and 256 px.
 """
 
 import pytest
 import torch
 
-from engine import Config
-from engine.optimize import StepFunction
+from engine.runtime import resolve_device
 
-from .step_time import build_problem
+from .suite import build_step, matrix
 
-CONFIG = Config(device="cpu")
-
-
-@pytest.fixture(scope="module", params=[128, 256], ids=lambda s: f"{s}px")
-def problem(request):
-    return build_problem(request.param, CONFIG, torch.device("cpu"))
+DEVICE = resolve_device("auto")
+LEVERS = matrix(DEVICE)[0]
 
 
-def test_forward_baseline(benchmark, problem):
-    content, extractor, _ = problem
-    with torch.no_grad():
-        benchmark(extractor, content)
+@pytest.mark.parametrize("size", [128, 256], ids=lambda s: f"{s}px")
+@pytest.mark.parametrize("lever", LEVERS, ids=lambda lv: lv.name)
+def test_step(benchmark, lever, size):
+    step, _ = build_step(lever, size, DEVICE)
+    for _ in range(4):  # warm-up, including a CUDA-graph capture
+        step()
 
+    def timed():
+        out = step()
+        if DEVICE.type == "cuda":
+            torch.cuda.synchronize(DEVICE)
+        return out
 
-@pytest.mark.parametrize("optimizer", ["adam", "lbfgs"])
-def test_step(benchmark, problem, optimizer):
-    content, extractor, criterion = problem
-    step = StepFunction(content.clone().requires_grad_(True), extractor, criterion, optimizer, CONFIG.lr)
-    total, _ = benchmark(step)
+    total, _ = benchmark(timed)
     assert torch.isfinite(total)

@@ -83,6 +83,7 @@ def stylize_batch(
     jobs: Sequence[Job],
     config: Optional[Config] = None,
     callback: Optional[Callable[[StepInfo], None]] = None,
+    on_result: Optional[Callable[[int, Result], None]] = None,
 ) -> list[Result]:
     """Run several ``(content, styles)`` jobs; one ``Result`` per job, in order.
 
@@ -92,6 +93,7 @@ def stylize_batch(
     batch loss is their sum), and Adam moves each pixel independently, so a
     job ends where it would alone, up to floating-point summation order.
     L-BFGS couples the jobs through its line search, so it runs one job at a time.
+    ``on_result(index, result)`` is called as soon as a job is done.
     """
     config = config or Config()
     if not jobs:
@@ -116,6 +118,8 @@ def stylize_batch(
             seconds = time.perf_counter() - started
             for i, image in zip(chunk, images):
                 results[i] = Result(image, history, seconds, config)
+                if on_result is not None:
+                    on_result(i, results[i])
     return results
 
 

@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
         "stylize", help="repaint a photo in the style of one or more images",
         description="Repaint CONTENT in the style of STYLE (several styles are blended).",
     )
-    st.add_argument("content", metavar="CONTENT", help="content image")
+    st.add_argument("content", metavar="CONTENT", help="content image, or a folder of them (then OUTPUT is a folder)")
     st.add_argument("styles", metavar="STYLE", nargs="+", help="style image(s)")
     st.add_argument("-o", "--output", required=True, help="output file; format from the extension")
     st.add_argument("--overwrite", action="store_true", help="replace an existing output file")
@@ -94,6 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
     va.add_argument("--tolerance", type=float, help="largest allowed error (default: %s)" % ", ".join(f"{v:g} on {k}" for k, v in TOLERANCE.items()))
     add_config_options(va, only=EXTRACTOR_FIELDS)
     va.set_defaults(run=run_validate)
+
+    from importlib.metadata import entry_points
+
+    for plugin in entry_points(group="nst.commands"):  # e.g. `nst bench`, from the bench package
+        plugin.load()(sub)
     return parser
 
 
@@ -148,6 +153,8 @@ def run_stylize(args: argparse.Namespace) -> int:
     from .images import check_output_path
 
     config = config_from_args(args)
+    if Path(args.content).is_dir():
+        return run_folder(args, config)
     output = check_output_path(args.output, args.overwrite, args.bit_depth)
     for src in [args.content, *args.styles]:
         if Path(src).exists() and Path(src).resolve() == output.resolve():
@@ -185,6 +192,60 @@ def run_stylize(args: argparse.Namespace) -> int:
     h, w = result.image.shape[-2:]
     seconds = time.perf_counter() - started
     print(f"wrote {written} ({w}x{h}, {len(result.history)} steps) in {seconds:.1f} s")
+    return 0
+
+
+def run_folder(args: argparse.Namespace, config) -> int:
+    """CONTENT is a folder: every image in it against the same style(s), same-size ones batched."""
+    from tqdm import tqdm
+
+    from .api import stylize_batch
+    from .files import check_writable
+    from .images import FORMATS
+
+    folder, outdir = Path(args.content), Path(args.output)
+    contents = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in FORMATS)
+    if not contents:
+        raise UserError(f"content folder {str(folder)!r} has no images ({', '.join(FORMATS)})")
+    if args.snapshot_every:
+        raise UserError("--snapshot-every works with a single content image, not a folder")
+    if outdir.exists() and not outdir.is_dir():
+        raise UserError(f"output {args.output!r} must be a folder when CONTENT is a folder")
+    if not outdir.exists():
+        check_writable(outdir, overwrite=False, what="output folder")  # its parent exists and is writable
+    inputs = {p.resolve() for p in contents} | {Path(s).resolve() for s in args.styles if Path(s).exists()}
+    outputs = [outdir / (p.stem + ".png") for p in contents]
+    if len({o.name for o in outputs}) < len(outputs):
+        raise UserError(f"content folder {str(folder)!r} has images that differ only in extension; "
+                        "their results would share a name")
+    for out in outputs:
+        if out.resolve() in inputs:
+            raise UserError(f"output {str(out)!r} would replace an input; choose another output folder")
+        if out.exists() and not args.overwrite:
+            raise UserError(f"output {str(out)!r} already exists; pass --overwrite to replace it")
+    outdir.mkdir(exist_ok=True)
+    started = time.perf_counter()
+    bar = tqdm(total=None, disable=args.quiet, unit="step", dynamic_ncols=True, file=sys.stderr)
+
+    def callback(info):
+        if info.step == 1:
+            bar.reset(total=info.total_steps)
+            first, last = info.jobs[0] + 1, info.jobs[-1] + 1
+            jobs = f"image {first}" if first == last else f"images {first}-{last}"
+            bar.set_description(f"{jobs}/{len(contents)} scale {info.scale + 1}/{info.scales} {info.width}x{info.height}")
+        bar.update(1)
+        bar.set_postfix_str(f"loss {info.loss:.4g}", refresh=False)
+
+    written = []
+
+    def save(index, result):  # as each batch finishes: a later failure does not cost earlier results
+        written.append(result.save(outputs[index], overwrite=args.overwrite, bit_depth=args.bit_depth))
+
+    try:
+        stylize_batch([(p, args.styles) for p in contents], config, callback=callback, on_result=save)
+    finally:
+        bar.close()
+    print(f"wrote {len(written)} images to {outdir} in {time.perf_counter() - started:.1f} s")
     return 0
 
 

@@ -1,0 +1,235 @@
+"""The speed levers against the plain path: precision, channels-last, batched jobs, CUDA graphs, the NaN guard.
+
+On the CPU every lever that exists there is run for real (channels-last, batches, the guard, the
+autocast step at tiny size); the CUDA-only ones are checked in ``@pytest.mark.cuda`` tests, which
+run the same ``StepFunction`` and losses.
+Tolerances: float32 paths that differ only in summation order agree to 1e-4 in pixels after a few
+Adam steps (lr 0.02, so one step moves a pixel at most 0.02); other kernels (channels-last) to a
+tenth of a step at worst and 2e-6 on average; reduced-precision
+paths are compared by loss trajectory (relative 5e-2 for bf16 on the CPU over 3 steps, and the
+CUDA bounds stated at each test).
+"""
+
+import pytest
+import torch
+
+from engine import Config, UserError, stylize
+from engine.api import build_criterion, loop_extractor, stylize_batch
+from engine.optimize import GRAPH_WARMUP, GraphedStep, NonFiniteLoss, StepFunction, make_step, optimize_scale
+from engine.runtime import Runtime, resolve_runtime
+
+SMALL = dict(content_layers=("relu2_2",), style_layers=("relu1_1", "relu2_1", "relu3_1"))
+CUDA = torch.cuda.is_available()
+cuda_only = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+
+
+def picture(h, w, seed):
+    return torch.rand(3, h, w, generator=torch.Generator().manual_seed(seed))
+
+
+# --------------------------------------------------------------------------------------------- decisions
+
+
+def test_auto_on_cpu_is_plain_fp32():
+    rt = resolve_runtime(Config(device="cpu"))
+    assert (rt.precision, rt.channels_last, rt.cuda_graphs, rt.autocast_dtype) == ("fp32", False, False, None)
+
+
+@pytest.mark.parametrize("settings,message", [
+    (dict(precision="tf32"), "precision 'tf32' needs a CUDA GPU"),
+    (dict(cuda_graphs="on"), "cuda_graphs 'on' needs a CUDA GPU"),
+])
+def test_cuda_only_settings_are_refused_on_cpu(settings, message):
+    with pytest.raises(UserError, match=message):
+        resolve_runtime(Config(device="cpu", **settings))
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_reduced_precision_refused_on_cpu_without_native_support(monkeypatch, precision):
+    import engine.runtime
+
+    monkeypatch.setattr(engine.runtime, "cpu_supports", lambda p: False)
+    with pytest.raises(UserError, match=rf"precision '{precision}' is emulated on this CPU .* use fp32"):
+        resolve_runtime(Config(device="cpu", precision=precision))
+    # And through the CLI's path: the same one sentence, before any image is read.
+    with pytest.raises(UserError, match="emulated"):
+        stylize("no-such-file.png", "no-such-style.png", Config(device="cpu", precision=precision))
+
+
+def test_this_cpu_answer_matches_mkldnn():
+    from engine.runtime import cpu_supports
+
+    assert cpu_supports("bf16") == torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert cpu_supports("fp32")
+
+
+# --------------------------------------------------------------------------------------------- levers on CPU
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return picture(40, 48, 1), picture(36, 36, 2)
+
+
+@pytest.mark.slow
+def test_channels_last_matches_contiguous(pair):
+    runs = {}
+    for fmt in ("contiguous", "channels_last"):
+        runs[fmt] = stylize(*pair, Config(**SMALL, device="cpu", size=48, min_size=34, steps=5, memory_format=fmt))
+    # Other conv kernels, other rounding; Adam divides each pixel's step by its own gradient scale, so
+    # where a gradient is near zero a rounding difference can show. Bound: a tenth of one step (lr 0.02),
+    # and a mean difference a thousand times smaller.
+    diff = (runs["channels_last"].image - runs["contiguous"].image).abs()
+    assert diff.max() < 2e-3 and diff.mean() < 2e-6, (diff.max(), diff.mean())
+    assert runs["contiguous"].image.is_contiguous()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("init", ["content", "noise"])
+def test_batched_jobs_equal_jobs_one_by_one(init):
+    contents = [picture(40, 48, 3), picture(40, 48, 4), picture(48, 40, 5), picture(40, 48, 6)]
+    styles = [picture(32, 32, 7), [picture(30, 40, 8), picture(32, 32, 7)], picture(32, 32, 7), picture(36, 30, 9)]
+    config = Config(**SMALL, device="cpu", size=48, min_size=34, steps=4, init=init, batch_size=2)
+    jobs = list(zip(contents, styles))
+    seen = []
+    batched = stylize_batch(jobs, config, callback=lambda info: seen.append(info.jobs))
+    # Three landscape jobs (0, 1, 3) in batches of two, the portrait one (2) alone.
+    assert sorted(set(seen)) == [(0, 1), (2,), (3,)]
+    for (content, style), got in zip(jobs, batched):
+        alone = stylize(content, style, config)
+        assert got.image.shape == alone.image.shape
+        torch.testing.assert_close(got.image, alone.image, rtol=0, atol=1e-4)
+
+
+def test_batched_lbfgs_runs_one_job_at_a_time():
+    seen = []
+    jobs = [(picture(32, 32, 1), picture(32, 32, 2)), (picture(32, 32, 3), picture(32, 32, 2))]
+    config = Config(**SMALL, device="cpu", size=32, min_size=32, steps=1, optimizer="lbfgs", batch_size=4)
+    stylize_batch(jobs, config, callback=lambda info: seen.append(info.jobs))
+    assert seen == [(0,), (1,)]
+
+
+@pytest.mark.slow
+def test_autocast_step_on_cpu_tracks_fp32():
+    """The bf16 step (the CUDA fast path's maths) run on the CPU at 32 px: image and losses stay float32."""
+    config = Config(**SMALL, device="cpu")
+    content = picture(32, 32, 1)[None]
+    style = picture(32, 32, 2)
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        # Built directly: resolve_runtime refuses bf16 on this CPU for speed, not for correctness.
+        rt = Runtime(torch.device("cpu"), precision, channels_last=False, cuda_graphs=False)
+        extractor = loop_extractor(config, rt)
+        criterion = build_criterion(config, extractor, content, [([style], (1.0,))], 8, rt)
+        image = content.clone().requires_grad_(True)
+        step = make_step(image, extractor, criterion, "adam", 0.02, rt)
+        assert isinstance(step, StepFunction)
+        losses[precision] = [step()[0] for _ in range(3)]
+        assert image.dtype == torch.float32
+        assert all(v.dtype == torch.float32 for v in step.optimizer.state[image].values() if v.dim())
+    fp32, bf16 = torch.stack(losses["fp32"]), torch.stack(losses["bf16"])
+    assert torch.isfinite(bf16).all() and not torch.equal(fp32, bf16)  # it did run in another precision
+    torch.testing.assert_close(bf16, fp32, rtol=5e-2, atol=0)
+
+
+# --------------------------------------------------------------------------------------------- NaN guard
+
+
+class _Poisoned:
+    """A criterion whose loss turns NaN from step ``at`` on."""
+
+    def __init__(self, at):
+        self.at, self.calls = at, 0
+
+    def __call__(self, features, image):
+        self.calls += 1
+        loss = (features["x"] - 0.5).pow(2).mean()
+        if self.calls >= self.at:
+            loss = loss * float("nan")
+        return loss, {"content": loss}
+
+
+@pytest.mark.parametrize("sync_every", [1, 16])
+def test_nan_guard_stops_with_the_step_number(sync_every):
+    image = torch.rand(1, 3, 8, 8)
+    seen = []
+    with pytest.raises(NonFiniteLoss, match="the loss became NaN at step 3 of this scale, so the run stopped"):
+        optimize_scale(image, lambda x: {"x": x}, _Poisoned(3), 10, "adam", 0.1,
+                       on_step=lambda i, *a: seen.append(i), sync_every=sync_every)
+    assert seen == [1, 2]  # the good steps were reported, nothing after the bad one
+
+
+def test_nan_guard_reaches_the_cli_as_one_sentence(monkeypatch, tmp_path):
+    from PIL import Image
+
+    from engine import cli, losses
+
+    monkeypatch.setattr(losses.TotalVariationLoss, "forward", lambda self, image: image.sum() * float("inf"))
+    for name in ("c.png", "s.png"):
+        Image.new("RGB", (32, 32), (120, 80, 40)).save(tmp_path / name)
+    out = tmp_path / "out.png"
+    code = cli.main(["stylize", str(tmp_path / "c.png"), str(tmp_path / "s.png"), "-o", str(out), "--device", "cpu",
+                     "--size", "32", "--min-size", "32", "--steps", "2", "-q",
+                     "--content-layers", "relu1_1", "--style-layers", "relu1_1"])
+    assert code == 2 and not out.exists()
+
+
+# --------------------------------------------------------------------------------------------- CUDA
+
+
+def test_graphs_are_not_used_off_cuda():
+    rt = Runtime(torch.device("cpu"), "fp32", channels_last=False, cuda_graphs=False)
+    step = make_step(torch.rand(1, 3, 4, 4, requires_grad=True), lambda x: {"x": x}, _Poisoned(99), "adam", 0.1, rt)
+    assert isinstance(step, StepFunction)
+
+
+@pytest.fixture(scope="module")
+def cuda_problem():
+    content, style = picture(192, 256, 1), picture(256, 256, 2)
+    return content, style
+
+
+def _trajectory(problem, steps, **settings):
+    config = Config(device="cuda", size=256, min_size=256, steps=steps, **settings)
+    result = stylize(*problem, config)
+    return result, torch.tensor([h["loss"] for h in result.history])
+
+
+@pytest.mark.cuda
+@cuda_only
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_cuda_reduced_precision_tracks_fp32_and_stays_finite(cuda_problem, precision):
+    ref, ref_loss = _trajectory(cuda_problem, 500, precision="fp32", cuda_graphs="off")
+    got, loss = _trajectory(cuda_problem, 500, precision=precision)
+    assert torch.isfinite(loss).all() and len(loss) == 500
+    # Same descent within 5 % at every 50th step, and the same picture within 0.05 on average.
+    torch.testing.assert_close(loss[::50], ref_loss[::50], rtol=5e-2, atol=0)
+    assert (got.image - ref.image).abs().mean() < 0.05
+
+
+@pytest.mark.cuda
+@cuda_only
+def test_cuda_graph_replay_equals_eager(cuda_problem):
+    eager, eager_loss = _trajectory(cuda_problem, 20, precision="fp32", cuda_graphs="off")
+    graphed, graphed_loss = _trajectory(cuda_problem, 20, precision="fp32", cuda_graphs="on")
+    torch.testing.assert_close(graphed_loss, eager_loss, rtol=1e-4, atol=0)
+    torch.testing.assert_close(graphed.image, eager.image, rtol=0, atol=1e-4)
+
+
+@pytest.mark.cuda
+@cuda_only
+def test_cuda_graphs_recapture_on_scale_change(cuda_problem, monkeypatch):
+    captures = []
+    original = GraphedStep.__call__
+
+    def counting(self):
+        if self.graph is None and self.calls >= GRAPH_WARMUP:
+            captures.append(tuple(self.step.image.shape))
+        return original(self)
+
+    monkeypatch.setattr(GraphedStep, "__call__", counting)
+    settings = dict(device="cuda", size=256, min_size=128, steps=12, precision="fp32")
+    graphed = stylize(*cuda_problem, Config(cuda_graphs="on", **settings))
+    eager = stylize(*cuda_problem, Config(cuda_graphs="off", **settings))
+    assert len(set(captures)) == 3  # one capture per scale: 128, 181 and 256 px
+    torch.testing.assert_close(graphed.image, eager.image, rtol=0, atol=1e-4)
