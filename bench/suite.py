@@ -44,7 +44,7 @@ from .flops import step_flops
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 DEFAULT_SIZES = {"cuda": (256, 512, 1024, 2048), "cpu": (128, 256)}
-MATMUL_N = {"cuda": 8192, "cpu": 1024}
+MATMUL_N = {"cuda": 8192, "cpu": 2048}  # large enough to reach the peak, small enough to time quickly
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,9 +5,9 @@
     result.save("out.png")
 """
 
-from .api import Result, build_extractor, stylize
+from .api import Result, build_extractor, stylize, stylize_batch
 from .config import Config
 from .errors import UserError
 from .optimize import StepInfo
 
-__all__ = ["Config", "Result", "StepInfo", "UserError", "build_extractor", "stylize"]
+__all__ = ["Config", "Result", "StepInfo", "UserError", "build_extractor", "stylize", "stylize_batch"]

@@ -77,7 +77,7 @@ class Config:
     )
     memory_format: str = field(
         default="auto",
-        metadata={"help": "tensor layout; 'auto' is channels_last on CUDA, contiguous on the CPU",
+        metadata={"help": "tensor layout of the image and the network; 'auto' is channels_last with adam, contiguous with lbfgs",
                   "choices": MEMORY_FORMATS},
     )
     cuda_graphs: str = field(

@@ -164,7 +164,8 @@ class GraphedStep:
         return self.outputs
 
     def finish(self) -> torch.Tensor:
-        self.graph = None  # frees the graph's private memory pool with the last reference
+        # Dropping the graph and its static outputs frees the graph's private memory pool.
+        self.graph = self.outputs = None
         return self.step.finish()
 
 

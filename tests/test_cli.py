@@ -191,3 +191,53 @@ def test_no_command_is_a_usage_error(help_runs):
     r = help_runs["bare"]
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.startswith("usage: nst") and "required: COMMAND" in r.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# A folder of contents: one result per image, same-size images batched
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def folder_runs(tmp_path_factory):
+    root = make_pics(tmp_path_factory.mktemp("folder"))
+    photos = root / "photos"
+    photos.mkdir()
+    for i, size in enumerate([(48, 40), (48, 40), (40, 48)]):
+        Image.fromarray(np.full((*size[::-1], 3), 60 * i + 20, np.uint8)).save(photos / f"p{i}.png")
+    (photos / "notes.txt").write_text("not an image, and not picked up\n")
+    taken = root / "taken"
+    taken.mkdir()
+    (taken / "p1.png").write_bytes(b"the user's earlier result")
+    (root / "afile").write_text("x")
+    args = ["stylize", "photos", "style.png", *TINY, "--batch-size", "2"]
+    return run_together({
+        "ok": ([*args, "-o", "results"], root),
+        "taken": ([*args, "-o", "taken"], root),
+        "file as folder": ([*args, "-o", "afile"], root),
+    }), root
+
+
+@pytest.mark.slow
+def test_folder_writes_one_result_per_image(folder_runs):
+    results, root = folder_runs
+    r = results["ok"]
+    assert r.returncode == 0, r.stderr
+    assert re.fullmatch(r"wrote 3 images to results in \d+\.\d s", r.stdout.strip()), r.stdout
+    assert sorted(p.name for p in (root / "results").iterdir()) == ["p0.png", "p1.png", "p2.png"]
+    for name, size in (("p0.png", (48, 40)), ("p2.png", (40, 48))):
+        with Image.open(root / "results" / name) as img:
+            assert img.size == size
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case,message", [
+    ("taken", "output 'taken/p1.png' already exists; pass --overwrite to replace it"),
+    ("file as folder", "output 'afile' must be a folder when CONTENT is a folder"),
+])
+def test_folder_errors_touch_nothing(folder_runs, case, message):
+    results, root = folder_runs
+    r = results[case]
+    assert r.returncode == 2 and message in one_error_line(r)
+    assert sorted(p.name for p in (root / "taken").iterdir()) == ["p1.png"]
+    assert (root / "taken" / "p1.png").read_bytes() == b"the user's earlier result"

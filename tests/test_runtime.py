@@ -30,9 +30,13 @@ def picture(h, w, seed):
 # --------------------------------------------------------------------------------------------- decisions
 
 
-def test_auto_on_cpu_is_plain_fp32():
+def test_auto_on_cpu_is_fp32_channels_last_without_graphs():
     rt = resolve_runtime(Config(device="cpu"))
-    assert (rt.precision, rt.channels_last, rt.cuda_graphs, rt.autocast_dtype) == ("fp32", False, False, None)
+    assert (rt.precision, rt.channels_last, rt.cuda_graphs, rt.autocast_dtype) == ("fp32", True, False, None)
+    assert not resolve_runtime(Config(device="cpu", memory_format="contiguous")).channels_last
+    assert not resolve_runtime(Config(device="cpu", optimizer="lbfgs")).channels_last
+    with pytest.raises(UserError, match="'channels_last' works with the adam optimizer only"):
+        resolve_runtime(Config(device="cpu", optimizer="lbfgs", memory_format="channels_last"))
 
 
 @pytest.mark.parametrize("settings,message", [
