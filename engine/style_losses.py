@@ -1,0 +1,173 @@
+"""The other style losses: sliced optimal transport and the Gaussian Wasserstein-2 distance.
+
+Both compare the *distribution* of a layer's feature vectors (one C-vector per
+pixel) with the style's, where the Gram loss compares second moments only.
+
+* ``SlicedOTStyleLoss``: project both pixel sets onto K random unit
+  directions, sort each projection, and compare the sorted values: in one
+  dimension, sorting solves optimal transport exactly. Fresh directions every
+  step (from a seeded generator), so over the run all directions are seen.
+* ``GaussianW2StyleLoss``: fit a Gaussian (mean, covariance) to each side and
+  take the closed-form 2-Wasserstein distance between them:
+  ``|mu_x - mu_s|^2 + tr S_x + tr S_s - 2 tr (S_s^1/2 S_x S_s^1/2)^1/2``.
+  ``S_s^1/2`` is computed once, in float64 by eigendecomposition; the square
+  root on the image side, which needs gradients, is a Newton-Schulz iteration
+  (matmuls only, stable to differentiate, float32).
+
+As with the other losses, each is made relative (divided by the target's own
+size) so weights mean the same across layers, and summed over the batch.
+Targets are built by ``target_stats`` from one or more style images with
+blend weights, then stacked per job by ``from_targets``.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .losses import EPS, at_least_float32
+
+NEWTON_SCHULZ_ITERS = 20
+
+
+def _pixels(features: torch.Tensor) -> torch.Tensor:
+    """``(N, C, H, W)`` -> ``(N, C, H*W)`` in at least float32."""
+    n, c, h, w = features.shape
+    return at_least_float32(features.reshape(n, c, h * w))
+
+
+class SlicedOTStyleLoss(nn.Module):
+    """Sliced optimal transport between the image's and the style's feature vectors."""
+
+    def __init__(self, targets: Sequence[torch.Tensor], projections: int, generator: torch.Generator):
+        super().__init__()
+        # One (C, P) pixel set per job; P differs between styles, so they are kept apart.
+        self.targets = [t.detach() for t in targets]
+        self.projections = projections
+        self.generator = generator
+
+    @staticmethod
+    def target_stats(features: Sequence[tuple[torch.Tensor, float]]) -> torch.Tensor:
+        """The style's pixel set ``(C, P)``; several styles are mixed by their weights.
+
+        A mixture is approximated by taking from each style a share of pixels
+        proportional to its weight (evenly spaced, so deterministic).
+        """
+        sets = [_pixels(f)[0] for f, _ in features]
+        if len(sets) == 1:
+            return sets[0]
+        total_w = sum(w for _, w in features)
+        budget = max(s.shape[1] for s in sets)
+        parts = []
+        for s, (_, w) in zip(sets, features):
+            take = max(1, round(budget * w / total_w))
+            index = torch.linspace(0, s.shape[1] - 1, take, device=s.device).round().long()
+            parts.append(s[:, index])
+        return torch.cat(parts, dim=1)
+
+    @classmethod
+    def from_targets(cls, per_job: Sequence[torch.Tensor], projections: int = 64, seed: int = 0):
+        device = per_job[0].device
+        generator = torch.Generator(device=device).manual_seed(seed)
+        return cls(per_job, projections, generator)
+
+    def directions(self, channels: int, device, dtype) -> torch.Tensor:
+        d = torch.randn(self.projections, channels, generator=self.generator, device=device, dtype=dtype)
+        return d / d.norm(dim=1, keepdim=True)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        x = _pixels(features)  # (N, C, P)
+        directions = self.directions(x.shape[1], x.device, x.dtype)
+        total = x.new_zeros(())
+        for n in range(x.shape[0]):
+            target = self.targets[n if len(self.targets) > 1 else 0]
+            total = total + sliced_ot(x[n], target, directions)
+        return total
+
+
+def sliced_ot(x: torch.Tensor, target: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
+    """Relative sliced OT between pixel sets ``x (C, P)`` and ``target (C, Q)`` along ``directions (K, C)``.
+
+    When Q != P the sorted target projections are resampled to P values by
+    linear interpolation of their quantile function.
+    """
+    px, _ = torch.sort(directions @ x, dim=1)  # (K, P)
+    pt, _ = torch.sort(directions @ at_least_float32(target), dim=1)  # (K, Q)
+    if pt.shape[1] != px.shape[1]:
+        pt = F.interpolate(pt[None], size=px.shape[1], mode="linear", align_corners=True)[0]
+    return (px - pt).pow(2).sum() / pt.pow(2).sum().clamp_min(EPS)
+
+
+class GaussianW2StyleLoss(nn.Module):
+    """Closed-form 2-Wasserstein distance between Gaussian fits of the image's and the style's features."""
+
+    def __init__(self, mean: torch.Tensor, cov_sqrt: torch.Tensor, cov_trace: torch.Tensor, scale: torch.Tensor):
+        super().__init__()
+        self.register_buffer("mean", mean)  # (N, C)
+        self.register_buffer("cov_sqrt", cov_sqrt)  # (N, C, C)
+        self.register_buffer("cov_trace", cov_trace)  # (N,)
+        self.register_buffer("scale", scale)  # (N,): tr S_s + |mu_s|^2, the target's size
+
+    @staticmethod
+    def target_stats(features: Sequence[tuple[torch.Tensor, float]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean ``(C,)`` and covariance ``(C, C)`` of the weighted mixture of the styles' pixels (float64)."""
+        total_w = sum(w for _, w in features)
+        mean = second = 0
+        for f, w in features:
+            x = _pixels(f)[0].double()
+            mean = mean + (w / total_w) * x.mean(dim=1)
+            second = second + (w / total_w) * (x @ x.T) / x.shape[1]
+        return mean, second - torch.outer(mean, mean)
+
+    @classmethod
+    def from_targets(cls, per_job: Sequence[tuple[torch.Tensor, torch.Tensor]]):
+        means, roots, traces, scales = [], [], [], []
+        for mean, cov in per_job:
+            roots.append(sqrtm_eigh(cov))
+            means.append(mean)
+            traces.append(torch.trace(cov))
+            scales.append(torch.trace(cov) + mean.pow(2).sum())
+        stack = lambda ts: torch.stack(ts).float()  # noqa: E731
+        return cls(stack(means), stack(roots), stack(traces), stack(scales))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        x = _pixels(features)  # (N, C, P)
+        mean = x.mean(dim=2)
+        centred = x - mean[..., None]
+        cov = centred @ centred.transpose(1, 2) / x.shape[2]
+        cross = self.cov_sqrt @ cov @ self.cov_sqrt  # S_s^1/2 S_x S_s^1/2, SPD
+        w2 = ((mean - self.mean).pow(2).sum(1) + _trace(cov) + self.cov_trace - 2 * trace_sqrtm(cross))
+        return (w2.clamp_min(0) / self.scale.clamp_min(EPS)).sum()
+
+
+def _trace(m: torch.Tensor) -> torch.Tensor:
+    return m.diagonal(dim1=-2, dim2=-1).sum(-1)
+
+
+def sqrtm_eigh(cov: torch.Tensor) -> torch.Tensor:
+    """Symmetric square root of a covariance, in float64 (no gradient needed: targets only)."""
+    values, vectors = torch.linalg.eigh(cov.double())
+    return (vectors * values.clamp_min(0).sqrt()) @ vectors.T
+
+
+def trace_sqrtm(m: torch.Tensor, iters: int = NEWTON_SCHULZ_ITERS) -> torch.Tensor:
+    """``tr(m^1/2)`` of a batch of SPD matrices ``(N, C, C)`` by coupled Newton-Schulz iteration.
+
+    The matrix is scaled by its Frobenius norm so every eigenvalue lies in
+    (0, 1], where the iteration converges; only matmuls, so gradients are
+    stable even where eigenvalues repeat (unlike differentiating ``eigh``).
+    Eigenvalues near zero converge slowest; their square roots are small,
+    so the error they leave in the trace is small too (see the tests for
+    the accuracy on near-singular covariances).
+    """
+    n, c, _ = m.shape
+    norm = m.flatten(1).norm(dim=1).clamp_min(EPS)[:, None, None]
+    eye = torch.eye(c, device=m.device, dtype=m.dtype).expand(n, c, c)
+    y, z = m / norm, eye
+    for _ in range(iters):
+        t = 0.5 * (3 * eye - z @ y)
+        y, z = y @ t, t @ z
+    return _trace(y) * norm[:, 0, 0].sqrt()
