@@ -32,7 +32,8 @@ from typing import Callable, Optional
 import torch
 
 from engine import Config
-from engine.api import build_criterion, loop_extractor
+from engine.api import loop_extractor
+from engine.criterion import build_criterion
 from engine.errors import UserError
 from engine.images import load_image, resize
 from engine.optimize import make_step

@@ -7,7 +7,6 @@ it is given or the ``Runtime`` it is handed.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -17,8 +16,9 @@ import torch
 
 from .config import Config
 from .errors import UserError
-from .images import ImageLike, fit_long_side, load_image, resize, save_image, to_pil
-from .losses import ContentLoss, GramStyleLoss, StyleTransferLoss
+from .images import ImageLike, load_image, resize, save_image, to_pil
+from . import color
+from .criterion import build_criterion
 from .optimize import SYNC_EVERY, StepInfo, optimize_scale
 from .runtime import Runtime, resolve_device, resolve_runtime
 from .schedule import build_schedule
@@ -100,11 +100,12 @@ def stylize_batch(
         raise UserError("no job to run: give at least one content image")
     runtime = resolve_runtime(config)
     decoded = _decode_jobs(jobs, config)  # every input read before any work
+    masks = _load_masks(config)
     min_side = 2 ** downsampling(config.model, config.feature_layers)
     extractor = loop_extractor(config, runtime)
     groups: dict[tuple, list[int]] = {}
-    for index, (content, _, _) in enumerate(decoded):
-        schedule = build_schedule(*content.shape[-2:], config.size, config.min_size, config.steps, min_side)
+    for index, job in enumerate(decoded):
+        schedule = build_schedule(*job.content.shape[-2:], config.size, config.min_size, config.steps, min_side)
         groups.setdefault(tuple(schedule), []).append(index)
     per_batch = config.batch_size if config.optimizer == "adam" else 1
     results: list[Optional[Result]] = [None] * len(decoded)
@@ -113,7 +114,8 @@ def stylize_batch(
             chunk = members[start:start + per_batch]
             started = time.perf_counter()
             images, history = _run_batch(
-                [decoded[i] for i in chunk], list(schedule), config, runtime, extractor, min_side, callback, tuple(chunk)
+                [decoded[i] for i in chunk], list(schedule), config, runtime, extractor, min_side, callback,
+                tuple(chunk), masks,
             )
             seconds = time.perf_counter() - started
             for i, image in zip(chunk, images):
@@ -123,8 +125,16 @@ def stylize_batch(
     return results
 
 
-def _decode_jobs(jobs: Sequence[Job], config: Config):
-    """``[(content, [styles], blend)]`` as tensors; a style used by many jobs is decoded once."""
+@dataclass
+class _Job:
+    content: torch.Tensor  # what is optimised against (grey in luminance mode)
+    styles: list[torch.Tensor]
+    blend: tuple[float, ...]
+    colours: Optional[torch.Tensor] = None  # luminance mode: the content whose chroma the result gets
+
+
+def _decode_jobs(jobs: Sequence[Job], config: Config) -> list[_Job]:
+    """Every job's images as tensors, colour mode applied; a file used by many jobs is decoded once."""
     cache: dict[str, torch.Tensor] = {}
 
     def load(source, what):
@@ -143,23 +153,43 @@ def _decode_jobs(jobs: Sequence[Job], config: Config):
         blend = config.style_blend_weights or (1.0,) * len(style_list)
         if len(blend) != len(style_list):
             raise UserError(f"style_blend_weights has {len(blend)} values but there are {len(style_list)} style images")
-        decoded.append((load(content, "content image"), [load(s, "style image") for s in style_list], blend))
+        if config.style_masks is not None and len(config.style_masks) != len(style_list):
+            raise UserError(f"style_masks has {len(config.style_masks)} masks but there are {len(style_list)} style images")
+        job = _Job(load(content, "content image"), [load(s, "style image") for s in style_list], tuple(blend))
+        if config.preserve_colors == "histogram":
+            job.styles = [color.match_colours(s, job.content) for s in job.styles]
+        elif config.preserve_colors == "luminance":
+            job.colours = job.content
+            pairs = [color.luminance_pair(job.content, s) for s in job.styles]
+            job.content, job.styles = pairs[0][0], [style for _, style in pairs]
+        decoded.append(job)
     return decoded
 
 
-def _run_batch(jobs, schedule, config, runtime, extractor, min_side, callback, indices):
+def _load_masks(config: Config) -> Optional[torch.Tensor]:
+    """The style masks as one ``(S, 1, H, W)`` tensor in [0, 1] (all resized to the first's size)."""
+    if config.style_masks is None:
+        return None
+    masks = [load_image(path, "style mask").mean(0, keepdim=True) for path in config.style_masks]
+    size = tuple(masks[0].shape[-2:])
+    return torch.stack([resize(m, size) for m in masks])
+
+
+def _run_batch(jobs: list[_Job], schedule, config, runtime, extractor, min_side, callback, indices, masks):
     """Optimise a batch of same-size jobs through every scale; ``(images, history)``."""
     history: list[dict] = []
     total_steps = sum(s.steps for s in schedule)
     image = None
     for scale in schedule:
         size = (scale.height, scale.width)
-        content = runtime.layout(torch.stack([resize(c, size) for c, _, _ in jobs]))
+        content = runtime.layout(torch.stack([resize(job.content, size) for job in jobs]))
         if image is None:
             image = runtime.layout(torch.cat([_initial_image(config, c[None]) for c in content.cpu()]))
         else:
             image = runtime.layout(resize(image, size))
-        criterion = build_criterion(config, extractor, content, [(s, b) for _, s, b in jobs], min_side, runtime)
+        scale_masks = None if masks is None else resize(masks, size).to(runtime.device)
+        styles = [(job.styles, job.blend) for job in jobs]
+        criterion = build_criterion(config, extractor, content, styles, min_side, runtime, scale_masks)
 
         def on_step(i, loss, parts, live, scale=scale):
             record = {"scale": scale.index, "step": i, "loss": loss, **parts}
@@ -171,10 +201,14 @@ def _run_batch(jobs, schedule, config, runtime, extractor, min_side, callback, i
                 ))
 
         image = optimize_scale(
-            image, extractor, criterion, scale.steps, config.optimizer, config.lr,
-            on_step, runtime=runtime, sync_every=None if callback is not None else SYNC_EVERY,
+            image, extractor, criterion, scale.steps, config.optimizer, config.lr, on_step, runtime=runtime,
+            sync_every=None if callback is not None else SYNC_EVERY, ema_decay=config.ema_decay,
         )
-    return [im.float().cpu().contiguous() for im in image], history
+    images = [im.float().cpu().contiguous() for im in image]
+    for k, job in enumerate(jobs):
+        if job.colours is not None:  # luminance mode: the result's Y with the content's chroma
+            images[k] = color.join_luminance(images[k], resize(job.colours, tuple(images[k].shape[-2:])))
+    return images, history
 
 
 def _initial_image(config: Config, content: torch.Tensor) -> torch.Tensor:
@@ -184,45 +218,3 @@ def _initial_image(config: Config, content: torch.Tensor) -> torch.Tensor:
     if config.init == "gray":
         return torch.full_like(content, 0.5)
     return torch.rand(content.shape, generator=torch.Generator().manual_seed(config.seed))
-
-
-@torch.no_grad()
-def build_criterion(config, extractor, content, styles, min_side, runtime=None) -> StyleTransferLoss:
-    """The loss with this scale's targets: content features and blended style Grams, one per job.
-
-    ``content`` is the ``(N, 3, H, W)`` batch; ``styles`` holds, per job, its
-    style images and blend weights.
-    """
-    autocast = runtime.autocast if runtime is not None else contextlib.nullcontext
-    layout = runtime.layout if runtime is not None else (lambda t: t.to(content.device))
-    with autocast():
-        content_feats = extractor(content)
-    long_side = round(config.style_scale * max(content.shape[-2:]))
-    per_job: list[dict[str, torch.Tensor]] = []
-    memo: dict[tuple[int, float], dict[str, torch.Tensor]] = {}  # same style, same weight: computed once
-    for style_imgs, blend in styles:
-        grams: dict[str, torch.Tensor] = {}
-        total_w = float(sum(blend))
-        for style, w in zip(style_imgs, blend):
-            if w == 0:
-                continue
-            key = (id(style), w / total_w)
-            if key not in memo:
-                h, w_px = fit_long_side(*style.shape[-2:], long_side)
-                if min(h, w_px) < min_side:  # tiny style_scale or a thin style image
-                    h, w_px = fit_long_side(*style.shape[-2:], round(long_side * min_side / min(h, w_px)))
-                with autocast():
-                    feats = extractor(layout(resize(style, (h, w_px)).unsqueeze(0)))
-                memo[key] = {name: GramStyleLoss.target_from(feats[name]) * key[1] for name in config.style_layers}
-            for name, g in memo[key].items():
-                grams[name] = grams[name] + g if name in grams else g
-        per_job.append(grams)
-    return StyleTransferLoss(
-        content={name: ContentLoss(content_feats[name]) for name in config.content_layers},
-        style={name: GramStyleLoss(torch.cat([g[name] for g in per_job])) for name in config.style_layers},
-        content_layer_weights=config.content_layer_weights or (1.0,) * len(config.content_layers),
-        style_layer_weights=config.style_layer_weights or (1.0,) * len(config.style_layers),
-        content_weight=config.content_weight,
-        style_weight=config.style_weight,
-        tv_weight=config.tv_weight,
-    )

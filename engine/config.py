@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Optional
 
+from .color import MODES as COLOR_MODES
 from .errors import UserError
 from .runtime import MEMORY_FORMATS, PRECISIONS, SWITCHES
 from .vgg import MODELS, POOLINGS, check_layers
@@ -21,6 +22,7 @@ OPTIMIZERS = ("adam", "lbfgs")
 INITS = ("content", "noise", "gray")
 DEVICES = ("auto", "cpu", "cuda")
 BACKENDS = ("eager", "torchscript")
+STYLE_LOSSES = ("gram", "ot", "w2")
 # A sanity bound, not a memory estimate: beyond this a typo is far likelier than intent.
 MAX_SIZE = 16384
 
@@ -54,6 +56,21 @@ class Config:
     style_blend_weights: Optional[tuple[float, ...]] = field(
         default=None, metadata={"help": "one weight per style image (default: equal)"}
     )
+    style_loss: str = field(
+        default="gram",
+        metadata={"help": "style loss: gram (Gatys), ot (sliced optimal transport) or w2 (Gaussian Wasserstein-2)",
+                  "choices": STYLE_LOSSES},
+    )
+    ot_projections: int = field(default=64, metadata={"help": "random directions per layer and step for --style-loss ot"})
+    preserve_colors: str = field(
+        default="none",
+        metadata={"help": "keep the content's colours: 'luminance' (transfer on luminance only) or 'histogram' "
+                          "(style colours matched to the content first)", "choices": COLOR_MODES},
+    )
+    style_masks: Optional[tuple[str, ...]] = field(
+        default=None,
+        metadata={"help": "one mask image per style: style i is painted where mask i is white (gram loss only)"},
+    )
     style_scale: float = field(
         default=1.0, metadata={"help": "style image size relative to the output's long side"}
     )
@@ -67,6 +84,10 @@ class Config:
     )
     optimizer: str = field(default="adam", metadata={"help": "optimiser", "choices": OPTIMIZERS})
     lr: float = field(default=0.02, metadata={"help": "Adam learning rate in pixel units (L-BFGS uses 1)"})
+    ema_decay: float = field(
+        default=0.9,
+        metadata={"help": "the output is an exponential moving average of the image with this decay (0: the last step)"},
+    )
     init: str = field(default="content", metadata={"help": "starting image", "choices": INITS})
     seed: int = field(default=0, metadata={"help": "random seed"})
     device: str = field(default="auto", metadata={"help": "'auto' picks CUDA when present", "choices": DEVICES})
@@ -97,7 +118,7 @@ class Config:
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name.endswith(("layers", "weights")) and isinstance(value, list):
+            if f.name.endswith(("layers", "weights", "masks")) and isinstance(value, list):
                 object.__setattr__(self, f.name, tuple(value))  # lists from callers; keep it hashable
             choices = f.metadata.get("choices")
             if choices and value not in choices:
@@ -113,7 +134,11 @@ class Config:
         ):
             _check_weights(name, getattr(self, name), len(layers), name[:-8].replace("_", " ") + "s")
         _check_weights("style_blend_weights", self.style_blend_weights, None, "style images")
-        for name in ("size", "min_size", "steps", "batch_size"):
+        if not (isinstance(self.ema_decay, (int, float)) and 0 <= self.ema_decay < 1):
+            raise UserError(f"ema_decay must be at least 0 and below 1, not {self.ema_decay!r}")
+        if self.style_masks is not None and self.style_loss != "gram":
+            raise UserError(f"style_masks work with the gram style loss only, not {self.style_loss!r}")
+        for name in ("size", "min_size", "steps", "batch_size", "ot_projections"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise UserError(f"{name} must be a positive whole number, not {value!r}")

@@ -22,6 +22,7 @@ from __future__ import annotations
 from typing import Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 EPS = 1e-8
@@ -79,8 +80,49 @@ class GramStyleLoss(nn.Module):
     def target_from(features: torch.Tensor) -> torch.Tensor:
         return gram_matrix(features)
 
+    @staticmethod
+    def target_stats(features: Sequence[tuple[torch.Tensor, float]]) -> torch.Tensor:
+        """The blended target ``(1, C, C)``: the weighted mean of the styles' Grams."""
+        total_w = float(sum(w for _, w in features))
+        return sum(gram_matrix(f) * (w / total_w) for f, w in features)
+
+    @classmethod
+    def from_targets(cls, per_job: Sequence[torch.Tensor]) -> "GramStyleLoss":
+        return cls(torch.cat(list(per_job)))
+
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return relative_squared_error(gram_matrix(features), self.target)
+
+
+class MaskedGramStyleLoss(nn.Module):
+    """Spatial control (Gatys et al. 2017): style ``s`` is matched only where mask ``s`` is on.
+
+    Each style image keeps its own Gram target (no blending); the image's
+    Gram for style ``s`` is taken over its features weighted by mask ``s``
+    (resized to the layer by area averaging) and normalised by the mask's
+    area, so a style tied to a small region is matched as strongly as one
+    tied to a large region.
+    """
+
+    def __init__(self, targets: torch.Tensor, masks: torch.Tensor, weights: Sequence[float]):
+        super().__init__()
+        self.register_buffer("target", targets.detach())  # (N or 1, S, C, C)
+        self.register_buffer("masks", masks.detach().float())  # (S, 1, H, W) at the image's size
+        total = float(sum(weights))
+        self.register_buffer("weights", torch.tensor([w / total for w in weights], device=masks.device))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = features.shape
+        s = self.masks.shape[0]
+        masks = F.interpolate(self.masks, size=(h, w), mode="area")  # (S, 1, h, w)
+        # sqrt on each side of the product: the Gram is then sum_p m_p f_p f_p^T / sum_p m_p, a weighted
+        # mean that is right for the soft edges area-resizing gives a mask.
+        weighted = at_least_float32(features).unsqueeze(1) * masks.sqrt()  # (N, S, C, h, w)
+        flat = weighted.reshape(n, s, c, h * w)
+        area = masks.sum((1, 2, 3)).clamp_min(EPS)  # (S,)
+        grams = torch.einsum("nscp,nsdp->nscd", flat, flat) / area[None, :, None, None]
+        err = (grams - self.target).pow(2).sum((2, 3)) / self.target.pow(2).sum((2, 3)).clamp_min(EPS)
+        return (err * self.weights).sum()
 
 
 class TotalVariationLoss(nn.Module):

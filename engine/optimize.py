@@ -31,7 +31,8 @@ class NonFiniteLoss(UserError):
 
 @dataclass
 class StepInfo:
-    """What a per-step callback receives. ``image`` is the live tensor: read, don't write."""
+    """What a per-step callback receives. ``image`` is the current result (the moving average when
+    ``ema_decay`` is on, else the live image being optimised): read it, don't write to it."""
 
     scale: int
     scales: int
@@ -187,8 +188,13 @@ def optimize_scale(
     on_step: Optional[Callable[[int, float, dict, torch.Tensor], None]] = None,
     runtime=None,
     sync_every: Optional[int] = None,
+    ema_decay: float = 0.0,
 ) -> torch.Tensor:
     """Run ``steps`` steps from ``image`` (not modified) and return the result.
+
+    With ``ema_decay`` > 0 the result is the exponential moving average of
+    the iterates (bias-corrected, as Adam corrects its moments), which
+    smooths out the step-to-step jitter Adam leaves in the pixels.
 
     ``on_step(i, loss, parts, live_image)`` receives plain floats. Losses are
     read from the device every ``sync_every`` steps (every step when
@@ -200,15 +206,23 @@ def optimize_scale(
     every = sync_every or (1 if on_step is not None else SYNC_EVERY)
     pending: list[tuple[int, torch.Tensor]] = []
     names: list[str] = []
+    average = torch.zeros_like(param, requires_grad=False) if ema_decay else None
     for i in range(1, steps + 1):
         total, parts = step()
+        if average is not None:
+            average.mul_(ema_decay).add_(param.detach(), alpha=1 - ema_decay)
         names = list(parts)
         # One small device tensor per step; the copy matters for graph replay, whose outputs are reused.
         pending.append((i, torch.stack([total, *parts.values()]).float()))
         if len(pending) >= every or i == steps:
-            _flush(pending, names, on_step, param)
+            # What the callback sees is what this scale would return now: the average when there is one.
+            live = param if average is None else (average / (1 - ema_decay**i)).clamp_(0, 1)
+            _flush(pending, names, on_step, live)
             pending = []
-    return step.finish()
+    result = step.finish()
+    if average is not None:
+        result = (average / (1 - ema_decay**steps)).clamp_(0, 1)
+    return result
 
 
 def _flush(pending, names, on_step, live) -> None:

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from engine import Config, UserError, stylize
-from engine.api import build_criterion, loop_extractor, stylize_batch
+from engine.api import loop_extractor, stylize_batch
+from engine.criterion import build_criterion
 from engine.optimize import GRAPH_WARMUP, GraphedStep, NonFiniteLoss, StepFunction, make_step, optimize_scale
 from engine.runtime import Runtime, resolve_runtime
 

@@ -1,0 +1,70 @@
+"""Colour control (Gatys et al., "Preserving color in neural artistic style transfer", 2016).
+
+* ``luminance``: the style is transferred on luminance only. Content and
+  style become grey (their Y channel in YIQ, repeated three times). The
+  style's luminance is first matched to the content's mean and spread. The
+  optimisation runs on grey images, and the result's Y is then joined to the
+  content's I and Q, so the output keeps the content's colours exactly.
+* ``histogram``: before optimising, each style image's colours are mapped
+  affinely so that their mean and covariance equal the content's
+  (``x -> A (x - mu_s) + mu_c`` with ``A = C_c^1/2 C_s^-1/2``); the style
+  then brings texture but not its palette.
+
+Images here are ``(3, H, W)`` float RGB in [0, 1].
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .losses import EPS
+
+MODES = ("none", "luminance", "histogram")
+# NTSC YIQ (the transform the paper uses); rows give Y, I, Q from R, G, B.
+_RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], dtype=torch.float64)
+
+
+def rgb_to_yiq(image: torch.Tensor) -> torch.Tensor:
+    m = _RGB_TO_YIQ.to(image)
+    return torch.einsum("ij,j...->i...", m, image)
+
+
+def yiq_to_rgb(image: torch.Tensor) -> torch.Tensor:
+    m = torch.linalg.inv(_RGB_TO_YIQ).to(image)
+    return torch.einsum("ij,j...->i...", m, image)
+
+
+def grey(y: torch.Tensor) -> torch.Tensor:
+    """A luminance plane ``(H, W)`` as a 3-channel grey image, clamped to [0, 1]."""
+    return y.clamp(0, 1).expand(3, -1, -1).contiguous()
+
+
+def luminance_pair(content: torch.Tensor, style: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grey content and grey style, the style's luminance matched to the content's mean and spread."""
+    yc, ys = rgb_to_yiq(content)[0], rgb_to_yiq(style)[0]
+    matched = (ys - ys.mean()) / ys.std().clamp_min(EPS) * yc.std() + yc.mean()
+    return grey(yc), grey(matched)
+
+
+def join_luminance(result: torch.Tensor, colours: torch.Tensor) -> torch.Tensor:
+    """The luminance of ``result`` with the chroma (I, Q) of ``colours``, both ``(3, H, W)``."""
+    yiq = rgb_to_yiq(colours)
+    yiq[0] = rgb_to_yiq(result)[0]
+    return yiq_to_rgb(yiq).clamp(0, 1)
+
+
+def match_colours(style: torch.Tensor, content: torch.Tensor) -> torch.Tensor:
+    """``style`` with its colour mean and covariance mapped onto ``content``'s (then clamped to [0, 1])."""
+    s = style.reshape(3, -1).double()
+    c = content.reshape(3, -1).double()
+    mu_s, mu_c = s.mean(1, keepdim=True), c.mean(1, keepdim=True)
+    cov_s = torch.cov(s) + EPS * torch.eye(3, dtype=s.dtype)
+    cov_c = torch.cov(c) + EPS * torch.eye(3, dtype=c.dtype)
+    transform = _sym_power(cov_c, 0.5) @ _sym_power(cov_s, -0.5)
+    out = transform @ (s - mu_s) + mu_c
+    return out.reshape(style.shape).to(style.dtype).clamp(0, 1)
+
+
+def _sym_power(m: torch.Tensor, p: float) -> torch.Tensor:
+    values, vectors = torch.linalg.eigh(m)
+    return (vectors * values.clamp_min(EPS) ** p) @ vectors.T

@@ -1,0 +1,80 @@
+"""The loss of one scale: content targets, style targets (Gram, OT or W2, optionally masked), TV.
+
+Targets are computed once per scale, without gradients, under the same
+autocast and layout as the loop. Style features are computed once per style
+image, however many jobs or losses use them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from .images import fit_long_side, resize
+from .losses import ContentLoss, GramStyleLoss, MaskedGramStyleLoss, StyleTransferLoss, gram_matrix
+from .style_losses import GaussianW2StyleLoss, SlicedOTStyleLoss
+
+StyleJob = tuple[Sequence[torch.Tensor], Sequence[float]]  # a job's style images and blend weights
+
+
+@torch.no_grad()
+def build_criterion(
+    config, extractor, content: torch.Tensor, styles: Sequence[StyleJob], min_side: int,
+    runtime=None, masks: Optional[torch.Tensor] = None,
+) -> StyleTransferLoss:
+    """The loss with this scale's targets, one per job.
+
+    ``content`` is the ``(N, 3, H, W)`` batch; ``styles`` holds, per job, its
+    style images and blend weights; ``masks`` (``(S, 1, H, W)``, one per
+    style) ties each style to a region (Gram loss only).
+    """
+    autocast = runtime.autocast if runtime is not None else contextlib.nullcontext
+    layout = runtime.layout if runtime is not None else (lambda t: t.to(content.device))
+    with autocast():
+        content_feats = extractor(content)
+    long_side = round(config.style_scale * max(content.shape[-2:]))
+    cache: dict[int, dict[str, torch.Tensor]] = {}
+
+    def features_of(style: torch.Tensor) -> dict[str, torch.Tensor]:
+        if id(style) not in cache:
+            h, w = fit_long_side(*style.shape[-2:], long_side)
+            if min(h, w) < min_side:  # tiny style_scale or a thin style image
+                h, w = fit_long_side(*style.shape[-2:], round(long_side * min_side / min(h, w)))
+            with autocast():
+                cache[id(style)] = extractor(layout(resize(style, (h, w)).unsqueeze(0)))
+        return cache[id(style)]
+
+    style = {}
+    for name in config.style_layers:
+        # Masked styles keep zero-weight entries so that style i still lines up with mask i.
+        per_job = [[(features_of(s)[name], w) for s, w in zip(imgs, blend) if w != 0 or masks is not None]
+                   for imgs, blend in styles]
+        style[name] = _style_loss(config, name, per_job, masks, [blend for _, blend in styles])
+    return StyleTransferLoss(
+        content={name: ContentLoss(content_feats[name]) for name in config.content_layers},
+        style=style,
+        content_layer_weights=config.content_layer_weights or (1.0,) * len(config.content_layers),
+        style_layer_weights=config.style_layer_weights or (1.0,) * len(config.style_layers),
+        content_weight=config.content_weight,
+        style_weight=config.style_weight,
+        tv_weight=config.tv_weight,
+    )
+
+
+def _style_loss(config, layer: str, per_job, masks, blends) -> nn.Module:
+    if masks is not None:
+        # No blending: each style keeps its own target, matched inside its own mask.
+        targets = torch.stack([torch.cat([gram_matrix(f) for f, _ in job]) for job in per_job])
+        return MaskedGramStyleLoss(targets, masks, blends[0])
+    if config.style_loss == "gram":
+        return GramStyleLoss.from_targets([GramStyleLoss.target_stats(job) for job in per_job])
+    if config.style_loss == "ot":
+        # One seed per layer: every layer draws its own directions, and a rerun draws the same ones.
+        seed = config.seed * 1000 + config.style_layers.index(layer)
+        return SlicedOTStyleLoss.from_targets(
+            [SlicedOTStyleLoss.target_stats(job) for job in per_job], config.ot_projections, seed
+        )
+    return GaussianW2StyleLoss.from_targets([GaussianW2StyleLoss.target_stats(job) for job in per_job])
