@@ -95,6 +95,23 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_options(va, only=EXTRACTOR_FIELDS)
     va.set_defaults(run=run_validate)
 
+    cp = sub.add_parser(
+        "compare", help="run several style losses or settings and write one labelled comparison sheet",
+        description="Stylise CONTENT with each loss in --losses (crossed with each value of --vary) and write one "
+                    "picture: content, style, and every result with its label and wall time.",
+    )
+    cp.add_argument("content", metavar="CONTENT", help="content image")
+    cp.add_argument("styles", metavar="STYLE", nargs="+", help="style image(s)")
+    cp.add_argument("-o", "--output", required=True, help="the sheet; format from the extension")
+    cp.add_argument("--losses", type=_list_of(str), default=("gram", "ot", "w2"), metavar="A,B,...",
+                    help="style losses, one column each (default: gram,ot,w2)")
+    cp.add_argument("--vary", metavar="FIELD=A,B,...",
+                    help="also vary one setting, e.g. style_weight=1,4,16 (tuple values joined with +)")
+    cp.add_argument("--overwrite", action="store_true", help="replace an existing sheet")
+    cp.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    add_config_options(cp, only=[f.name for f in dataclasses.fields(Config) if f.name != "style_loss"])
+    cp.set_defaults(run=run_compare)
+
     from importlib.metadata import entry_points
 
     for plugin in entry_points(group="nst.commands"):  # e.g. `nst bench`, from the bench package
@@ -246,6 +263,51 @@ def run_folder(args: argparse.Namespace, config) -> int:
     finally:
         bar.close()
     print(f"wrote {len(written)} images to {outdir} in {time.perf_counter() - started:.1f} s")
+    return 0
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .compare import make_sheet, run_comparison, variants
+    from .config import STYLE_LOSSES
+    from .files import write_atomically
+    from .images import FORMATS, check_output_path
+
+    config = config_from_args(args)
+    output = check_output_path(args.output, args.overwrite)
+    for loss in args.losses:
+        if loss not in STYLE_LOSSES:
+            raise UserError(f"--losses names {loss!r}; allowed: {', '.join(STYLE_LOSSES)}")
+    vary = None
+    if args.vary:
+        name, sep, values = args.vary.partition("=")
+        if not sep or not values.strip():
+            raise UserError(f"--vary {args.vary!r} is not FIELD=A,B,...")
+        vary = (name.strip().replace("-", "_"), [v.strip() for v in values.split(",") if v.strip()])
+    runs = variants(config, args.losses, vary)
+    for _, run_config in runs:  # every combination validated before the first run
+        Config(**{f.name: getattr(run_config, f.name) for f in dataclasses.fields(Config)})
+    started = time.perf_counter()
+    bar = tqdm(total=None, disable=args.quiet, unit="step", dynamic_ncols=True, file=sys.stderr)
+
+    def callback(info):
+        if info.total_step == 1:
+            bar.reset(total=info.total_steps)
+        bar.update(1)
+
+    def on_run(label, seconds):
+        bar.write(f"{label}: {seconds:.1f} s", file=sys.stderr)
+        bar.set_description(label)
+
+    try:
+        columns = run_comparison(args.content, args.styles, runs, on_run=on_run, callback=callback)
+    finally:
+        bar.close()
+    sheet, _ = make_sheet(columns)
+    write_atomically(output, lambda fh: sheet.save(fh, format=FORMATS[output.suffix.lower()]), args.overwrite)
+    print(f"wrote {output} ({sheet.width}x{sheet.height}, {len(columns) - 2} runs) in "
+          f"{time.perf_counter() - started:.1f} s")
     return 0
 
 
