@@ -56,6 +56,7 @@ class Lever:
     cuda_graphs: str = "off"
     batch: int = 1
     backend: str = "eager"
+    style_loss: str = "gram"
 
 
 def matrix(device: torch.device, batch: int = 4) -> tuple[list[Lever], list[str]]:
@@ -83,6 +84,8 @@ def matrix(device: torch.device, batch: int = 4) -> tuple[list[Lever], list[str]
     together = dict(precision=fast, memory_format="channels_last", cuda_graphs="on" if cuda else "off")
     levers.append(Lever("all", **together))
     levers.append(Lever(f"all+batch{batch}", batch=batch, **together))
+    # Not levers but costs: the other style losses on the baseline settings.
+    levers += [Lever("loss_ot", style_loss="ot"), Lever("loss_w2", style_loss="w2")]
     return levers, skipped
 
 
@@ -145,6 +148,7 @@ def build_step(lever: Lever, size: int, device: torch.device, base: Optional[Con
     config = dataclasses.replace(
         base, device=device.type, precision=lever.precision, memory_format=lever.memory_format,
         cuda_graphs=lever.cuda_graphs, backend=lever.backend, batch_size=lever.batch, optimizer="adam",
+        style_loss=lever.style_loss,
     )
     runtime = resolve_runtime(config, device)
     content = resize(load_image(EXAMPLES / "tubingen.jpg"), (size, size))
@@ -164,7 +168,8 @@ def run_row(lever: Lever, size: int, device: torch.device, warmup: int, repeats:
         torch.cuda.reset_peak_memory_stats(device)
     step, config = build_step(lever, size, device)
     seconds = median_time(step, device, warmup, repeats)
-    flops = step_flops(config.model, config.feature_layers, config.style_layers, size, size, lever.batch)
+    flops = step_flops(config.model, config.feature_layers, config.style_layers, size, size, lever.batch,
+                       lever.style_loss)
     return {
         "config": lever.name, **_fields(lever), "size": size, "ms_per_step": seconds * 1e3,
         "mpx_steps_per_s": lever.batch * size * size / 1e6 / seconds,
