@@ -16,7 +16,7 @@ import torch
 
 from .config import Config
 from .errors import UserError
-from .images import ImageLike, load_image, resize, save_image, to_pil
+from .images import ImageLike, fit_long_side, load_image, resize, save_image, to_pil
 from . import color
 from .criterion import build_criterion
 from .optimize import SYNC_EVERY, StepInfo, optimize_scale
@@ -155,7 +155,12 @@ def _decode_jobs(jobs: Sequence[Job], config: Config) -> list[_Job]:
             raise UserError(f"style_blend_weights has {len(blend)} values but there are {len(style_list)} style images")
         if config.style_masks is not None and len(config.style_masks) != len(style_list):
             raise UserError(f"style_masks has {len(config.style_masks)} masks but there are {len(style_list)} style images")
-        job = _Job(load(content, "content image"), [load(s, "style image") for s in style_list], tuple(blend))
+        content_t = load(content, "content image")
+        if max(content_t.shape[-2:]) > config.size:
+            # Only ever used at the output size or below: keeping the full-size decode of every photo in a
+            # folder would cost N x (camera resolution) of memory instead of N x size^2.
+            content_t = resize(content_t, fit_long_side(*content_t.shape[-2:], config.size))
+        job = _Job(content_t, [load(s, "style image") for s in style_list], tuple(blend))
         if config.preserve_colors == "histogram":
             job.styles = [color.match_colours(s, job.content) for s in job.styles]
         elif config.preserve_colors == "luminance":

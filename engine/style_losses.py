@@ -30,7 +30,7 @@ from torch import nn
 
 from .losses import EPS, at_least_float32
 
-NEWTON_SCHULZ_ITERS = 30
+NEWTON_SCHULZ_ITERS = 20  # trace within 1.1e-3 of eigh on the samples at relu1_1-relu5_1 (2e-6 to 1.1e-3)
 
 
 def _pixels(features: torch.Tensor) -> torch.Tensor:
