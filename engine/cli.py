@@ -30,7 +30,6 @@ EXPORT_FORMATS = ("torchscript", "onnx")
 FORMAT_OF_SUFFIX = {".pt": "torchscript", ".ts": "torchscript", ".torchscript": "torchscript", ".onnx": "onnx"}
 
 
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -40,7 +39,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"nst: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
-        print("\nnst: interrupted; nothing was written", file=sys.stderr)
+        print("\nnst: interrupted; no partial file was written", file=sys.stderr)
         return EXIT_INTERRUPTED
 
 
@@ -285,9 +284,7 @@ def run_compare(args: argparse.Namespace) -> int:
         if not sep or not values.strip():
             raise UserError(f"--vary {args.vary!r} is not FIELD=A,B,...")
         vary = (name.strip().replace("-", "_"), [v.strip() for v in values.split(",") if v.strip()])
-    runs = variants(config, args.losses, vary)
-    for _, run_config in runs:  # every combination validated before the first run
-        Config(**{f.name: getattr(run_config, f.name) for f in dataclasses.fields(Config)})
+    runs = variants(config, args.losses, vary)  # every combination is a validated Config before the first run
     started = time.perf_counter()
     bar = tqdm(total=None, disable=args.quiet, unit="step", dynamic_ncols=True, file=sys.stderr)
 

@@ -115,7 +115,11 @@ def resolve_runtime(config, device: Optional[torch.device] = None) -> Runtime:
         raise UserError("cuda_graphs 'on' needs a CUDA GPU; use auto or off")
     if graphs == "on" and config.optimizer != "adam":
         raise UserError(f"cuda_graphs 'on' works with the adam optimizer only, not {config.optimizer!r}")
-    use_graphs = graphs == "on" or (graphs == "auto" and cuda and config.optimizer == "adam")
+    # The OT loss draws fresh random directions each step from its own generator, which a graph replay
+    # would freeze; it runs uncaptured.
+    if graphs == "on" and config.style_loss == "ot":
+        raise UserError("cuda_graphs 'on' cannot capture the ot style loss (it draws new directions every step)")
+    use_graphs = graphs == "on" or (graphs == "auto" and cuda and config.optimizer == "adam" and config.style_loss != "ot")
     if cuda:
         # Process-wide flags: the one place they are set.
         tf32 = precision != "fp32"

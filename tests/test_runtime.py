@@ -238,3 +238,29 @@ def test_cuda_graphs_recapture_on_scale_change(cuda_problem, monkeypatch):
     eager = stylize(*cuda_problem, Config(cuda_graphs="off", **settings))
     assert len(set(captures)) == 3  # one capture per scale: 128, 181 and 256 px
     torch.testing.assert_close(graphed.image, eager.image, rtol=0, atol=1e-4)
+
+
+@pytest.fixture
+def keep_cuda_flags():
+    """Restore the process-wide flags resolve_runtime sets (monkeypatch cannot: cuBLAS's are properties)."""
+    flags = ((torch.backends.cudnn, "benchmark"), (torch.backends.cudnn, "allow_tf32"),
+             (torch.backends.cuda.matmul, "allow_tf32"))
+    saved = [getattr(module, name) for module, name in flags]
+    yield
+    for (module, name), value in zip(flags, saved):
+        setattr(module, name, value)
+
+
+def test_cuda_decisions_without_a_gpu(keep_cuda_flags):
+    # resolve_runtime only reads the device type and sets flags, so CUDA's decisions can be checked here.
+    cuda = torch.device("cuda")
+    rt = resolve_runtime(Config(device="cpu"), cuda)
+    assert (rt.precision, rt.channels_last, rt.cuda_graphs) == ("tf32", True, True)
+    assert not resolve_runtime(Config(device="cpu", optimizer="lbfgs"), cuda).cuda_graphs
+    assert not resolve_runtime(Config(device="cpu", style_loss="ot"), cuda).cuda_graphs  # fresh directions per step
+    with pytest.raises(UserError, match="cannot capture the ot style loss"):
+        resolve_runtime(Config(device="cpu", style_loss="ot", cuda_graphs="on"), cuda)
+    with pytest.raises(UserError, match="works with the adam optimizer only"):
+        resolve_runtime(Config(device="cpu", optimizer="lbfgs", cuda_graphs="on"), cuda)
+    assert resolve_runtime(Config(device="cpu", precision="fp32"), cuda).autocast_dtype is None
+    assert resolve_runtime(Config(device="cpu", precision="fp16"), cuda).autocast_dtype == torch.float16
