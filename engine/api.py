@@ -17,11 +17,14 @@ import torch
 from .config import Config
 from .errors import UserError
 from .images import ImageLike, fit_long_side, load_image, resize, save_image, to_pil
+from . import checkpoint as ckpt
 from . import color
+from .checkpoint import CheckpointPlan
 from .criterion import build_criterion
 from .optimize import SYNC_EVERY, StepInfo, optimize_scale
 from .runtime import Runtime, resolve_device, resolve_runtime
 from .schedule import build_schedule
+from .style_losses import SlicedOTStyleLoss
 from .vgg import VGGFeatures, conv_shapes, downsampling, truncated_names
 from .weights import load_weights
 
@@ -70,13 +73,16 @@ def stylize(
     styles: Union[ImageLike, Sequence[ImageLike]],
     config: Optional[Config] = None,
     callback: Optional[Callable[[StepInfo], None]] = None,
+    checkpoint: Optional[CheckpointPlan] = None,
+    resume: Optional[dict] = None,
 ) -> Result:
     """Repaint ``content`` in the style of ``styles`` (one image or several, blended).
 
     Images may be paths, PIL images, arrays or tensors. ``callback`` is called
-    after every step with a ``StepInfo``.
+    after every step with a ``StepInfo``. ``checkpoint`` and ``resume``: see
+    ``stylize_batch``.
     """
-    return stylize_batch([(content, styles)], config, callback)[0]
+    return stylize_batch([(content, styles)], config, callback, checkpoint=checkpoint, resume=resume)[0]
 
 
 def stylize_batch(
@@ -84,6 +90,8 @@ def stylize_batch(
     config: Optional[Config] = None,
     callback: Optional[Callable[[StepInfo], None]] = None,
     on_result: Optional[Callable[[int, Result], None]] = None,
+    checkpoint: Optional[CheckpointPlan] = None,
+    resume: Optional[dict] = None,
 ) -> list[Result]:
     """Run several ``(content, styles)`` jobs; one ``Result`` per job, in order.
 
@@ -94,13 +102,26 @@ def stylize_batch(
     job ends where it would alone, up to floating-point summation order.
     L-BFGS couples the jobs through its line search, so it runs one job at a time.
     ``on_result(index, result)`` is called as soon as a job is done.
+
+    ``checkpoint`` writes the run's state every ``checkpoint.every`` steps
+    and, when ``checkpoint.should_stop()`` turns true, after the current step,
+    before raising ``Interrupted``; ``resume`` (a loaded checkpoint) goes on
+    from one. Both need a single job.
     """
     config = config or Config()
     if not jobs:
         raise UserError("no job to run: give at least one content image")
     runtime = resolve_runtime(config)
+    if (checkpoint is not None or resume is not None) and len(jobs) != 1:
+        raise UserError("checkpoints and resuming work with one content image at a time, not with a folder")
     decoded = _decode_jobs(jobs, config)  # every input read before any work
     masks = _load_masks(config)
+    saving = None
+    if checkpoint is not None or resume is not None:
+        inputs = ckpt.input_digests(decoded[0].content, decoded[0].styles, masks)
+        if resume is not None:
+            ckpt.check_compatible(resume, config, inputs, resume.get("path", "checkpoint"))
+        saving = (checkpoint, inputs, resume)
     min_side = 2 ** downsampling(config.model, config.feature_layers)
     extractor = loop_extractor(config, runtime)
     groups: dict[tuple, list[int]] = {}
@@ -115,7 +136,7 @@ def stylize_batch(
             started = time.perf_counter()
             images, history = _run_batch(
                 [decoded[i] for i in chunk], list(schedule), config, runtime, extractor, min_side, callback,
-                tuple(chunk), masks,
+                tuple(chunk), masks, saving,
             )
             seconds = time.perf_counter() - started
             for i, image in zip(chunk, images):
@@ -156,11 +177,15 @@ def _decode_jobs(jobs: Sequence[Job], config: Config) -> list[_Job]:
         if config.style_masks is not None and len(config.style_masks) != len(style_list):
             raise UserError(f"style_masks has {len(config.style_masks)} masks but there are {len(style_list)} style images")
         content_t = load(content, "content image")
+        _check_pixels("the output", *fit_long_side(*content_t.shape[-2:], config.size), config)
         if max(content_t.shape[-2:]) > config.size:
             # Only ever used at the output size or below: keeping the full-size decode of every photo in a
             # folder would cost N x (camera resolution) of memory instead of N x size^2.
             content_t = resize(content_t, fit_long_side(*content_t.shape[-2:], config.size))
         job = _Job(content_t, [load(s, "style image") for s in style_list], tuple(blend))
+        for style in job.styles:
+            _check_pixels("a style image", *fit_long_side(*style.shape[-2:], round(config.style_scale * config.size)),
+                          config)
         if config.preserve_colors == "histogram":
             job.styles = [color.match_colours(s, job.content) for s in job.styles]
         elif config.preserve_colors == "luminance":
@@ -169,6 +194,14 @@ def _decode_jobs(jobs: Sequence[Job], config: Config) -> list[_Job]:
             job.content, job.styles = pairs[0][0], [style for _, style in pairs]
         decoded.append(job)
     return decoded
+
+
+def _check_pixels(what: str, height: int, width: int, config: Config) -> None:
+    if height * width > config.max_pixels:
+        raise UserError(
+            f"{what} would be {width}x{height} = {height * width / 1e6:.1f} Mpx, above the "
+            f"{config.max_pixels / 1e6:.1f} Mpx limit; use a smaller --size, or raise --max-pixels if you mean it"
+        )
 
 
 def _load_masks(config: Config) -> Optional[torch.Tensor]:
@@ -180,21 +213,33 @@ def _load_masks(config: Config) -> Optional[torch.Tensor]:
     return torch.stack([resize(m, size) for m in masks])
 
 
-def _run_batch(jobs: list[_Job], schedule, config, runtime, extractor, min_side, callback, indices, masks):
+def _run_batch(jobs: list[_Job], schedule, config, runtime, extractor, min_side, callback, indices, masks, saving):
     """Optimise a batch of same-size jobs through every scale; ``(images, history)``."""
-    history: list[dict] = []
+    plan, inputs, resume = saving or (None, None, None)
+    history: list[dict] = [dict(h) for h in resume["history"]] if resume else []
     total_steps = sum(s.steps for s in schedule)
     image = None
+    done = 0  # steps of the scales before this one
     for scale in schedule:
+        if resume is not None and scale.index < resume["scale"]:
+            done += scale.steps
+            continue
         size = (scale.height, scale.width)
         content = runtime.layout(torch.stack([resize(job.content, size) for job in jobs]))
-        if image is None:
+        scale_resume = resume if resume is not None and scale.index == resume["scale"] else None
+        if scale_resume is not None:
+            image = runtime.layout(resume["image"])
+        elif image is None:
             image = runtime.layout(torch.cat([_initial_image(config, c[None]) for c in content.cpu()]))
         else:
             image = runtime.layout(resize(image, size))
         scale_masks = None if masks is None else resize(masks, size).to(runtime.device)
         styles = [(job.styles, job.blend) for job in jobs]
         criterion = build_criterion(config, extractor, content, styles, min_side, runtime, scale_masks)
+        generators = [m.generator for m in criterion.style.values() if isinstance(m, SlicedOTStyleLoss)]
+        if scale_resume is not None:
+            for generator, state in zip(generators, resume.get("generators", [])):
+                generator.set_state(state)
 
         def on_step(i, loss, parts, live, scale=scale):
             record = {"scale": scale.index, "step": i, "loss": loss, **parts}
@@ -205,10 +250,21 @@ def _run_batch(jobs: list[_Job], schedule, config, runtime, extractor, min_side,
                     len(history), total_steps, loss, dict(parts), live.detach(), indices,
                 ))
 
+        def save_state(state, scale=scale, generators=generators):
+            ckpt.save(plan.path, {
+                **state, "scale": scale.index, "config": ckpt.config_state(config), "inputs": inputs,
+                "history": [dict(h) for h in history], "generators": [g.get_state() for g in generators],
+                "cli": plan.extra,
+            })
+
         image = optimize_scale(
             image, extractor, criterion, scale.steps, config.optimizer, config.lr, on_step, runtime=runtime,
             sync_every=None if callback is not None else SYNC_EVERY, ema_decay=config.ema_decay,
+            resume=scale_resume, checkpoint=save_state if plan is not None else None,
+            checkpoint_due=lambda i, done=done: bool(plan.every) and (done + i) % plan.every == 0,
+            should_stop=plan.should_stop if plan is not None else (lambda: False),
         )
+        done += scale.steps
     images = [im.float().cpu().contiguous() for im in image]
     for k, job in enumerate(jobs):
         if job.colours is not None:  # luminance mode: the result's Y with the content's chroma

@@ -43,8 +43,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return EXIT_INTERRUPTED
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad command line is one line, like every other user error (no usage dump)."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USER_ERROR, f"nst: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nst", description="Neural style transfer (Gatys et al.), offline.")
+    parser = _Parser(prog="nst", description="Neural style transfer (Gatys et al.), offline.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     st = sub.add_parser(
@@ -58,9 +65,21 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--bit-depth", type=int, choices=(8, 16), default=8, help="bits per channel; 16 needs .png or .tif (default: 8)")
     st.add_argument("--snapshot-every", type=int, default=0, metavar="N",
                     help="also write the image every N steps into OUTPUT_STEM_snapshots/ (0: never)")
+    st.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
+                    help="save the run's state to OUTPUT.ckpt every N steps (0: only when interrupted)")
+    st.add_argument("--resume", metavar="CHECKPOINT", help="go on from a checkpoint made with the same settings and images")
     st.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     add_config_options(st)
-    st.set_defaults(run=run_stylize)
+    st.set_defaults(run=lambda args: _run("run_stylize", args))
+
+    rs = sub.add_parser(
+        "resume", help="go on with an interrupted nst stylize run from its checkpoint",
+        description="Finish the job saved in CHECKPOINT (written by nst stylize on SIGINT/SIGTERM or with "
+                    "--checkpoint-every), with its settings, inputs and output; the result equals an uninterrupted run.",
+    )
+    rs.add_argument("checkpoint", metavar="CHECKPOINT", help="the .ckpt file")
+    rs.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    rs.set_defaults(run=lambda args: _run("run_resume", args))
 
     ex = sub.add_parser(
         "export", help="write the feature extractor as a TorchScript or ONNX file",
@@ -165,109 +184,13 @@ def config_from_args(args: argparse.Namespace) -> Config:
         raise
 
 
-def run_stylize(args: argparse.Namespace) -> int:
-    from .images import check_output_path
+def _run(name: str, args: argparse.Namespace) -> int:
+    from . import cli_run
 
-    config = config_from_args(args)
-    if Path(args.content).is_dir():
-        return run_folder(args, config)
-    output = check_output_path(args.output, args.overwrite, args.bit_depth)
-    for src in [args.content, *args.styles]:
-        if Path(src).exists() and Path(src).resolve() == output.resolve():
-            raise UserError(f"output {args.output!r} is also an input; choose another output name")
-    if args.snapshot_every < 0:
-        raise UserError(f"--snapshot-every must be 0 or more, not {args.snapshot_every}")
-    snapshots = output.with_name(output.stem + "_snapshots")
-    if args.snapshot_every and snapshots.exists() and any(snapshots.iterdir()) and not args.overwrite:
-        raise UserError(f"snapshot directory {str(snapshots)!r} is not empty; pass --overwrite or move it")
-
-    from tqdm import tqdm
-
-    from .api import stylize
-    from .images import save_image
-
-    started = time.perf_counter()
-    bar = tqdm(total=None, disable=args.quiet, unit="step", dynamic_ncols=True, file=sys.stderr)
-
-    def callback(info):
-        if info.step == 1:
-            bar.total = info.total_steps
-            bar.set_description(f"scale {info.scale + 1}/{info.scales} {info.width}x{info.height}")
-        bar.update(1)
-        bar.set_postfix_str(f"loss {info.loss:.4g}", refresh=False)
-        if args.snapshot_every and info.total_step % args.snapshot_every == 0:
-            snapshots.mkdir(exist_ok=True)
-            name = snapshots / f"step{info.total_step:05d}_scale{info.scale + 1}{output.suffix}"
-            save_image(info.image[0], name, overwrite=True, bit_depth=args.bit_depth)
-
-    try:
-        result = stylize(args.content, args.styles, config, callback=callback)
-    finally:
-        bar.close()
-    written = result.save(output, overwrite=args.overwrite, bit_depth=args.bit_depth)
-    h, w = result.image.shape[-2:]
-    seconds = time.perf_counter() - started
-    print(f"wrote {written} ({w}x{h}, {len(result.history)} steps) in {seconds:.1f} s")
-    return 0
-
-
-def run_folder(args: argparse.Namespace, config) -> int:
-    """CONTENT is a folder: every image in it against the same style(s), same-size ones batched."""
-    from tqdm import tqdm
-
-    from .api import stylize_batch
-    from .files import check_writable
-    from .images import FORMATS
-
-    folder, outdir = Path(args.content), Path(args.output)
-    contents = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in FORMATS)
-    if not contents:
-        raise UserError(f"content folder {str(folder)!r} has no images ({', '.join(FORMATS)})")
-    if args.snapshot_every:
-        raise UserError("--snapshot-every works with a single content image, not a folder")
-    if outdir.exists() and not outdir.is_dir():
-        raise UserError(f"output {args.output!r} must be a folder when CONTENT is a folder")
-    if not outdir.exists():
-        check_writable(outdir, overwrite=False, what="output folder")  # its parent exists and is writable
-    inputs = {p.resolve() for p in contents} | {Path(s).resolve() for s in args.styles if Path(s).exists()}
-    outputs = [outdir / (p.stem + ".png") for p in contents]
-    if len({o.name for o in outputs}) < len(outputs):
-        raise UserError(f"content folder {str(folder)!r} has images that differ only in extension; "
-                        "their results would share a name")
-    for out in outputs:
-        if out.resolve() in inputs:
-            raise UserError(f"output {str(out)!r} would replace an input; choose another output folder")
-        if out.exists() and not args.overwrite:
-            raise UserError(f"output {str(out)!r} already exists; pass --overwrite to replace it")
-    outdir.mkdir(exist_ok=True)
-    started = time.perf_counter()
-    bar = tqdm(total=None, disable=args.quiet, unit="step", dynamic_ncols=True, file=sys.stderr)
-
-    def callback(info):
-        if info.step == 1:
-            bar.reset(total=info.total_steps)
-            first, last = info.jobs[0] + 1, info.jobs[-1] + 1
-            jobs = f"image {first}" if first == last else f"images {first}-{last}"
-            bar.set_description(f"{jobs}/{len(contents)} scale {info.scale + 1}/{info.scales} {info.width}x{info.height}")
-        bar.update(1)
-        bar.set_postfix_str(f"loss {info.loss:.4g}", refresh=False)
-
-    written = []
-
-    def save(index, result):  # as each batch finishes: a later failure does not cost earlier results
-        written.append(result.save(outputs[index], overwrite=args.overwrite, bit_depth=args.bit_depth))
-
-    try:
-        stylize_batch([(p, args.styles) for p in contents], config, callback=callback, on_result=save)
-    finally:
-        bar.close()
-    print(f"wrote {len(written)} images to {outdir} in {time.perf_counter() - started:.1f} s")
-    return 0
+    return getattr(cli_run, name)(args)
 
 
 def run_compare(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from .compare import make_sheet, run_comparison, variants
     from .config import STYLE_LOSSES
     from .files import write_atomically
@@ -286,16 +209,18 @@ def run_compare(args: argparse.Namespace) -> int:
         vary = (name.strip().replace("-", "_"), [v.strip() for v in values.split(",") if v.strip()])
     runs = variants(config, args.losses, vary)  # every combination is a validated Config before the first run
     started = time.perf_counter()
-    bar = tqdm(total=None, disable=args.quiet, unit="step", dynamic_ncols=True, file=sys.stderr)
+    from .cli_run import Progress
+
+    bar = Progress(args.quiet)
+    current = [runs[0][0]]
 
     def callback(info):
-        if info.total_step == 1:
-            bar.reset(total=info.total_steps)
-        bar.update(1)
+        bar.step(info, current[0])
 
     def on_run(label, seconds):
-        bar.write(f"{label}: {seconds:.1f} s", file=sys.stderr)
-        bar.set_description(label)
+        bar.write(f"{label}: {seconds:.1f} s")
+        done = [r[0] for r in runs].index(label)
+        current[0] = runs[min(done + 1, len(runs) - 1)][0]
 
     try:
         columns = run_comparison(args.content, args.styles, runs, on_run=on_run, callback=callback)

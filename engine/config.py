@@ -90,6 +90,11 @@ class Config:
     )
     init: str = field(default="content", metadata={"help": "starting image", "choices": INITS})
     seed: int = field(default=0, metadata={"help": "random seed"})
+    max_pixels: int = field(
+        default=4096 * 4096,
+        metadata={"help": "refuse outputs (and scaled style images) with more pixels than this: a guard against "
+                          "typos; raise it for very large prints"},
+    )
     device: str = field(default="auto", metadata={"help": "'auto' picks CUDA when present", "choices": DEVICES})
     precision: str = field(
         default="auto",
@@ -138,7 +143,7 @@ class Config:
             raise UserError(f"ema_decay must be at least 0 and below 1, not {self.ema_decay!r}")
         if self.style_masks is not None and self.style_loss != "gram":
             raise UserError(f"style_masks work with the gram style loss only, not {self.style_loss!r}")
-        for name in ("size", "min_size", "steps", "batch_size", "ot_projections"):
+        for name in ("size", "min_size", "steps", "batch_size", "ot_projections", "max_pixels"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise UserError(f"{name} must be a positive whole number, not {value!r}")

@@ -164,6 +164,10 @@ class GraphedStep:
         self.graph.replay()
         return self.outputs
 
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self.step.optimizer
+
     def finish(self) -> torch.Tensor:
         # Dropping the graph and its static outputs frees the graph's private memory pool.
         self.graph = self.outputs = None
@@ -178,6 +182,14 @@ def make_step(image: torch.Tensor, extractor, criterion, optimizer: str, lr: flo
     return GraphedStep(step) if graphs else step
 
 
+class Interrupted(Exception):
+    """A stop was requested (SIGINT/SIGTERM) and honoured after a whole step; ``image`` is the current result."""
+
+    def __init__(self, image: torch.Tensor, step: int):
+        super().__init__(f"stopped after step {step}")
+        self.image, self.step = image, step
+
+
 def optimize_scale(
     image: torch.Tensor,
     extractor: Callable,
@@ -189,6 +201,10 @@ def optimize_scale(
     runtime=None,
     sync_every: Optional[int] = None,
     ema_decay: float = 0.0,
+    resume: Optional[dict] = None,
+    checkpoint: Optional[Callable[[dict], None]] = None,
+    checkpoint_due: Callable[[int], bool] = lambda i: False,
+    should_stop: Callable[[], bool] = lambda: False,
 ) -> torch.Tensor:
     """Run ``steps`` steps from ``image`` (not modified) and return the result.
 
@@ -200,29 +216,64 @@ def optimize_scale(
     read from the device every ``sync_every`` steps (every step when
     ``on_step`` wants them live); a NaN or infinite loss stops the run with
     ``NonFiniteLoss`` at that read.
+
+    Checkpoints: ``checkpoint(state)`` receives this scale's complete state
+    (step, image, optimiser state, average) after every step ``i`` for which
+    ``checkpoint_due(i)``, and before ``Interrupted`` is raised when
+    ``should_stop()`` turns true. ``resume`` is such a state: the scale goes
+    on from there exactly as if it had not stopped.
     """
-    param = image.detach().clone(memory_format=torch.preserve_format).requires_grad_(True)
+    start = 0 if resume is None else int(resume["step"])
+    source = image if resume is None else resume["image"].to(image)
+    param = source.detach().clone(memory_format=torch.preserve_format).requires_grad_(True)
     step = make_step(param, extractor, criterion, optimizer, lr, runtime)
     every = sync_every or (1 if on_step is not None else SYNC_EVERY)
     pending: list[tuple[int, torch.Tensor]] = []
     names: list[str] = []
     average = torch.zeros_like(param, requires_grad=False) if ema_decay else None
-    for i in range(1, steps + 1):
+    if resume is not None:
+        step.optimizer.load_state_dict(resume["optimizer"])
+        if average is not None:
+            average.copy_(resume["ema"])
+
+    def current(i):
+        # What a callback, a snapshot or an interrupt sees: the average when there is one.
+        return param if average is None else (average / (1 - ema_decay**i)).clamp(0, 1)
+
+    for i in range(start + 1, steps + 1):
         total, parts = step()
         if average is not None:
             average.mul_(ema_decay).add_(param.detach(), alpha=1 - ema_decay)
         names = list(parts)
         # One small device tensor per step; the copy matters for graph replay, whose outputs are reused.
         pending.append((i, torch.stack([total, *parts.values()]).float()))
-        if len(pending) >= every or i == steps:
-            # What the callback sees is what this scale would return now: the average when there is one.
-            live = param if average is None else (average / (1 - ema_decay**i)).clamp_(0, 1)
-            _flush(pending, names, on_step, live)
+        stop = should_stop()
+        save = checkpoint is not None and (stop or checkpoint_due(i))
+        if len(pending) >= every or i == steps or save:
+            _flush(pending, names, on_step, current(i))
             pending = []
+        if save:
+            checkpoint({
+                "step": i, "image": param.detach().cpu().clone(), "optimizer": _to_cpu(step.optimizer.state_dict()),
+                "ema": None if average is None else average.cpu().clone(),
+            })
+        if stop:
+            raise Interrupted(current(i).detach().clone(), i)
     result = step.finish()
-    if average is not None:
+    if average is not None and steps > 0:
         result = (average / (1 - ema_decay**steps)).clamp_(0, 1)
     return result
+
+
+def _to_cpu(value):
+    """An optimiser state dict with every tensor on the CPU (checkpoints load on any device)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().clone()
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_cpu(v) for v in value)
+    return value
 
 
 def _flush(pending, names, on_step, live) -> None:

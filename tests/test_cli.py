@@ -190,7 +190,7 @@ def test_stylize_help_shows_config_defaults(help_runs):
 def test_no_command_is_a_usage_error(help_runs):
     r = help_runs["bare"]
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert r.stderr.startswith("usage: nst") and "required: COMMAND" in r.stderr
+    assert one_error_line(r) == "nst: error: the following arguments are required: COMMAND (see nst --help)"
 
 
 # ---------------------------------------------------------------------------------------------

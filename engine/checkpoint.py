@@ -1,0 +1,103 @@
+"""Checkpoints: the complete state of a run, so that it can stop and go on to the same result.
+
+A checkpoint holds the scale and step reached, the image, the optimiser
+state, the moving average, the random generators of the loss, the history so
+far, the whole ``Config``, SHA-256 digests of the decoded inputs, and what the
+command line needs to finish the job (paths, output options). It contains
+only tensors, numbers, strings, lists and dicts, is written atomically, and
+is read with ``torch.load(weights_only=True)``: loading one never runs code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from .config import Config
+from .errors import UserError
+from .files import write_atomically
+
+FORMAT = "nst-checkpoint-1"
+
+
+@dataclass
+class CheckpointPlan:
+    """Where and how often a run writes checkpoints, and what the CLI wants kept in them."""
+
+    path: str
+    every: int = 0  # steps; 0: only when interrupted
+    extra: dict = field(default_factory=dict)
+    should_stop: Callable[[], bool] = lambda: False
+
+
+def digest(image: torch.Tensor) -> str:
+    t = image.detach().to("cpu", torch.float32).contiguous()
+    h = hashlib.sha256(str(tuple(t.shape)).encode())
+    h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def config_state(config: Config) -> dict:
+    return {f.name: _plain(getattr(config, f.name)) for f in dataclasses.fields(Config)}
+
+
+def _plain(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+def config_from_state(state: dict) -> Config:
+    known = {f.name: f for f in dataclasses.fields(Config)}
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in state.items() if k in known}
+    return Config(**values)
+
+
+def save(path: os.PathLike, state: dict) -> None:
+    buffer = io.BytesIO()
+    torch.save({"format": FORMAT, **state}, buffer)
+    write_atomically(path, lambda fh: fh.write(buffer.getbuffer()), overwrite=True, what="checkpoint")
+
+
+def load(path: os.PathLike) -> dict:
+    """Read a checkpoint; anything that is not a whole, valid one is a ``UserError``."""
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint {os.fspath(path)!r} does not exist or is not a file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated zip, pickle refused by weights_only, not a torch file at all
+        raise UserError(
+            f"checkpoint {os.fspath(path)!r} is damaged or not a checkpoint ({type(exc).__name__}); "
+            "it cannot be resumed"
+        ) from None
+    required = ("scale", "step", "image", "optimizer", "config", "inputs", "history")
+    if not isinstance(state, dict) or state.get("format") != FORMAT or any(k not in state for k in required):
+        raise UserError(f"checkpoint {os.fspath(path)!r} is not an nst-engine checkpoint of this version")
+    return state
+
+
+def check_compatible(state: dict, config: Config, inputs: dict, path: os.PathLike) -> None:
+    """Refuse a checkpoint made with other settings or other input images."""
+    saved = state["config"]
+    ours = config_state(config)
+    differences = [f"{k} {saved.get(k)!r} in the checkpoint, {v!r} now" for k, v in ours.items() if saved.get(k) != v]
+    if differences:
+        raise UserError(f"checkpoint {os.fspath(path)!r} was made with other settings ({differences[0]}); "
+                        "resume with the same settings, or start afresh")
+    for name, value in inputs.items():
+        if state["inputs"].get(name) != value:
+            raise UserError(f"checkpoint {os.fspath(path)!r} was made from another {name.replace('_', ' ')}; "
+                            "resume with the same images, or start afresh")
+
+
+def input_digests(content: torch.Tensor, styles: list[torch.Tensor], masks: Optional[torch.Tensor]) -> dict:
+    out = {"content image": digest(content)}
+    for i, style in enumerate(styles):
+        out[f"style image {i + 1}"] = digest(style)
+    if masks is not None:
+        out["style masks"] = digest(masks)
+    return out

@@ -1,0 +1,253 @@
+"""Running ``nst stylize`` and ``nst resume``: progress, snapshots, checkpoints, signals, folders.
+
+Nothing the user had is lost: outputs are written atomically and never over
+an existing file without ``--overwrite``; SIGINT and SIGTERM finish the
+current step, then write the current image and a checkpoint and exit
+130 / 143; ``nst resume CHECKPOINT`` goes on to the same result as an
+uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from .errors import UserError
+
+class Progress:
+    """A tqdm bar made at the first step, so that a run failing before it leaves no empty bar behind."""
+
+    def __init__(self, quiet: bool):
+        self.quiet, self.bar = quiet, None
+
+    def step(self, info, description: str) -> None:
+        if self.quiet:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=info.total_steps, unit="step", dynamic_ncols=True, file=sys.stderr)
+        if info.step == 1:
+            if info.total_step == 1:
+                self.bar.reset(total=info.total_steps)
+            self.bar.set_description(description)
+        self.bar.update(1)
+        self.bar.set_postfix_str(f"loss {info.loss:.4g}", refresh=False)
+
+    def write(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stderr)
+        elif not self.quiet:
+            print(text, file=sys.stderr)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def run_stylize(args: argparse.Namespace) -> int:
+    from .cli import config_from_args
+
+    config = config_from_args(args)
+    if Path(args.content).is_dir():
+        if args.checkpoint_every or args.resume:
+            raise UserError("--checkpoint-every and --resume work with one content image, not a folder")
+        return run_folder(args, config)
+    resume = None
+    if args.resume:
+        from . import checkpoint
+
+        resume = checkpoint.load(args.resume)
+        resume["path"] = args.resume
+    job = {
+        "content": args.content, "styles": list(args.styles), "output": args.output, "overwrite": args.overwrite,
+        "bit_depth": args.bit_depth, "snapshot_every": args.snapshot_every, "checkpoint_every": args.checkpoint_every,
+    }
+    return run_job(job, config, args.quiet, resume, fresh_output=resume is None)
+
+
+def _absolute(job: dict) -> dict:
+    """The job with absolute paths, as stored in checkpoints (so that ``nst resume`` works from anywhere)."""
+    absolute = lambda p: str(Path(p).resolve()) if Path(p).exists() or p == job["output"] else p  # noqa: E731
+    return dict(job, content=absolute(job["content"]), styles=[absolute(p) for p in job["styles"]],
+                output=absolute(job["output"]))
+
+
+def run_resume(args: argparse.Namespace) -> int:
+    """``nst resume CHECKPOINT``: the job and settings are those stored in the checkpoint."""
+    from . import checkpoint
+
+    state = checkpoint.load(args.checkpoint)
+    state["path"] = args.checkpoint
+    job = state.get("cli") or {}
+    if not job.get("output"):
+        raise UserError(f"checkpoint {args.checkpoint!r} was written from Python, not by nst stylize; "
+                        "resume it with engine.stylize(..., resume=...)")
+    return run_job(job, checkpoint.config_from_state(state["config"]), args.quiet, state, fresh_output=False)
+
+
+def run_job(job: dict, config, quiet: bool, resume, fresh_output: bool) -> int:
+    from . import checkpoint
+    from .api import stylize
+    from .images import check_output_path, save_image
+    from .optimize import Interrupted
+
+    output = Path(job["output"])
+    # A resumed job may replace the file only where the original command was allowed to.
+    check_output_path(output, job["overwrite"], job["bit_depth"])
+    for src in [job["content"], *job["styles"]]:
+        if Path(src).exists() and Path(src).resolve() == output.resolve():
+            raise UserError(f"output {str(output)!r} is also an input; choose another output name")
+    for name in ("snapshot_every", "checkpoint_every"):
+        if job[name] < 0:
+            raise UserError(f"--{name.replace('_', '-')} must be 0 or more, not {job[name]}")
+    snapshots = output.with_name(output.stem + "_snapshots")
+    if fresh_output and job["snapshot_every"] and snapshots.exists() and any(snapshots.iterdir()) and not job["overwrite"]:
+        raise UserError(f"snapshot directory {str(snapshots)!r} is not empty; pass --overwrite or move it")
+    ckpt_path = output.with_name(output.name + ".ckpt")
+    partial = output.with_name(f"{output.stem}_interrupted{output.suffix}")
+    started = time.perf_counter()
+    bar = Progress(quiet)
+    seen = {}
+
+    def callback(info):
+        seen["info"] = info
+        bar.step(info, f"scale {info.scale + 1}/{info.scales} {info.width}x{info.height}")
+        if job["snapshot_every"] and info.total_step % job["snapshot_every"] == 0:
+            snapshots.mkdir(exist_ok=True)
+            name = snapshots / f"step{info.total_step:05d}_scale{info.scale + 1}{output.suffix}"
+            save_image(info.image[0], name, overwrite=True, bit_depth=job["bit_depth"])
+
+    stop = StopOnSignal()
+    plan = checkpoint.CheckpointPlan(str(ckpt_path), job["checkpoint_every"], extra=_absolute(job), should_stop=stop)
+    try:
+        with stop:
+            result = stylize(job["content"], job["styles"], config, callback=callback, checkpoint=plan, resume=resume)
+    except Interrupted as exc:
+        bar.close()
+        save_image(exc.image[0], partial, overwrite=True, bit_depth=job["bit_depth"])
+        info = seen.get("info")
+        where = f"step {info.total_step}/{info.total_steps}" if info else "the first step"
+        print(f"nst: stopped by {stop.name} after {where}; wrote the current image to {_shown(partial)} and a "
+              f"checkpoint to {_shown(ckpt_path)}; go on with: nst resume {_shown(ckpt_path)}", file=sys.stderr)
+        return 128 + stop.signum
+    except Exception as exc:
+        if not _is_out_of_memory(exc):
+            raise
+        info = seen.get("info")
+        where = f"{info.width}x{info.height} (scale {info.scale + 1}/{info.scales})" if info else f"--size {config.size}"
+        kept = f"; the last checkpoint is kept at {_shown(ckpt_path)}" if ckpt_path.exists() else ""
+        raise UserError(f"ran out of memory at {where}; try a smaller --size, --precision bf16, "
+                        f"or fewer --style-layers{kept}") from None
+    finally:
+        bar.close()
+    written = result.save(output, overwrite=job["overwrite"], bit_depth=job["bit_depth"])
+    # The job is done: its checkpoint could only repeat it, and a resumed job's interrupted picture is superseded.
+    for leftover in [ckpt_path] + ([partial] if resume is not None else []):
+        if leftover.exists():
+            leftover.unlink()
+    h, w = result.image.shape[-2:]
+    print(f"wrote {_shown(written)} ({w}x{h}, {len(result.history)} steps) in {time.perf_counter() - started:.1f} s")
+    return 0
+
+
+def _shown(path: Path) -> str:
+    """``path`` as the user would have typed it: relative to the working directory when inside it."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def _is_out_of_memory(exc: Exception) -> bool:
+    import torch
+
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+class StopOnSignal:
+    """While active, SIGINT and SIGTERM ask the run to stop after the current step (a second SIGINT stops now)."""
+
+    def __init__(self):
+        self.signum = 0
+        self.name = ""
+        self._previous = {}
+
+    def __call__(self) -> bool:
+        return bool(self.signum)
+
+    def _handle(self, signum, frame):
+        import signal
+
+        if self.signum and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # asked twice: the user wants out now
+        self.signum, self.name = signum, signal.Signals(signum).name
+
+    def __enter__(self):
+        import signal
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
+def run_folder(args: argparse.Namespace, config) -> int:
+    """CONTENT is a folder: every image in it against the same style(s), same-size ones batched."""
+    from .api import stylize_batch
+    from .files import check_writable
+    from .images import FORMATS
+
+    folder, outdir = Path(args.content), Path(args.output)
+    contents = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in FORMATS)
+    if not contents:
+        raise UserError(f"content folder {str(folder)!r} has no images ({', '.join(FORMATS)})")
+    if args.snapshot_every:
+        raise UserError("--snapshot-every works with a single content image, not a folder")
+    if outdir.exists() and not outdir.is_dir():
+        raise UserError(f"output {args.output!r} must be a folder when CONTENT is a folder")
+    if not outdir.exists():
+        check_writable(outdir, overwrite=False, what="output folder")  # its parent exists and is writable
+    inputs = {p.resolve() for p in contents} | {Path(s).resolve() for s in args.styles if Path(s).exists()}
+    outputs = [outdir / (p.stem + ".png") for p in contents]
+    if len({o.name for o in outputs}) < len(outputs):
+        raise UserError(f"content folder {str(folder)!r} has images that differ only in extension; "
+                        "their results would share a name")
+    for out in outputs:
+        if out.resolve() in inputs:
+            raise UserError(f"output {str(out)!r} would replace an input; choose another output folder")
+        if out.exists() and not args.overwrite:
+            raise UserError(f"output {str(out)!r} already exists; pass --overwrite to replace it")
+    outdir.mkdir(exist_ok=True)
+    started = time.perf_counter()
+    bar = Progress(args.quiet)
+
+    def callback(info):
+        first, last = info.jobs[0] + 1, info.jobs[-1] + 1
+        jobs = f"image {first}" if first == last else f"images {first}-{last}"
+        bar.step(info, f"{jobs}/{len(contents)} scale {info.scale + 1}/{info.scales} {info.width}x{info.height}")
+
+    written = []
+
+    def save(index, result):  # as each batch finishes: a later failure does not cost earlier results
+        written.append(result.save(outputs[index], overwrite=args.overwrite, bit_depth=args.bit_depth))
+
+    try:
+        stylize_batch([(p, args.styles) for p in contents], config, callback=callback, on_result=save)
+    finally:
+        bar.close()
+    print(f"wrote {len(written)} images to {outdir} in {time.perf_counter() - started:.1f} s")
+    return 0
+
+
