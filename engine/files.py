@@ -28,8 +28,14 @@ def check_writable(path: PathLike, overwrite: bool, what: str = "output") -> Pat
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise UserError(f"{what} directory {str(parent)!r} does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(f"{what} directory {str(parent)!r} is not writable")
+    # Probed by really creating a file: os.access answers for permission bits only, and says yes to root
+    # on read-only mounts and pseudo-filesystems, where the write would then fail after all the work.
+    try:
+        fd, tmp = create_temporary(path)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as exc:
+        raise UserError(f"{what} directory {str(parent)!r} is not writable ({exc.strerror or exc})") from None
     return path
 
 
@@ -40,13 +46,20 @@ def write_atomically(path: PathLike, write: Callable[[BinaryIO], None], overwrit
     ``write`` ran: that raises the same ``UserError`` as an existing file.
     """
     path = Path(path)
-    fd, tmp = create_temporary(path)
+    try:
+        fd, tmp = create_temporary(path)
+    except OSError as exc:
+        raise UserError(f"could not create a file beside {what} {str(path)!r} ({exc.strerror or exc})") from None
     try:
         with os.fdopen(fd, "wb") as fh:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         publish(tmp, path, overwrite, what)
+    except OSError as exc:  # disk full, quota, I/O error: one sentence, and no half file left behind
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise UserError(f"could not write {what} {str(path)!r} ({exc.strerror or exc})") from None
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)

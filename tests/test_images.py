@@ -412,8 +412,9 @@ def test_failed_write_leaves_nothing_behind(tmp_path, image, monkeypatch, name, 
     if overwrite:
         target.write_bytes(b"old")
     before = listing(tmp_path)
-    breaker(monkeypatch, OSError("disk full"))
-    with pytest.raises(OSError, match="disk full"):
+    breaker(monkeypatch, OSError(28, "No space left on device"))
+    # One sentence for the user, naming the file and the reason.
+    with pytest.raises(UserError, match=rf"could not write output '.*{name}' \(No space left on device\)"):
         save_image(image, target, overwrite=overwrite, bit_depth=bits)
     assert listing(tmp_path) == before  # no .part file, and no new file
     if overwrite:
