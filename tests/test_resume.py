@@ -207,3 +207,30 @@ def test_cli_refuses_damaged_or_mismatched_checkpoints(tmp_path):
     assert all(r.returncode == 2 for r in results.values())
     assert not (tmp_path / "out.png").exists()
 
+
+
+@pytest.mark.parametrize("error", [
+    lambda: torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+    lambda: RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"),
+], ids=["cuda", "cpu"])
+def test_out_of_memory_is_one_sentence_naming_the_size(tmp_path, monkeypatch, capsys, error):
+    from engine import cli
+    from engine.optimize import StepFunction
+
+    write_pics(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    real_call, calls = StepFunction.__call__, [0]
+
+    def failing(self):
+        calls[0] += 1
+        if calls[0] == 9:  # in the second scale, after a checkpoint at step 8
+            raise error()
+        return real_call(self)
+
+    monkeypatch.setattr(StepFunction, "__call__", failing)
+    code = cli.main([*CLI_ARGS[:8], "6", *CLI_ARGS[9:], "-o", "out.png", "--checkpoint-every", "4"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert err[0] == ("nst: error: ran out of memory at 48x40 (scale 2/2); try a smaller --size, --precision bf16, "
+                      "or fewer --style-layers; the last checkpoint is kept at out.png.ckpt")
+    assert not (tmp_path / "out.png").exists() and ckpt.load(tmp_path / "out.png.ckpt")["step"] == 2
