@@ -37,9 +37,10 @@ class Progress:
         self.bar.set_postfix_str(f"loss {info.loss:.4g}", refresh=False)
 
     def write(self, text: str) -> None:
+        """A line of results (shown even with --quiet, which only hides the bar)."""
         if self.bar is not None:
             self.bar.write(text, file=sys.stderr)
-        elif not self.quiet:
+        else:
             print(text, file=sys.stderr)
 
     def close(self) -> None:
