@@ -28,9 +28,9 @@ class Progress:
         if self.bar is None:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=info.total_steps, unit="step", dynamic_ncols=True, file=sys.stderr)
-        if info.step == 1:
-            if info.total_step == 1:
+            self.bar = tqdm(total=info.total_steps, desc=description, unit="step", dynamic_ncols=True, file=sys.stderr)
+        elif info.step == 1:
+            if info.total_step == 1:  # the next batch of a folder, or the next run of a comparison
                 self.bar.reset(total=info.total_steps)
             self.bar.set_description(description)
         self.bar.update(1)
