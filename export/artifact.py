@@ -18,7 +18,6 @@ import torch
 # Bumped whenever the way artifacts are built changes, so old cache entries are not reused.
 FORMAT_VERSION = 1
 INPUT_DOC = "image: float32 (N, 3, H, W), RGB in [0, 1]; preprocessing is inside the graph"
-_CHUNK = 1 << 20
 
 
 def describe(extractor: torch.nn.Module) -> dict:
@@ -58,14 +57,6 @@ def weights_digest(module: torch.nn.Module) -> str:
         t = t.detach().to("cpu").contiguous().reshape(-1)
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
         h.update(t.view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def file_digest(path: os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            h.update(chunk)
     return h.hexdigest()
 
 

@@ -20,6 +20,7 @@ to people writing torch.jit code, not to people running this engine.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -32,7 +33,7 @@ import torch
 from engine.errors import UserError
 from engine.files import write_atomically
 
-from .artifact import cache_key, default_cache_dir, describe, file_digest
+from .artifact import cache_key, default_cache_dir, describe
 
 META_FILE = "nst_meta.json"
 
@@ -56,27 +57,36 @@ def trace(extractor: torch.nn.Module) -> torch.jit.ScriptModule:
         return torch.jit.freeze(traced)
 
 
-def save(module: torch.jit.ScriptModule, path: os.PathLike, meta: dict, overwrite: bool = False) -> Path:
-    """Write ``module`` with its description, atomically."""
+def _serialize(module: torch.jit.ScriptModule, meta: dict) -> bytes:
     buffer = io.BytesIO()
     with quiet_jit():
         torch.jit.save(module, buffer, _extra_files={META_FILE: json.dumps(meta, sort_keys=True)})
-    return write_atomically(path, lambda fh: fh.write(buffer.getbuffer()), overwrite, what="artifact")
+    return buffer.getvalue()
+
+
+def _deserialize(data: bytes, device: Optional[torch.device], origin) -> tuple[torch.jit.ScriptModule, dict]:
+    extra = {META_FILE: ""}
+    try:
+        with quiet_jit():
+            module = torch.jit.load(io.BytesIO(data), map_location=device, _extra_files=extra)
+        meta = json.loads(extra[META_FILE] or "{}")
+    except (RuntimeError, ValueError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"TorchScript artifact {str(origin)!r} could not be loaded ({first})") from None
+    return module, meta
+
+
+def save(module: torch.jit.ScriptModule, path: os.PathLike, meta: dict, overwrite: bool = False) -> Path:
+    """Write ``module`` with its description, atomically."""
+    data = _serialize(module, meta)
+    return write_atomically(path, lambda fh: fh.write(data), overwrite, what="artifact")
 
 
 def load(path: os.PathLike, device: Optional[torch.device] = None) -> tuple[torch.jit.ScriptModule, dict]:
     """Load an artifact and its description; a damaged file raises ``UserError``."""
     if not Path(path).is_file():
         raise UserError(f"TorchScript artifact {str(path)!r} does not exist or is not a file")
-    extra = {META_FILE: ""}
-    try:
-        with quiet_jit():
-            module = torch.jit.load(str(path), map_location=device, _extra_files=extra)
-        meta = json.loads(extra[META_FILE] or "{}")
-    except (RuntimeError, ValueError, OSError) as exc:
-        first = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"TorchScript artifact {str(path)!r} could not be loaded ({first})") from None
-    return module, meta
+    return _deserialize(Path(path).read_bytes(), device, path)
 
 
 def export(extractor: torch.nn.Module, path: os.PathLike, overwrite: bool = False) -> Path:
@@ -99,18 +109,22 @@ def cached(extractor: torch.nn.Module, cache_dir: Optional[os.PathLike] = None) 
     device = next(extractor.parameters()).device
     if path.is_file() and sidecar.is_file():
         try:
-            if sidecar.read_text().strip() == file_digest(path):
-                module, stored = load(path, device)
+            data = path.read_bytes()  # read once: hashed, then loaded from memory
+            if sidecar.read_text().strip() == hashlib.sha256(data).hexdigest():
+                module, stored = _deserialize(data, device, path)
                 if stored == meta:
                     return module
         except (UserError, OSError):
             pass  # unreadable: rebuilt below
     module = trace(extractor)
+    data = _serialize(module, meta)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        save(module, path, meta, overwrite=True)
-        write_atomically(sidecar, lambda fh: fh.write(file_digest(path).encode()), overwrite=True)
-    except OSError as exc:
+        write_atomically(path, lambda fh: fh.write(data), overwrite=True, what="cache entry")
+        write_atomically(sidecar, lambda fh: fh.write(hashlib.sha256(data).hexdigest().encode()), overwrite=True,
+                         what="cache entry")
+    except (OSError, UserError) as exc:  # write_atomically reports write failures as UserError
         # A read-only or full cache must not stop a run: the graph is in memory already.
-        warnings.warn(f"could not store the TorchScript cache in {folder} ({exc.strerror or exc})", stacklevel=2)
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        warnings.warn(f"could not store the TorchScript cache in {folder} ({reason})", stacklevel=2)
     return module

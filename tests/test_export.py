@@ -6,6 +6,7 @@ must agree to rounding (rtol 1e-5, atol 1e-6 of values of order 1..1e3); ONNX Ru
 own, so it is held to the validator's bound, 1e-4 of each layer's largest value (measured: about 1e-6).
 """
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -121,16 +122,29 @@ def test_cache_reuses_rebuilds_on_new_key_and_on_damage(eager, tmp_path, monkeyp
     entry.write_bytes(entry.read_bytes()[: entry.stat().st_size // 2])
     rebuilt = torchscript.cached(eager, tmp_path)
     assert len(calls) == 3
-    assert (tmp_path / (entry.name + ".sha256")).read_text() == artifact.file_digest(entry)
+    assert (tmp_path / (entry.name + ".sha256")).read_text() == hashlib.sha256(entry.read_bytes()).hexdigest()
     torch.testing.assert_close(rebuilt(x)["relu3_1"], want["relu3_1"], rtol=1e-5, atol=1e-6)
 
     # Stale description with a matching digest (e.g. written by another torch version): not trusted.
     stale = dict(artifact.describe(eager), torch="0.0.0")
     torchscript.save(real_trace(eager), entry, stale, overwrite=True)
-    (tmp_path / (entry.name + ".sha256")).write_text(artifact.file_digest(entry))
+    (tmp_path / (entry.name + ".sha256")).write_text(hashlib.sha256(entry.read_bytes()).hexdigest())
     torchscript.cached(eager, tmp_path)
     assert len(calls) == 4
     assert torchscript.load(entry)[1] == artifact.describe(eager)
+
+
+def test_cache_that_cannot_be_written_only_warns(eager, tmp_path, monkeypatch):
+    from engine.errors import UserError
+
+    def full_disk(path, write, overwrite, what="output"):
+        raise UserError(f"could not write {what} {str(path)!r} (No space left on device)")
+
+    monkeypatch.setattr(torchscript, "write_atomically", full_disk)
+    with pytest.warns(UserWarning, match="could not store the TorchScript cache"):
+        module = torchscript.cached(eager, tmp_path)
+    x = picture(32, 40)
+    torch.testing.assert_close(module(x)["relu3_1"], eager(x)["relu3_1"], rtol=1e-5, atol=1e-6)
 
 
 def test_cache_key_covers_weights_layers_and_dtype(eager):
