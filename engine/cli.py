@@ -212,15 +212,14 @@ def run_compare(args: argparse.Namespace) -> int:
     from .cli_run import Progress
 
     bar = Progress(args.quiet)
-    current = [runs[0][0]]
+    finished = [0]  # runs done so far: the bar is labelled with the one in progress
 
     def callback(info):
-        bar.step(info, current[0])
+        bar.step(info, runs[finished[0]][0])
 
     def on_run(label, seconds):
         bar.write(f"{label}: {seconds:.1f} s")
-        done = [r[0] for r in runs].index(label)
-        current[0] = runs[min(done + 1, len(runs) - 1)][0]
+        finished[0] += 1
 
     try:
         columns = run_comparison(args.content, args.styles, runs, on_run=on_run, callback=callback)

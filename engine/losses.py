@@ -77,10 +77,6 @@ class GramStyleLoss(nn.Module):
         self.register_buffer("target", target_gram.detach())
 
     @staticmethod
-    def target_from(features: torch.Tensor) -> torch.Tensor:
-        return gram_matrix(features)
-
-    @staticmethod
     def target_stats(features: Sequence[tuple[torch.Tensor, float]]) -> torch.Tensor:
         """The blended target ``(1, C, C)``: the weighted mean of the styles' Grams."""
         total_w = float(sum(w for _, w in features))
