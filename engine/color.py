@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from .losses import EPS
+from .style_losses import sym_power
 
 MODES = ("none", "luminance", "histogram")
 # NTSC YIQ (the transform the paper uses); rows give Y, I, Q from R, G, B.
@@ -60,11 +61,7 @@ def match_colours(style: torch.Tensor, content: torch.Tensor) -> torch.Tensor:
     mu_s, mu_c = s.mean(1, keepdim=True), c.mean(1, keepdim=True)
     cov_s = torch.cov(s) + EPS * torch.eye(3, dtype=s.dtype)
     cov_c = torch.cov(c) + EPS * torch.eye(3, dtype=c.dtype)
-    transform = _sym_power(cov_c, 0.5) @ _sym_power(cov_s, -0.5)
+    transform = sym_power(cov_c, 0.5, EPS) @ sym_power(cov_s, -0.5, EPS)
     out = transform @ (s - mu_s) + mu_c
     return out.reshape(style.shape).to(style.dtype).clamp(0, 1)
 
-
-def _sym_power(m: torch.Tensor, p: float) -> torch.Tensor:
-    values, vectors = torch.linalg.eigh(m)
-    return (vectors * values.clamp_min(EPS) ** p) @ vectors.T

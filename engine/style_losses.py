@@ -147,10 +147,15 @@ def _trace(m: torch.Tensor) -> torch.Tensor:
     return m.diagonal(dim1=-2, dim2=-1).sum(-1)
 
 
+def sym_power(m: torch.Tensor, p: float, floor: float = 0.0) -> torch.Tensor:
+    """``m ** p`` of a symmetric positive semi-definite matrix by ``eigh``, eigenvalues clamped at ``floor``."""
+    values, vectors = torch.linalg.eigh(m)
+    return (vectors * values.clamp_min(floor) ** p) @ vectors.T
+
+
 def sqrtm_eigh(cov: torch.Tensor) -> torch.Tensor:
     """Symmetric square root of a covariance, in float64 (no gradient needed: targets only)."""
-    values, vectors = torch.linalg.eigh(cov.double())
-    return (vectors * values.clamp_min(0).sqrt()) @ vectors.T
+    return sym_power(cov.double(), 0.5)
 
 
 def trace_sqrtm(m: torch.Tensor, iters: int = NEWTON_SCHULZ_ITERS) -> torch.Tensor:
