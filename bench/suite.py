@@ -36,7 +36,7 @@ from engine.api import loop_extractor
 from engine.criterion import build_criterion
 from engine.errors import UserError
 from engine.images import load_image, resize
-from engine.optimize import make_step
+from engine.optimize import Objective, make_step
 from engine.runtime import cpu_supports, resolve_device, resolve_runtime
 from engine.vgg import downsampling
 
@@ -159,7 +159,7 @@ def build_step(lever: Lever, size: int, device: torch.device, base: Optional[Con
     jobs = [([style], (1.0,))] * lever.batch
     criterion = build_criterion(config, extractor, batch, jobs, min_side, runtime)
     image = batch.clone().requires_grad_(True)
-    return make_step(image, extractor, criterion, "adam", config.lr, runtime), config
+    return make_step(image, Objective(extractor, criterion, runtime.autocast), "adam", config.lr, runtime), config
 
 
 def run_row(lever: Lever, size: int, device: torch.device, warmup: int, repeats: int) -> dict:

@@ -21,7 +21,7 @@ from . import checkpoint as ckpt
 from . import color
 from .checkpoint import CheckpointPlan
 from .criterion import build_criterion
-from .optimize import SYNC_EVERY, StepInfo, optimize_scale
+from .optimize import SYNC_EVERY, Objective, StepInfo, optimize_scale
 from .runtime import Runtime, resolve_device, resolve_runtime
 from .schedule import build_schedule
 from .style_losses import SlicedOTStyleLoss
@@ -258,7 +258,7 @@ def _run_batch(jobs: list[_Job], schedule, config, runtime, extractor, min_side,
             })
 
         image = optimize_scale(
-            image, extractor, criterion, scale.steps, config.optimizer, config.lr, on_step, runtime=runtime,
+            image, Objective(extractor, criterion, runtime.autocast), scale.steps, config.optimizer, config.lr, on_step, runtime=runtime,
             sync_every=None if callback is not None else SYNC_EVERY, ema_decay=config.ema_decay,
             resume=scale_resume, checkpoint=save_state if plan is not None else None,
             checkpoint_due=lambda i, done=done: bool(plan.every) and (done + i) % plan.every == 0,

@@ -1,10 +1,11 @@
 """One scale of the optimisation: the image is the parameter.
 
-``StepFunction`` is the unit of work every path shares: one call computes the
-features, the loss and its gradient, and moves the pixels once. Faster paths
-swap what runs around it, never the maths: ``GraphedStep`` captures a
-``StepFunction`` call as a CUDA graph and replays it; compiled extractors
-(TorchScript) are just another ``extractor``.
+``StepFunction`` is the unit of work every path shares: one call evaluates the
+``Objective`` (the loss and its gradient with respect to the pixels) and moves
+the pixels once. Faster or larger paths swap what runs around it, never the
+maths: ``GraphedStep`` captures a ``StepFunction`` call as a CUDA graph and
+replays it; compiled extractors (TorchScript) are just another ``extractor``;
+``tiling.TiledObjective`` computes the same loss and gradient tile by tile.
 """
 
 from __future__ import annotations
@@ -48,31 +49,42 @@ class StepInfo:
     jobs: tuple[int, ...] = (0,)  # which of the run's jobs this (batched) step serves
 
 
+class Objective:
+    """The loss of one scale as a function of the image: ``objective(image) -> (total, parts)``.
+
+    It leaves the gradient with respect to ``image`` in ``image.grad`` (added
+    to what is there). ``autocast`` wraps the extractor only: the image and
+    the losses stay float32.
+    """
+
+    capturable = True  # one forward and backward of fixed shapes: a CUDA graph can record it
+
+    def __init__(self, extractor: Callable, criterion: Callable,
+                 autocast: Callable[[], ContextManager] = contextlib.nullcontext):
+        self.extractor, self.criterion, self.autocast = extractor, criterion, autocast
+
+    def __call__(self, image: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        with self.autocast():
+            features = self.extractor(image)
+        total, parts = self.criterion(features, image)
+        total.backward()
+        return total.detach(), {k: v.detach() for k, v in parts.items()}
+
+
 class StepFunction:
     """Callable that performs one optimisation step and returns ``(total, parts)``.
 
-    Adam: one forward/backward, one update, then the pixels are clamped to
-    [0, 1]. L-BFGS: one iteration with a strong-Wolfe line search; the image
-    is left unclamped during the scale (clamping would break the curvature
-    pairs) and clamped when the scale ends. ``autocast`` wraps the extractor
-    only: the image, the optimiser state and the losses stay float32.
+    Adam: one evaluation of the objective, one update, then the pixels are
+    clamped to [0, 1]. L-BFGS: one iteration with a strong-Wolfe line search;
+    the image is left unclamped during the scale (clamping would break the
+    curvature pairs) and clamped when the scale ends. The optimiser state
+    stays float32 whatever the objective computes in.
     """
 
-    def __init__(
-        self,
-        image: torch.Tensor,
-        extractor: Callable,
-        criterion: Callable,
-        optimizer: str,
-        lr: float,
-        autocast: Callable[[], ContextManager] = contextlib.nullcontext,
-        capturable: bool = False,
-    ):
+    def __init__(self, image: torch.Tensor, objective: Callable, optimizer: str, lr: float, capturable: bool = False):
         self.image = image
-        self.extractor = extractor
-        self.criterion = criterion
+        self.objective = objective
         self.kind = optimizer
-        self.autocast = autocast
         if optimizer == "adam":
             # capturable keeps Adam's step count on the device, which CUDA graph replay needs.
             fused = image.is_cuda or None  # one kernel for the whole update on CUDA
@@ -87,11 +99,9 @@ class StepFunction:
     def evaluate(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Loss at the current image, with its gradient left in ``image.grad``."""
         self.optimizer.zero_grad(set_to_none=False)
-        with self.autocast():
-            features = self.extractor(self.image)
-        total, parts = self.criterion(features, self.image)
-        total.backward()
-        return total.detach(), {k: v.detach() for k, v in parts.items()}
+        if self.image.grad is None:  # the objective adds to it
+            self.image.grad = torch.zeros_like(self.image)
+        return self.objective(self.image)
 
     def __call__(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if self.kind == "adam":
@@ -174,11 +184,14 @@ class GraphedStep:
         return self.step.finish()
 
 
-def make_step(image: torch.Tensor, extractor, criterion, optimizer: str, lr: float, runtime) -> Callable:
-    """The step for this scale: a ``StepFunction``, wrapped in a ``GraphedStep`` when the runtime says so."""
-    graphs = runtime is not None and runtime.cuda_graphs and optimizer == "adam"
-    autocast = runtime.autocast if runtime is not None else contextlib.nullcontext
-    step = StepFunction(image, extractor, criterion, optimizer, lr, autocast=autocast, capturable=graphs)
+def make_step(image: torch.Tensor, objective: Callable, optimizer: str, lr: float, runtime) -> Callable:
+    """The step for this scale: a ``StepFunction``, wrapped in a ``GraphedStep`` when the runtime says so.
+
+    Tiled objectives are not captured: at the sizes that need tiles each kernel runs long enough that
+    launch overhead, what graphs remove, no longer matters.
+    """
+    graphs = runtime is not None and runtime.cuda_graphs and optimizer == "adam" and objective.capturable
+    step = StepFunction(image, objective, optimizer, lr, capturable=graphs)
     return GraphedStep(step) if graphs else step
 
 
@@ -192,8 +205,7 @@ class Interrupted(Exception):
 
 def optimize_scale(
     image: torch.Tensor,
-    extractor: Callable,
-    criterion: Callable,
+    objective: Callable,
     steps: int,
     optimizer: str,
     lr: float,
@@ -226,7 +238,7 @@ def optimize_scale(
     start = 0 if resume is None else int(resume["step"])
     source = image if resume is None else resume["image"].to(image)
     param = source.detach().clone(memory_format=torch.preserve_format).requires_grad_(True)
-    step = make_step(param, extractor, criterion, optimizer, lr, runtime)
+    step = make_step(param, objective, optimizer, lr, runtime)
     every = sync_every or (1 if on_step is not None else SYNC_EVERY)
     pending: list[tuple[int, torch.Tensor]] = []
     names: list[str] = []

@@ -16,7 +16,9 @@ import torch
 from engine import Config, UserError, stylize
 from engine.api import loop_extractor, stylize_batch
 from engine.criterion import build_criterion
-from engine.optimize import GRAPH_WARMUP, GraphedStep, NonFiniteLoss, StepFunction, make_step, optimize_scale
+from engine.optimize import (
+    GRAPH_WARMUP, GraphedStep, NonFiniteLoss, Objective, StepFunction, make_step, optimize_scale,
+)
 from engine.runtime import Runtime, resolve_runtime
 
 SMALL = dict(content_layers=("relu2_2",), style_layers=("relu1_1", "relu2_1", "relu3_1"))
@@ -127,7 +129,7 @@ def test_autocast_step_on_cpu_tracks_fp32():
         extractor = loop_extractor(config, rt)
         criterion = build_criterion(config, extractor, content, [([style], (1.0,))], 8, rt)
         image = content.clone().requires_grad_(True)
-        step = make_step(image, extractor, criterion, "adam", 0.02, rt)
+        step = make_step(image, Objective(extractor, criterion, rt.autocast), "adam", 0.02, rt)
         assert isinstance(step, StepFunction)
         losses[precision] = [step()[0] for _ in range(3)]
         assert image.dtype == torch.float32
@@ -159,7 +161,7 @@ def test_nan_guard_stops_with_the_step_number(sync_every):
     image = torch.rand(1, 3, 8, 8)
     seen = []
     with pytest.raises(NonFiniteLoss, match="the loss became NaN at step 3 of this scale, so the run stopped"):
-        optimize_scale(image, lambda x: {"x": x}, _Poisoned(3), 10, "adam", 0.1,
+        optimize_scale(image, Objective(lambda x: {"x": x}, _Poisoned(3)), 10, "adam", 0.1,
                        on_step=lambda i, *a: seen.append(i), sync_every=sync_every)
     assert seen == [1, 2]  # the good steps were reported, nothing after the bad one
 
@@ -184,7 +186,8 @@ def test_nan_guard_reaches_the_cli_as_one_sentence(monkeypatch, tmp_path):
 
 def test_graphs_are_not_used_off_cuda():
     rt = Runtime(torch.device("cpu"), "fp32", channels_last=False, cuda_graphs=False)
-    step = make_step(torch.rand(1, 3, 4, 4, requires_grad=True), lambda x: {"x": x}, _Poisoned(99), "adam", 0.1, rt)
+    step = make_step(torch.rand(1, 3, 4, 4, requires_grad=True), Objective(lambda x: {"x": x}, _Poisoned(99)), "adam",
+                     0.1, rt)
     assert isinstance(step, StepFunction)
 
 
