@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Optional
 
 
 def register(sub) -> None:
@@ -13,18 +14,43 @@ def register(sub) -> None:
                     "CUDA graphs, TorchScript, batches), at several sizes, against an eager fp32 baseline measured "
                     "in the same run. See bench/suite.py for what each column means.",
     )
-    p.add_argument("--sizes", type=_sizes, metavar="A,B,...", help="square sizes (default: 256,512,1024,2048 on "
-                   "CUDA, 128,256 on the CPU)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--sizes", type=_sizes, metavar="A,B,...", help="square sizes (default: 256,512,1024,2048 "
+                       "on CUDA, 128,256 on the CPU)")
+    which.add_argument("--sweep", type=_sweep, metavar="LOW:HIGH[:N]",
+                       help="N sizes from LOW to HIGH in a geometric progression (default N: a factor of about "
+                            "sqrt(2)), for the baseline only unless --only adds configurations; fits each one's "
+                            "cost, fixed + per pixel")
     p.add_argument("--only", type=lambda t: [x for x in t.split(",") if x], metavar="A,B",
                    help="run only these configurations (and the baseline)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="(default: auto)")
     p.add_argument("--warmup", type=_positive, default=5, help="untimed steps first (default: 5)")
-    p.add_argument("--repeats", type=_positive, default=20, help="timed steps; the median is reported (default: 20)")
+    p.add_argument("--repeats", type=_positive, default=20,
+                   help="timed steps; the median is reported with its 95%% interval, narrower with more repeats "
+                        "(default: 20)")
     p.add_argument("--batch", type=_positive, default=4, help="jobs per step in the batch rows (default: 4)")
     p.add_argument("--json", type=Path, metavar="PATH", help="also write the results, with machine and commit, as JSON")
+    p.add_argument("--plot", type=Path, metavar="DIR",
+                   help="also write PNG charts (time, memory, speedup, peak) into DIR, replacing those there")
     p.add_argument("--profile", type=Path, metavar="PATH",
                    help="instead of the table, write a torch.profiler trace of the 'all' configuration")
     p.set_defaults(run=run)
+
+    sub_bench = p.add_subparsers(dest="bench_command", metavar="compare", required=False)
+    c = sub_bench.add_parser(
+        "compare", help="compare two recorded runs: NEW/OLD per row, marked only outside the noise",
+        description="Compare two runs recorded with `nst bench --json` (or pytest-benchmark JSON): per row of both, "
+                    "the ratio of the median times NEW/OLD with its bootstrap 95% interval, marked slower or "
+                    "faster only outside the noise. Rows in only one file are listed.",
+    )
+    c.add_argument("old", type=Path, metavar="OLD.json")
+    c.add_argument("new", type=Path, metavar="NEW.json")
+    c.add_argument("--noise", type=_percent, default=5.0, metavar="PCT",
+                   help="changes smaller than this are never marked: the drift between two runs that one run's "
+                        "repeats cannot show (default: 5)")
+    c.add_argument("--fail-slower", type=_percent, metavar="PCT",
+                   help="exit with status 1 if a row is marked slower by more than PCT percent")
+    c.set_defaults(run=run_compare)
 
 
 def _positive(text: str) -> int:
@@ -35,6 +61,28 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
     return value
+
+
+def _percent(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < 1000:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a percentage from 0 up")
+    return value
+
+
+def _sweep(text: str) -> tuple[int, int, Optional[int]]:
+    parts = text.split(":")
+    if len(parts) not in (2, 3):
+        raise argparse.ArgumentTypeError(f"{text!r} is not LOW:HIGH or LOW:HIGH:N (e.g. 128:1024)")
+    low, high, *count = (_positive(part) for part in parts)
+    if low >= high:
+        raise argparse.ArgumentTypeError(f"{text!r} must go from a smaller size to a larger one")
+    if count and count[0] < 2:
+        raise argparse.ArgumentTypeError(f"{text!r} must have at least 2 sizes")
+    return low, high, count[0] if count else None
 
 
 def _sizes(text: str) -> list[int]:
@@ -49,7 +97,32 @@ def run(args: argparse.Namespace) -> int:
         path = suite.profile(args.only[0] if args.only else "all", size, args.device, args.profile)
         print(f"wrote {path} (open it in https://ui.perfetto.dev or chrome://tracing)")
         return 0
-    results = suite.run(args.sizes, args.device, args.warmup, args.repeats, args.batch, args.only)
+    sizes, only = args.sizes, args.only
+    if args.sweep:
+        sizes = suite.sweep_sizes(*args.sweep)
+        only = only or ["baseline"]
+    results = suite.run(sizes, args.device, args.warmup, args.repeats, args.batch, only)
     if args.json:
         print(f"wrote {suite.write_json(results, args.json)}")
+    if args.plot:
+        from .plot import write_charts
+
+        print("wrote " + ", ".join(map(str, write_charts(results, args.plot))))
+    return 0
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    from . import compare
+
+    old, new = compare.load(args.old), compare.load(args.new)
+    noise = args.noise / 100
+    result = compare.compare(old, new, noise)
+    for line in compare.report(result, old, new, noise):
+        print(line)
+    if args.fail_slower is not None:
+        failed = compare.too_slow(result, args.fail_slower)
+        if failed:
+            print(f"FAIL: {len(failed)} row(s) slower by more than {args.fail_slower:g}%: "
+                  + ", ".join(compare._name(c.key) for c in failed))
+            return 1
     return 0

@@ -6,14 +6,21 @@ CUDA-graph wrapper as ``nst stylize``) on the bundled samples, resized to a
 square. Each row gives:
 
 * ms per step: median over ``--repeats`` steps after ``--warmup`` steps
-  (CUDA events on a GPU, ``perf_counter`` on the CPU, synchronised);
+  (CUDA events on a GPU, ``perf_counter`` on the CPU, synchronised), and the
+  bootstrap 95% interval of that median (``bench/stats.py``); every repeat is
+  kept in the JSON, so that ``nst bench compare`` can weigh two runs' noise;
 * Mpx-steps/s: megapixels optimised per second, batch included;
-* peak memory (CUDA only: ``torch.cuda.max_memory_allocated``);
+* peak memory of the whole row (building the step, warm-up and timed steps)
+  above what was in use before it: CUDA tensors, or the CPU's resident set
+  (``bench/memory.py``);
 * TFLOP/s by the count in ``bench/flops.py`` and its share of the matmul
   peak measured at the start of the same run, in the row's precision;
 * speed-up: the baseline's time per image-step over this row's.
 
-The baseline is eager float32, NCHW, one image, no CUDA graph.
+The baseline is eager float32, NCHW, one image, no CUDA graph. A row is a
+:class:`Lever`: a name and the ``Config`` fields it changes from the baseline.
+With sizes at several scales (``--sweep``), each configuration's times are
+fitted to a cost model, a fixed cost per step plus a cost per pixel.
 """
 
 from __future__ import annotations
@@ -22,12 +29,14 @@ import contextlib
 import dataclasses
 import datetime
 import json
+import math
+import os
 import platform
 import statistics
 import subprocess
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -41,6 +50,8 @@ from engine.runtime import cpu_supports, resolve_device, resolve_runtime
 from engine.vgg import downsampling
 
 from .flops import step_flops
+from .memory import peak_memory
+from .stats import fit_cost, summary
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -48,15 +59,40 @@ DEFAULT_SIZES = {"cuda": (256, 512, 1024, 2048), "cpu": (128, 256)}
 MATMUL_N = {"cuda": 8192, "cpu": 2048}  # large enough to reach the peak, small enough to time quickly
 
 
-@dataclasses.dataclass(frozen=True)
+# What every row starts from; a Lever changes some of these (or any other Config field).
+BASELINE = {"precision": "fp32", "memory_format": "contiguous", "cuda_graphs": "off", "batch_size": 1,
+            "backend": "eager", "style_loss": "gram"}
+_CONFIG_FIELDS = {f.name for f in dataclasses.fields(Config)}
+
+
+@dataclasses.dataclass(frozen=True, init=False)
 class Lever:
+    """A row of the matrix: a name and the ``Config`` fields it changes from :data:`BASELINE`.
+
+    ``Lever("channels_last", memory_format="channels_last")``; ``batch_size`` is the number of images per step.
+    """
+
     name: str
-    precision: str = "fp32"
-    memory_format: str = "contiguous"
-    cuda_graphs: str = "off"
-    batch: int = 1
-    backend: str = "eager"
-    style_loss: str = "gram"
+    overrides: tuple[tuple[str, Any], ...]  # sorted pairs, so that a Lever stays hashable
+
+    def __init__(self, name: str, **overrides: Any):
+        unknown = sorted(set(overrides) - _CONFIG_FIELDS)
+        if unknown:
+            raise TypeError(f"Lever {name!r}: {unknown[0]!r} is not a Config field")
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "overrides", tuple(sorted(overrides.items())))
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return {**BASELINE, **dict(self.overrides)}
+
+    @property
+    def batch(self) -> int:
+        return self.settings["batch_size"]
+
+    @property
+    def precision(self) -> str:
+        return self.settings["precision"]
 
 
 def matrix(device: torch.device, batch: int = 4) -> tuple[list[Lever], list[str]]:
@@ -79,18 +115,20 @@ def matrix(device: torch.device, batch: int = 4) -> tuple[list[Lever], list[str]
     else:
         skipped.append("cuda_graphs: CUDA only")
     levers.append(Lever("torchscript", backend="torchscript"))
-    levers.append(Lever(f"batch{batch}", batch=batch))
+    levers.append(Lever(f"batch{batch}", batch_size=batch))
     fast = next((lv.precision for lv in levers if lv.precision in ("bf16", "fp16")), "tf32" if cuda else "fp32")
     together = dict(precision=fast, memory_format="channels_last", cuda_graphs="on" if cuda else "off")
     levers.append(Lever("all", **together))
-    levers.append(Lever(f"all+batch{batch}", batch=batch, **together))
+    levers.append(Lever(f"all+batch{batch}", batch_size=batch, **together))
     # Not levers but costs: the other style losses on the baseline settings.
     levers += [Lever("loss_ot", style_loss="ot"), Lever("loss_w2", style_loss="w2")]
     return levers, skipped
 
 
 def _fields(lever: Lever) -> dict:
-    return {k: v for k, v in dataclasses.asdict(lever).items() if k != "name"}
+    """The row's settings as recorded in the table and the JSON (``batch`` for ``batch_size``)."""
+    fields = {k: v for k, v in lever.settings.items() if k != "batch_size"}
+    return {**fields, "batch": lever.batch}
 
 
 def measure_matmul_peak(device: torch.device, precisions, repeats: int = 10) -> dict[str, float]:
@@ -120,11 +158,10 @@ def _tf32(device: torch.device, enabled: bool):
         torch.backends.cuda.matmul.allow_tf32 = before
 
 
-def median_time(fn: Callable, device: torch.device, warmup: int, repeats: int) -> float:
-    """Median seconds of ``fn()`` after ``warmup`` calls; CUDA events on a GPU."""
+def time_samples(fn: Callable, device: torch.device, warmup: int, repeats: int) -> list[float]:
+    """Seconds of each of ``repeats`` calls of ``fn()`` after ``warmup`` calls; CUDA events on a GPU."""
     for _ in range(warmup):
         fn()
-    samples = []
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
@@ -133,23 +170,23 @@ def median_time(fn: Callable, device: torch.device, warmup: int, repeats: int) -
             fn()
             end.record()
         torch.cuda.synchronize(device)
-        samples = [start.elapsed_time(end) / 1e3 for start, end in events]
-    else:
-        for _ in range(repeats):
-            started = time.perf_counter()
-            fn()
-            samples.append(time.perf_counter() - started)
-    return statistics.median(samples)
+        return [start.elapsed_time(end) / 1e3 for start, end in events]
+    samples = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - started)
+    return samples
+
+
+def median_time(fn: Callable, device: torch.device, warmup: int, repeats: int) -> float:
+    """Median seconds of ``fn()`` after ``warmup`` calls."""
+    return statistics.median(time_samples(fn, device, warmup, repeats))
 
 
 def build_step(lever: Lever, size: int, device: torch.device, base: Optional[Config] = None):
     """The engine's step for ``lever`` on the samples at ``size`` x ``size``: ``(step, config)``."""
-    base = base or Config()
-    config = dataclasses.replace(
-        base, device=device.type, precision=lever.precision, memory_format=lever.memory_format,
-        cuda_graphs=lever.cuda_graphs, backend=lever.backend, batch_size=lever.batch, optimizer="adam",
-        style_loss=lever.style_loss,
-    )
+    config = dataclasses.replace(base or Config(), device=device.type, optimizer="adam", **lever.settings)
     runtime = resolve_runtime(config, device)
     content = resize(load_image(EXAMPLES / "tubingen.jpg"), (size, size))
     style = load_image(EXAMPLES / "starry_night.jpg")
@@ -162,49 +199,91 @@ def build_step(lever: Lever, size: int, device: torch.device, base: Optional[Con
     return make_step(image, Objective(extractor, criterion, runtime.autocast), "adam", config.lr, runtime), config
 
 
-def run_row(lever: Lever, size: int, device: torch.device, warmup: int, repeats: int) -> dict:
+# ``(lever, size, device) -> (step, config)``: build_step, or a stand-in in the tests.
+StepBuilder = Callable[[Lever, int, torch.device], tuple[Callable, Config]]
+
+
+def run_row(lever: Lever, size: int, device: torch.device, warmup: int, repeats: int,
+            build: StepBuilder = build_step) -> dict:
+    """Time one configuration at one size; its memory is that of the whole row (building included)."""
+    def work():
+        step, config = build(lever, size, device)
+        return time_samples(step, device, warmup, repeats), config
+
     if device.type == "cuda":
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-    step, config = build_step(lever, size, device)
-    seconds = median_time(step, device, warmup, repeats)
+    (samples, config), peak = peak_memory(work, device)
+    spread = summary(samples)
+    seconds = spread["median"]
     flops = step_flops(config.model, config.feature_layers, config.style_layers, size, size, lever.batch,
-                       lever.style_loss)
+                       config.style_loss)
     return {
         "config": lever.name, **_fields(lever), "size": size, "ms_per_step": seconds * 1e3,
+        "ms_ci95": [spread["ci_low"] * 1e3, spread["ci_high"] * 1e3],
+        "ms_iqr": [spread["q1"] * 1e3, spread["q3"] * 1e3], "samples_ms": [t * 1e3 for t in samples],
         "mpx_steps_per_s": lever.batch * size * size / 1e6 / seconds,
-        "peak_mib": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
+        "peak_mib": peak / 2**20 if peak is not None else None,
         "flops_per_step": flops["total"], "tflops": flops["total"] / seconds / 1e12,
     }
 
 
+def sweep_sizes(low: int, high: int, count: Optional[int] = None) -> list[int]:
+    """``count`` sizes from ``low`` to ``high`` in a geometric progression (default: a factor of about sqrt(2))."""
+    if not 0 < low < high:
+        raise UserError(f"the sweep {low}:{high} must go from a smaller size to a larger one")
+    if count is None:
+        count = round(2 * math.log2(high / low)) + 1
+    if count < 2:
+        raise UserError(f"a sweep needs at least 2 sizes, not {count}")
+    sizes = [round(low * (high / low) ** (i / (count - 1))) for i in range(count)]
+    return list(dict.fromkeys(sizes))  # a short range can round two steps to one size
+
+
+def select(levers: list[Lever], only: Optional[list[str]]) -> list[Lever]:
+    """The baseline and the levers named in ``only`` (all of them when ``only`` is empty)."""
+    if not only:
+        return levers
+    unknown = [name for name in only if name not in {lv.name for lv in levers}]
+    if unknown:
+        raise UserError(f"configuration {unknown[0]!r} is not in the matrix here; "
+                        f"available: {', '.join(lv.name for lv in levers)}")
+    return [lv for lv in levers if lv.name == "baseline" or lv.name in only]
+
+
 def run(sizes=None, device_name: str = "auto", warmup: int = 5, repeats: int = 20, batch: int = 4,
-        only: Optional[list[str]] = None, log: Callable[[str], None] = print) -> dict:
-    """The whole matrix; returns ``{"meta": ..., "rows": [...]}`` and logs the table as it goes."""
+        only: Optional[list[str]] = None, log: Callable[[str], None] = print,
+        levers: Optional[list[Lever]] = None, build: StepBuilder = build_step) -> dict:
+    """The matrix (or ``levers``) at every size; returns ``{"meta", "rows", "fits"}`` and logs the table as it goes.
+
+    ``fits`` holds a cost model per configuration measured at two sizes or more.
+    """
     device = resolve_device(device_name)
-    levers, skipped = matrix(device, batch)
-    if only:
-        unknown = [name for name in only if name not in {lv.name for lv in levers}]
-        if unknown:
-            raise UserError(f"configuration {unknown[0]!r} is not in the matrix here; "
-                            f"available: {', '.join(lv.name for lv in levers)}")
-        levers = [lv for lv in levers if lv.name == "baseline" or lv.name in only]
+    skipped = []
+    if levers is None:
+        levers, skipped = matrix(device, batch)
+    levers = select(levers, only)
     sizes = sizes or DEFAULT_SIZES[device.type]
     peaks = measure_matmul_peak(device, [lv.precision for lv in levers])
     meta = describe_machine(device)
     meta.update(matmul_peak_tflops=peaks, warmup=warmup, repeats=repeats, skipped=skipped,
-                flop_count="bench/flops.py: convolutions forward + input-gradient backward, Gram forward + backward")
+                flop_count="bench/flops.py: convolutions forward + input-gradient backward, Gram forward + backward",
+                peak_memory=PEAK_MEMORY[device.type])
     log(f"device: {meta['device']}, torch {meta['torch']}, commit {meta['commit'][:12]}")
+    log(f"host: {meta['cpu']}, {meta['threads']} threads; CUDA {meta['cuda']}, cuDNN {meta['cudnn']}")
     log("matmul peak measured now: " + ", ".join(f"{k} {v:.2f} TFLOP/s" for k, v in peaks.items()))
     for line in skipped:
         log(f"skipped {line}")
+    log(f"ms/step: median of {repeats} steps after {warmup}, with the bootstrap 95% interval of the median; "
+        f"peak MiB: {meta['peak_memory']}")
+    # Loads the weights into their cache once, so that no row's memory includes reading them.
+    build(levers[0], min(sizes), device)
     log(HEADER)
     rows = []
     for size in sizes:
         baseline = None
         for lever in levers:
             try:
-                row = run_row(lever, size, device, warmup, repeats)
+                row = run_row(lever, size, device, warmup, repeats, build)
             except (torch.OutOfMemoryError, RuntimeError) as exc:
                 # CUDA raises OutOfMemoryError; the CPU allocator a RuntimeError ("can't allocate memory").
                 if not isinstance(exc, torch.OutOfMemoryError) and "allocate" not in str(exc):
@@ -220,11 +299,37 @@ def run(sizes=None, device_name: str = "auto", warmup: int = 5, repeats: int = 2
                 row["speedup"] = baseline["ms_per_step"] / per_image if baseline else None
             rows.append(row)
             log(format_row(row))
-    return {"meta": meta, "rows": rows}
+    fits = fit_levers(rows)
+    for name, fit in fits.items():
+        log(f"cost model {name}: {fit['text']}")
+    return {"meta": meta, "rows": rows, "fits": fits}
 
 
-HEADER = (f"{'config':<16} {'size':>5} {'batch':>5} {'ms/step':>9} {'Mpx-steps/s':>11} {'peak MiB':>9} "
-          f"{'TFLOP/s':>8} {'% peak':>7} {'speed-up':>8}")
+PEAK_MEMORY = {
+    "cpu": "the row's peak resident set above the resident set before it (building, warm-up, timing)",
+    "cuda": "the row's peak of allocated CUDA tensors above what was allocated before it",
+}
+
+
+def fit_levers(rows: list[dict]) -> dict[str, dict]:
+    """A cost model (``bench.stats.fit_cost``) per configuration timed at two sizes or more."""
+    by_name: dict[str, list[dict]] = {}
+    for row in rows:
+        if "error" not in row:
+            by_name.setdefault(row["config"], []).append(row)
+    fits = {}
+    for name, measured in by_name.items():
+        if len({row["size"] for row in measured}) < 2:
+            continue
+        model = fit_cost([row["batch"] * row["size"] ** 2 for row in measured],
+                         [row["ms_per_step"] / 1e3 for row in measured])
+        fits[name] = {"fixed_ms": model.fixed_s * 1e3, "ms_per_mpx": model.per_pixel_s * 1e9,
+                      "worst_residual": model.worst_residual, "text": model.describe()}
+    return fits
+
+
+HEADER = (f"{'config':<16} {'size':>5} {'batch':>5} {'ms/step':>9} {'95% interval':>17} {'Mpx-steps/s':>11} "
+          f"{'peak MiB':>9} {'TFLOP/s':>8} {'% peak':>7} {'speed-up':>8}")
 
 
 def format_row(row: dict) -> str:
@@ -233,15 +338,15 @@ def format_row(row: dict) -> str:
         return f"{head} {row['error']}"
     peak = f"{row['peak_mib']:>9.0f}" if row["peak_mib"] is not None else f"{'-':>9}"
     speedup = f"{row['speedup']:>7.2f}x" if row.get("speedup") else f"{'-':>8}"
-    return (f"{head} {row['ms_per_step']:>9.1f} {row['mpx_steps_per_s']:>11.3f} {peak} "
+    low, high = row["ms_ci95"]
+    interval = f"{low:.1f}-{high:.1f}"
+    return (f"{head} {row['ms_per_step']:>9.1f} {interval:>17} {row['mpx_steps_per_s']:>11.3f} {peak} "
             f"{row['tflops']:>8.3f} {row['pct_matmul_peak']:>6.1f}% {speedup}")
 
 
 def describe_machine(device: torch.device) -> dict:
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        name = _cpu_model() or platform.processor() or platform.machine() or "cpu"
+    cpu = _cpu_model() or platform.processor() or platform.machine() or "cpu"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                                 timeout=10).stdout.strip() or "unknown"
@@ -250,8 +355,8 @@ def describe_machine(device: torch.device) -> dict:
     except (OSError, subprocess.SubprocessError):
         commit, dirty = "unknown", ""
     return {
-        "device": name, "device_type": device.type, "torch": torch.__version__, "cuda": torch.version.cuda,
-        "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
+        "device": name, "device_type": device.type, "cpu": cpu, "cpu_count": os.cpu_count(),
+        "torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
         "threads": torch.get_num_threads(), "commit": commit + ("+dirty" if dirty else ""),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "python": platform.python_version(),
