@@ -238,8 +238,7 @@ def _run_batch(jobs: list[_Job], schedule, config, runtime, extractor, min_side,
         criterion = build_criterion(config, extractor, content, styles, min_side, runtime, scale_masks)
         generators = [m.generator for m in criterion.style.values() if isinstance(m, SlicedOTStyleLoss)]
         if scale_resume is not None:
-            for generator, state in zip(generators, resume.get("generators", [])):
-                generator.set_state(state)
+            ckpt.restore_generators(generators, resume)
 
         def on_step(i, loss, parts, live, scale=scale):
             record = {"scale": scale.index, "step": i, "loss": loss, **parts}
@@ -254,6 +253,7 @@ def _run_batch(jobs: list[_Job], schedule, config, runtime, extractor, min_side,
             ckpt.save(plan.path, {
                 **state, "scale": scale.index, "config": ckpt.config_state(config), "inputs": inputs,
                 "history": [dict(h) for h in history], "generators": [g.get_state() for g in generators],
+                "generator_device": runtime.device.type,
                 "cli": plan.extra,
             })
 

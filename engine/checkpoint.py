@@ -80,11 +80,16 @@ def load(path: os.PathLike) -> dict:
     return state
 
 
+# Settings a run may change when it goes on: where it runs (see ``restore_generators`` for what that changes).
+PORTABLE = ("device",)
+
+
 def check_compatible(state: dict, config: Config, inputs: dict, path: os.PathLike) -> None:
     """Refuse a checkpoint made with other settings or other input images."""
     saved = state["config"]
     ours = config_state(config)
-    differences = [f"{k} {saved.get(k)!r} in the checkpoint, {v!r} now" for k, v in ours.items() if saved.get(k) != v]
+    differences = [f"{k} {saved.get(k)!r} in the checkpoint, {v!r} now" for k, v in ours.items()
+                   if saved.get(k) != v and k not in PORTABLE]
     if differences:
         raise UserError(f"checkpoint {os.fspath(path)!r} was made with other settings ({differences[0]}); "
                         "resume with the same settings, or start afresh")
@@ -92,6 +97,29 @@ def check_compatible(state: dict, config: Config, inputs: dict, path: os.PathLik
         if state["inputs"].get(name) != value:
             raise UserError(f"checkpoint {os.fspath(path)!r} was made from another {name.replace('_', ' ')}; "
                             "resume with the same images, or start afresh")
+
+
+def restore_generators(generators: list[torch.Generator], state: dict) -> None:
+    """Put the loss's random generators back where the checkpoint left them.
+
+    A generator's state only fits a generator of the same device type (the CPU's is 5056 bytes, CUDA's
+    16), and a stream drawn on one device cannot be continued on the other. A checkpoint resumed on
+    another device type therefore reseeds each generator, deterministically, from its own seed and
+    the scale and step reached: the same checkpoint resumed twice draws the same directions, but
+    not those an uninterrupted run on the first device would have drawn.
+    """
+    saved = state.get("generators", [])
+    for generator, saved_state in zip(generators, saved):
+        same = state.get("generator_device", generator.device.type) == generator.device.type
+        if same and saved_state.numel() == generator.get_state().numel():
+            generator.set_state(saved_state)
+        else:
+            generator.manual_seed(_reseed(generator.initial_seed(), state["scale"], state["step"]))
+
+
+def _reseed(seed: int, scale: int, step: int) -> int:
+    text = f"nst-reseed:{seed}:{scale}:{step}".encode()
+    return int.from_bytes(hashlib.sha256(text).digest()[:8], "little") >> 1  # below 2**63
 
 
 def input_digests(content: torch.Tensor, styles: list[torch.Tensor], masks: Optional[torch.Tensor]) -> dict:

@@ -244,7 +244,7 @@ def optimize_scale(
     names: list[str] = []
     average = torch.zeros_like(param, requires_grad=False) if ema_decay else None
     if resume is not None:
-        step.optimizer.load_state_dict(resume["optimizer"])
+        load_optimizer_state(step.optimizer, resume["optimizer"])
         if average is not None:
             average.copy_(resume["ema"])
 
@@ -275,6 +275,32 @@ def optimize_scale(
     if average is not None and steps > 0:
         result = (average / (1 - ema_decay**steps)).clamp_(0, 1)
     return result
+
+
+# Param-group settings that belong to this run's device, not to the checkpoint's.
+_DEVICE_FLAGS = ("capturable", "fused", "foreach")
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load a checkpoint's optimiser state, keeping this run's device settings.
+
+    ``load_state_dict`` also brings back the saved param-group flags: a checkpoint written on the CPU
+    would leave a CUDA run's Adam with ``capturable=False`` and its step count on the host, which CUDA
+    graph replay refuses, and one written on CUDA would ask the CPU for a fused update. The flags are
+    put back to this run's, and Adam's step count moves where they want it (the param's device when
+    capturable or fused, else the host). ``state`` itself is not modified.
+    """
+    ours = [{k: group[k] for k in _DEVICE_FLAGS if k in group} for group in optimizer.param_groups]
+    # A copy: load_state_dict keeps the very tensors it is given where they already fit, and the steps
+    # would then change the caller's checkpoint in place (resuming it twice would not start from the same state).
+    optimizer.load_state_dict(_to_cpu(state))
+    for group, flags in zip(optimizer.param_groups, ours):
+        group.update(flags)
+        on_device = group.get("capturable") or group.get("fused")
+        for param in group["params"]:
+            entry = optimizer.state.get(param, {})
+            if torch.is_tensor(entry.get("step")):
+                entry["step"] = entry["step"].to(param.device if on_device else "cpu")
 
 
 def _to_cpu(value):

@@ -234,3 +234,84 @@ def test_out_of_memory_is_one_sentence_naming_the_size(tmp_path, monkeypatch, ca
     assert err[0] == ("nst: error: ran out of memory at 48x40 (scale 2/2); try a smaller --size, --precision bf16, "
                       "or fewer --style-layers; the last checkpoint is kept at out.png.ckpt")
     assert not (tmp_path / "out.png").exists() and ckpt.load(tmp_path / "out.png.ckpt")["step"] == 2
+
+
+# --------------------------------------------------------------------------------------------- across devices
+
+# The Adam flags StepFunction uses on each device: CUDA captures (capturable) and fuses; this torch runs both
+# on the CPU too, so a checkpoint crossing devices can be simulated here with real optimisers.
+ADAM_FLAGS = {"cpu": dict(capturable=False, fused=None), "cuda": dict(capturable=True, fused=True)}
+
+
+def _adam_steps(optimizer, param, target, n):
+    for _ in range(n):
+        optimizer.zero_grad()
+        (param - target).pow(2).sum().backward()
+        optimizer.step()
+
+
+@pytest.mark.parametrize("saved,now", [("cpu", "cuda"), ("cuda", "cpu")], ids=["cpu-to-cuda", "cuda-to-cpu"])
+def test_optimizer_state_resumes_under_this_runs_device_flags(saved, now):
+    from engine.optimize import _to_cpu, load_optimizer_state
+
+    target = picture(8, 8, 3)[None]
+    first = torch.zeros(1, 3, 8, 8, requires_grad=True)
+    before = torch.optim.Adam([first], lr=0.05, **ADAM_FLAGS[saved])
+    _adam_steps(before, first, target, 3)
+    state = _to_cpu(before.state_dict())  # as optimize_scale writes it
+    second = first.detach().clone().requires_grad_(True)
+    after = torch.optim.Adam([second], lr=0.05, **ADAM_FLAGS[now])
+    load_optimizer_state(after, state)
+    group = after.param_groups[0]
+    assert {k: group[k] for k in ("capturable", "fused")} == ADAM_FLAGS[now]  # the checkpoint's flags are not kept
+    step = after.state[second]["step"]
+    assert step.device == second.device and float(step) == 3
+    _adam_steps(before, first, target, 3)
+    _adam_steps(after, second, target, 3)
+    torch.testing.assert_close(second, first, rtol=0, atol=1e-6)  # fused and unfused Adam: the same update
+
+
+def test_ot_checkpoint_from_another_device_reseeds_deterministically(pair, tmp_path):
+    config = Config(**SMALL, style_loss="ot")
+    full = stylize(*pair, config)
+    plan = ckpt.CheckpointPlan(str(tmp_path / "run.ckpt"), should_stop=stop_after(3))
+    with pytest.raises(Interrupted):
+        stylize(*pair, config, checkpoint=plan)
+    state = ckpt.load(tmp_path / "run.ckpt")
+    assert state["generator_device"] == "cpu"
+    # What a CUDA run writes: its generators' states are 16 bytes, which a CPU generator cannot take.
+    state["generator_device"] = "cuda"
+    state["generators"] = [torch.zeros(16, dtype=torch.uint8) for _ in state["generators"]]
+    with pytest.raises(RuntimeError):
+        torch.Generator().set_state(state["generators"][0])
+    resumed = [stylize(*pair, config, resume=state) for _ in range(2)]
+    torch.testing.assert_close(resumed[0].image, resumed[1].image, rtol=0, atol=0)  # reseeded the same way twice
+    assert not torch.equal(resumed[0].image, full.image)  # other directions than the uninterrupted run's ...
+    assert resumed[0].history[-1]["loss"] == pytest.approx(full.history[-1]["loss"], rel=0.1)  # ... to a like end
+
+
+CUDA = torch.cuda.is_available()
+cuda_only = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+
+
+@pytest.mark.cuda
+@cuda_only
+@pytest.mark.parametrize("loss", ["gram", "ot"])
+@pytest.mark.parametrize("first,then", [("cpu", "cuda"), ("cuda", "cpu")], ids=["cpu-to-cuda", "cuda-to-cpu"])
+def test_checkpoint_resumes_on_the_other_device(pair, tmp_path, loss, first, then):
+    # fp32 on both (auto would be tf32 on CUDA); CUDA graphs on wherever the loss allows them.
+    settings = dict(SMALL, style_loss=loss, precision="fp32")
+    graphs = "off" if loss == "ot" else "on"
+    on = {"cpu": Config(**settings), "cuda": Config(**{**settings, "device": "cuda", "cuda_graphs": graphs})}
+    full = stylize(*pair, on[then])
+    plan = ckpt.CheckpointPlan(str(tmp_path / "run.ckpt"), should_stop=stop_after(3))
+    with pytest.raises(Interrupted):
+        stylize(*pair, on[first], checkpoint=plan)
+    state = ckpt.load(tmp_path / "run.ckpt")
+    assert state["generator_device"] == first
+    resumed = stylize(*pair, on[then], resume=state)  # graph capture of Adam replays with the restored flags
+    assert len(resumed.history) == len(full.history)
+    assert torch.isfinite(torch.tensor([h["loss"] for h in resumed.history])).all()
+    # Other device, other kernels (and, for OT, reseeded directions): the same descent, not the same bits.
+    assert resumed.history[-1]["loss"] == pytest.approx(full.history[-1]["loss"], rel=0.1)
+    assert (resumed.image - full.image).abs().mean() < 0.02
