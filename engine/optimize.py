@@ -49,12 +49,57 @@ class StepInfo:
     jobs: tuple[int, ...] = (0,)  # which of the run's jobs this (batched) step serves
 
 
+class LossScale:
+    """Dynamic loss scaling for fp16, kept entirely on the device so that a CUDA graph captures it.
+
+    The losses are relative (divided by the target's norm and by H*W), so their gradients with
+    respect to the VGG features are about 1e-9: below float16's smallest subnormal (6e-8), they flush
+    to zero on the way back through the autocast region and the image stops moving. The loss is
+    multiplied by ``scale`` before the backward pass; the image's gradient (float32) is divided by
+    it again and checked for infinities in one kernel. A step whose gradient overflowed is skipped
+    by fused Adam (``found_inf``, which also leaves its step count alone) and the scale is halved;
+    after ``GROWTH_INTERVAL`` clean steps it doubles. No value is read on the host.
+    """
+
+    # The features' gradients (median ~5e-9, largest ~3e-5 at 192x256, both shrinking with the pixel count)
+    # times this sit in float16's normal range, with room to spare below its largest value.
+    INITIAL = 2.0**24
+    GROWTH_INTERVAL = 100
+    MAX_BACKOFFS = 40  # an overflowed evaluation is redone at most this often (down to 2^-16 of INITIAL)
+
+    def __init__(self, device: torch.device):
+        self.scale = torch.full((), self.INITIAL, device=device)
+        self.found_inf = torch.zeros((), device=device)
+        self._growth = torch.zeros((), dtype=torch.int32, device=device)
+        # Until one step has run without overflow, an overflow is redone at once rather than skipped (a
+        # host read, on the first step only: before any CUDA graph capture), so a scale set too high for
+        # this image's gradients does not cost the run its first steps.
+        self.settled = False
+
+    def unscale(self, grad: torch.Tensor) -> None:
+        """Divide a gradient computed through the scaled loss by the scale, and set ``found_inf`` if it overflowed."""
+        self.found_inf.zero_()
+        torch._amp_foreach_non_finite_check_and_unscale_([grad], self.found_inf, self.scale.reciprocal())
+
+    def update(self) -> None:
+        torch._amp_update_scale_(self.scale, self._growth, self.found_inf, 2.0, 0.5, self.GROWTH_INTERVAL)
+
+    def state_dict(self) -> dict:
+        return {"scale": self.scale.detach().cpu().clone(), "growth": self._growth.detach().cpu().clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scale.copy_(state["scale"])
+        self._growth.copy_(state["growth"])
+
+
 class Objective:
     """The loss of one scale as a function of the image: ``objective(image) -> (total, parts)``.
 
     It leaves the gradient with respect to ``image`` in ``image.grad`` (added
     to what is there). ``autocast`` wraps the extractor only: the image and
-    the losses stay float32.
+    the losses stay float32. With ``scale`` (fp16's loss scale, a device
+    scalar) the gradient left is that of ``scale * total``; the losses
+    returned are never scaled.
     """
 
     capturable = True  # one forward and backward of fixed shapes: a CUDA graph can record it
@@ -63,11 +108,11 @@ class Objective:
                  autocast: Callable[[], ContextManager] = contextlib.nullcontext):
         self.extractor, self.criterion, self.autocast = extractor, criterion, autocast
 
-    def __call__(self, image: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def __call__(self, image: torch.Tensor, scale: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict]:
         with self.autocast():
             features = self.extractor(image)
         total, parts = self.criterion(features, image)
-        total.backward()
+        (total if scale is None else total * scale).backward()
         return total.detach(), {k: v.detach() for k, v in parts.items()}
 
 
@@ -78,17 +123,23 @@ class StepFunction:
     clamped to [0, 1]. L-BFGS: one iteration with a strong-Wolfe line search;
     the image is left unclamped during the scale (clamping would break the
     curvature pairs) and clamped when the scale ends. The optimiser state
-    stays float32 whatever the objective computes in.
+    stays float32 whatever the objective computes in. ``loss_scale`` (fp16):
+    see ``LossScale``.
     """
 
-    def __init__(self, image: torch.Tensor, objective: Callable, optimizer: str, lr: float, capturable: bool = False):
+    def __init__(self, image: torch.Tensor, objective: Callable, optimizer: str, lr: float, capturable: bool = False,
+                 loss_scale: Optional[LossScale] = None):
         self.image = image
         self.objective = objective
         self.kind = optimizer
+        self.loss_scale = loss_scale
         if optimizer == "adam":
             # capturable keeps Adam's step count on the device, which CUDA graph replay needs.
-            fused = image.is_cuda or None  # one kernel for the whole update on CUDA
+            # Fused: one kernel for the whole update on CUDA, and the only Adam that honours found_inf.
+            fused = image.is_cuda or loss_scale is not None or None
             self.optimizer = torch.optim.Adam([image], lr=lr, capturable=capturable, fused=fused)
+            if loss_scale is not None:
+                self.optimizer.found_inf = loss_scale.found_inf  # read by every fused step; updated in place
         else:
             self.optimizer = torch.optim.LBFGS(
                 [image], lr=1.0, max_iter=1, max_eval=LBFGS_MAX_EVALS,
@@ -101,12 +152,20 @@ class StepFunction:
         self.optimizer.zero_grad(set_to_none=False)
         if self.image.grad is None:  # the objective adds to it
             self.image.grad = torch.zeros_like(self.image)
-        return self.objective(self.image)
+        if self.loss_scale is None:
+            return self.objective(self.image)
+        total, parts = self.objective(self.image, self.loss_scale.scale)
+        self.loss_scale.unscale(self.image.grad)
+        return total, parts
 
     def __call__(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if self.kind == "adam":
             total, parts = self.evaluate()
+            if self.loss_scale is not None and not self.loss_scale.settled:
+                total, parts = self._redo_overflow(total, parts)
             self.optimizer.step()
+            if self.loss_scale is not None:
+                self.loss_scale.update()
             with torch.no_grad():
                 self.image.clamp_(0, 1)
             return total, parts
@@ -128,7 +187,22 @@ class StepFunction:
             self.image.grad = memo[1].clone()
             return memo[2], memo[3]
         total, parts = self.evaluate()
+        if self.loss_scale is not None:
+            # L-BFGS reads values on the host all the time: every overflow is redone, never skipped.
+            total, parts = self._redo_overflow(total, parts)
+            self.loss_scale.update()
         self._memo = (self.image.detach().clone(), self.image.grad.detach().clone(), total, parts)
+        return total, parts
+
+    def _redo_overflow(self, total, parts):
+        """Evaluate again at half the scale while the gradient overflows; reads the flag on the host."""
+        scale = self.loss_scale
+        for _ in range(scale.MAX_BACKOFFS):
+            if not scale.found_inf.item() or not torch.isfinite(total).item():  # a non-finite loss: the guard's
+                break
+            scale.update()  # halves it
+            total, parts = self.evaluate()
+        scale.settled = True
         return total, parts
 
     def finish(self) -> torch.Tensor:
@@ -178,6 +252,10 @@ class GraphedStep:
     def optimizer(self) -> torch.optim.Optimizer:
         return self.step.optimizer
 
+    @property
+    def loss_scale(self) -> Optional[LossScale]:
+        return self.step.loss_scale
+
     def finish(self) -> torch.Tensor:
         # Dropping the graph and its static outputs frees the graph's private memory pool.
         self.graph = self.outputs = None
@@ -191,7 +269,8 @@ def make_step(image: torch.Tensor, objective: Callable, optimizer: str, lr: floa
     launch overhead, what graphs remove, no longer matters.
     """
     graphs = runtime is not None and runtime.cuda_graphs and optimizer == "adam" and objective.capturable
-    step = StepFunction(image, objective, optimizer, lr, capturable=graphs)
+    scale = LossScale(image.device) if runtime is not None and runtime.precision == "fp16" else None
+    step = StepFunction(image, objective, optimizer, lr, capturable=graphs, loss_scale=scale)
     return GraphedStep(step) if graphs else step
 
 
@@ -245,6 +324,8 @@ def optimize_scale(
     average = torch.zeros_like(param, requires_grad=False) if ema_decay else None
     if resume is not None:
         load_optimizer_state(step.optimizer, resume["optimizer"])
+        if step.loss_scale is not None and resume.get("loss_scale") is not None:
+            step.loss_scale.load_state_dict(resume["loss_scale"])
         if average is not None:
             average.copy_(resume["ema"])
 
@@ -268,6 +349,7 @@ def optimize_scale(
             checkpoint({
                 "step": i, "image": param.detach().cpu().clone(), "optimizer": _to_cpu(step.optimizer.state_dict()),
                 "ema": None if average is None else average.cpu().clone(),
+                "loss_scale": None if step.loss_scale is None else step.loss_scale.state_dict(),
             })
         if stop:
             raise Interrupted(current(i).detach().clone(), i)

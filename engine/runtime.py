@@ -11,7 +11,8 @@ Precision modes:
 * ``tf32``: float32 tensors, TF32 tensor-core math in convolutions and matmuls.
 * ``bf16`` / ``fp16``: the extractor runs under autocast; the image being
   optimised, the optimiser state, the Gram matrices and every loss stay
-  float32 (the losses cast features up before reducing).
+  float32 (the losses cast features up before reducing). fp16 also scales
+  the loss (``optimize.LossScale``), or its tiny gradients flush to zero.
 
 ``auto`` picks ``tf32`` on CUDA and ``fp32`` on the CPU; the layout is
 channels-last with Adam (torch's L-BFGS needs contiguous tensors). bf16/fp16 are opt-in

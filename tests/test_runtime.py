@@ -17,7 +17,7 @@ from engine import Config, UserError, stylize
 from engine.api import loop_extractor, stylize_batch
 from engine.criterion import build_criterion
 from engine.optimize import (
-    GRAPH_WARMUP, GraphedStep, NonFiniteLoss, Objective, StepFunction, make_step, optimize_scale,
+    GRAPH_WARMUP, GraphedStep, LossScale, NonFiniteLoss, Objective, StepFunction, make_step, optimize_scale,
 )
 from engine.runtime import Runtime, resolve_runtime
 
@@ -137,6 +137,101 @@ def test_autocast_step_on_cpu_tracks_fp32():
     fp32, bf16 = torch.stack(losses["fp32"]), torch.stack(losses["bf16"])
     assert torch.isfinite(bf16).all() and not torch.equal(fp32, bf16)  # it did run in another precision
     torch.testing.assert_close(bf16, fp32, rtol=5e-2, atol=0)
+
+
+# --------------------------------------------------------------------------------------------- fp16 loss scaling
+
+
+class _HalfRound(torch.autograd.Function):
+    """What CUDA's fp16 autocast stores in float16: a value on the way forward, its gradient on the way back."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.half().float()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.half().float()
+
+
+def _emulate_fp16(extractor, switch):
+    """Round the input of the first convolution and every layer's output (and their gradients) to float16
+    while ``switch["on"]``: fp16 autocast's storage, whose flush of tiny gradients is what loss scaling is for.
+    (CPU autocast in fp16 is emulated and about 150 times slower; this costs only the rounding.)"""
+    for module in (extractor.normalize, *extractor.body):
+        module.register_forward_hook(lambda mod, args, out: _HalfRound.apply(out) if switch["on"] else out)
+
+
+@pytest.mark.slow
+def test_emulated_fp16_tracks_fp32_only_with_loss_scaling():
+    # 192x256, as the CUDA test: the relative losses' feature gradients (~1e-8 here) are mostly below
+    # float16's smallest subnormal, so unscaled they flush to zero and the image follows TV alone.
+    config = Config(device="cpu", content_layers=("relu2_2",), style_layers=("relu1_1", "relu2_1"))
+    content, style = picture(192, 256, 1)[None], picture(256, 256, 2)
+    rt = Runtime(torch.device("cpu"), "fp32", channels_last=False, cuda_graphs=False)
+    extractor, switch = loop_extractor(config, rt), {"on": False}
+    _emulate_fp16(extractor, switch)
+    tracks = {}
+    for mode in ("fp32", "fp16", "fp16 scaled"):
+        switch["on"] = mode != "fp32"
+        criterion = build_criterion(config, extractor, content, [([style], (1.0,))], 8, rt)  # targets in fp16 too
+        image = content.clone().requires_grad_(True)
+        scale = LossScale(image.device) if mode == "fp16 scaled" else None
+        step = StepFunction(image, Objective(extractor, criterion), "adam", config.lr, loss_scale=scale)
+        tracks[mode] = torch.stack([step()[0] for _ in range(6)])
+    fp32 = tracks["fp32"]
+    assert fp32[-1] < 0.75 * fp32[0]  # it descends
+    assert tracks["fp16"][-1] > 1.2 * fp32[-1]  # unscaled, the emulated fp16 run falls behind (before the fix)
+    torch.testing.assert_close(tracks["fp16 scaled"], fp32, rtol=1e-2, atol=0)  # scaled, it tracks fp32
+
+
+def test_fp16_alone_gets_a_loss_scale():
+    image = torch.rand(1, 3, 4, 4, requires_grad=True)
+    for precision in ("fp32", "bf16", "fp16"):
+        rt = Runtime(torch.device("cpu"), precision, channels_last=False, cuda_graphs=False)
+        step = make_step(image, Objective(lambda x: {"x": x}, _Poisoned(99)), "adam", 0.1, rt)
+        assert (step.loss_scale is not None) == (precision == "fp16")
+        assert step.optimizer.param_groups[0]["fused"] == (True if precision == "fp16" else None)
+
+
+def _scaled_step(scale_value, settled, optimizer="adam"):
+    """A step on a loss whose gradient, 2**30 per pixel, overflows float32 once scaled by 2**98 or more."""
+    image = torch.full((1, 3, 4, 4), 0.5, requires_grad=True)
+    scale = LossScale(image.device)
+    scale.scale.fill_(scale_value)
+    scale.settled = settled
+    objective = Objective(lambda x: {"x": x}, lambda features, image: ((features["x"] * 2.0**30).sum(), {}))
+    step = StepFunction(image, objective, optimizer, 0.01, loss_scale=scale)
+    return step, image, scale
+
+
+def test_an_overflowed_step_is_skipped_on_the_device_and_the_scale_halved():
+    # settled: what a CUDA graph replays, with no host read: fused Adam skips the update and its count.
+    step, image, scale = _scaled_step(2.0**100, settled=True)
+    step()
+    assert torch.equal(image.detach(), torch.full_like(image, 0.5))
+    assert float(step.optimizer.state[image]["step"]) == 0 and float(scale.scale) == 2.0**99
+    step(), step()  # overflow at 2**99 and 2**98 too
+    assert float(scale.scale) == 2.0**97 and float(step.optimizer.state[image]["step"]) == 0
+    assert torch.equal(image.detach(), torch.full_like(image, 0.5))
+    step()
+    assert float(step.optimizer.state[image]["step"]) == 1
+    torch.testing.assert_close(image.detach(), torch.full_like(image, 0.49))  # the true gradient's step: lr down
+    # Growth: after GROWTH_INTERVAL clean steps (one just now) the scale doubles.
+    for _ in range(LossScale.GROWTH_INTERVAL - 1):
+        step()
+    assert float(scale.scale) == 2.0**98
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "lbfgs"])
+def test_the_first_overflow_is_redone_not_skipped(optimizer):
+    step, image, scale = _scaled_step(2.0**103, settled=False, optimizer=optimizer)
+    step()
+    assert float(scale.scale) == 2.0**97 and scale.settled  # halved until the gradient fitted, then moved
+    assert not torch.equal(image.detach(), torch.full_like(image, 0.5))
+    if optimizer == "adam":
+        assert float(step.optimizer.state[image]["step"]) == 1
+        torch.testing.assert_close(image.detach(), torch.full_like(image, 0.49))
 
 
 # --------------------------------------------------------------------------------------------- NaN guard
