@@ -74,13 +74,15 @@ class Lever:
 
     name: str
     overrides: tuple[tuple[str, Any], ...]  # sorted pairs, so that a Lever stays hashable
+    cli: bool = False  # timed through stylize() with the command line's own callback, not as a bare step
 
-    def __init__(self, name: str, **overrides: Any):
+    def __init__(self, name: str, cli: bool = False, **overrides: Any):
         unknown = sorted(set(overrides) - _CONFIG_FIELDS)
         if unknown:
             raise TypeError(f"Lever {name!r}: {unknown[0]!r} is not a Config field")
         object.__setattr__(self, "name", name)
         object.__setattr__(self, "overrides", tuple(sorted(overrides.items())))
+        object.__setattr__(self, "cli", cli)
 
     @property
     def settings(self) -> dict[str, Any]:
@@ -114,6 +116,9 @@ def matrix(device: torch.device, batch: int = 4) -> tuple[list[Lever], list[str]
         levers.append(Lever("cuda_graphs", cuda_graphs="on"))
     else:
         skipped.append("cuda_graphs: CUDA only")
+    # The step as `nst stylize` runs it: the settings of the row above (cuda_graphs on CUDA, else the
+    # baseline), plus the loop's moving average, loss reads and progress bar. It should take the same time.
+    levers.append(Lever("cli", cli=True, cuda_graphs="on" if cuda else "off"))
     levers.append(Lever("torchscript", backend="torchscript"))
     levers.append(Lever(f"batch{batch}", batch_size=batch))
     fast = next((lv.precision for lv in levers if lv.precision in ("bf16", "fp16")), "tf32" if cuda else "fp32")
@@ -199,6 +204,41 @@ def build_step(lever: Lever, size: int, device: torch.device, base: Optional[Con
     return make_step(image, Objective(extractor, criterion, runtime.autocast), "adam", config.lr, runtime), config
 
 
+def cli_step_samples(lever: Lever, size: int, device: torch.device, warmup: int,
+                     repeats: int) -> tuple[list[float], Config]:
+    """Seconds per step of ``stylize`` with the command line's own callback (its bar drawn to /dev/null).
+
+    One scale of ``warmup + repeats`` steps, timed on the host between the loss reads that end the
+    callback's groups (every step on a CPU, whose steps take more than 0.1 s; every 16 on a GPU): each
+    read waits for the device, so all the work between two reads is counted, syncs included. One
+    sample per group: its time divided by its steps.
+    """
+    from engine import Callback, stylize
+    from engine.cli_run import Progress
+
+    warmup = max(warmup, 1)  # the timed span starts on a read, after at least one step
+    config = dataclasses.replace(Config(), device=device.type, optimizer="adam", **lever.settings,
+                                 size=size, min_size=size, steps=warmup + repeats)
+    content = resize(load_image(EXAMPLES / "tubingen.jpg"), (size, size))
+    style = load_image(EXAMPLES / "starry_night.jpg")
+    reads = []
+    with open(os.devnull, "w") as sink:
+        bar = Progress(quiet=False, file=sink)
+        cli = bar.callback(lambda info: f"scale {info.scale + 1}/{info.scales} {info.width}x{info.height}")
+
+        def timed(info):
+            cli(info)
+            if info.total_step >= warmup and info.source is not None:  # the last step of a group: a read
+                reads.append((info.total_step, time.perf_counter()))
+
+        # One more read, at the end of the warm-up, so that the timed span starts on one.
+        stylize(content, style, config, callback=Callback(
+            timed, every=cli.every, seconds=cli.seconds, image_due=lambda step: step == warmup or cli.image_due(step),
+        ))
+        bar.close()
+    return [(t1 - t0) / (s1 - s0) for (s0, t0), (s1, t1) in zip(reads, reads[1:])], config
+
+
 # ``(lever, size, device) -> (step, config)``: build_step, or a stand-in in the tests.
 StepBuilder = Callable[[Lever, int, torch.device], tuple[Callable, Config]]
 
@@ -207,6 +247,8 @@ def run_row(lever: Lever, size: int, device: torch.device, warmup: int, repeats:
             build: StepBuilder = build_step) -> dict:
     """Time one configuration at one size; its memory is that of the whole row (building included)."""
     def work():
+        if lever.cli:
+            return cli_step_samples(lever, size, device, warmup, repeats)
         step, config = build(lever, size, device)
         return time_samples(step, device, warmup, repeats), config
 

@@ -8,6 +8,6 @@
 from .api import Result, build_extractor, stylize, stylize_batch
 from .config import Config
 from .errors import UserError
-from .optimize import StepInfo
+from .optimize import Callback, StepInfo
 
-__all__ = ["Config", "Result", "StepInfo", "UserError", "build_extractor", "stylize", "stylize_batch"]
+__all__ = ["Callback", "Config", "Result", "StepInfo", "UserError", "build_extractor", "stylize", "stylize_batch"]

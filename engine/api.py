@@ -21,7 +21,7 @@ from . import checkpoint as ckpt
 from . import color
 from .checkpoint import CheckpointPlan
 from .criterion import build_criterion
-from .optimize import SYNC_EVERY, Objective, StepInfo, optimize_scale
+from .optimize import SYNC_EVERY, Callback, Objective, StepInfo, optimize_scale
 from .runtime import Runtime, resolve_device, resolve_runtime
 from .schedule import build_schedule
 from .style_losses import SlicedOTStyleLoss
@@ -79,7 +79,9 @@ def stylize(
     """Repaint ``content`` in the style of ``styles`` (one image or several, blended).
 
     Images may be paths, PIL images, arrays or tensors. ``callback`` is called
-    after every step with a ``StepInfo``. ``checkpoint`` and ``resume``: see
+    after every step with a ``StepInfo``; a plain function is called live
+    (the losses are read from the device every step), an
+    ``engine.optimize.Callback`` in groups. ``checkpoint`` and ``resume``: see
     ``stylize_batch``.
     """
     return stylize_batch([(content, styles)], config, callback, checkpoint=checkpoint, resume=resume)[0]
@@ -218,6 +220,7 @@ def _run_batch(jobs: list[_Job], schedule, config, runtime, extractor, min_side,
     plan, inputs, resume = saving or (None, None, None)
     history: list[dict] = [dict(h) for h in resume["history"]] if resume else []
     total_steps = sum(s.steps for s in schedule)
+    every, seconds, image_due = _reporting(callback)
     image = None
     done = 0  # steps of the scales before this one
     for scale in schedule:
@@ -240,13 +243,13 @@ def _run_batch(jobs: list[_Job], schedule, config, runtime, extractor, min_side,
         if scale_resume is not None:
             ckpt.restore_generators(generators, resume)
 
-        def on_step(i, loss, parts, live, scale=scale):
+        def on_step(i, loss, parts, current, scale=scale):
             record = {"scale": scale.index, "step": i, "loss": loss, **parts}
             history.append(record)
             if callback is not None:
                 callback(StepInfo(
                     scale.index, len(schedule), scale.height, scale.width, i, scale.steps,
-                    len(history), total_steps, loss, dict(parts), live.detach(), indices,
+                    len(history), total_steps, loss, dict(parts), current, indices,
                 ))
 
         def save_state(state, scale=scale, generators=generators):
@@ -259,7 +262,8 @@ def _run_batch(jobs: list[_Job], schedule, config, runtime, extractor, min_side,
 
         image = optimize_scale(
             image, Objective(extractor, criterion, runtime.autocast), scale.steps, config.optimizer, config.lr, on_step, runtime=runtime,
-            sync_every=None if callback is not None else SYNC_EVERY, ema_decay=config.ema_decay,
+            sync_every=every, sync_seconds=seconds, ema_decay=config.ema_decay,
+            report_due=lambda i, done=done: image_due(done + i),
             resume=scale_resume, checkpoint=save_state if plan is not None else None,
             checkpoint_due=lambda i, done=done: bool(plan.every) and (done + i) % plan.every == 0,
             should_stop=plan.should_stop if plan is not None else (lambda: False),
@@ -270,6 +274,14 @@ def _run_batch(jobs: list[_Job], schedule, config, runtime, extractor, min_side,
         if job.colours is not None:  # luminance mode: the result's Y with the content's chroma
             images[k] = color.join_luminance(images[k], resize(job.colours, tuple(images[k].shape[-2:])))
     return images, history
+
+
+def _reporting(callback) -> tuple[int, float, Callable[[int], bool]]:
+    """How often the losses are read for ``callback``: ``(steps, seconds, steps with an image)``."""
+    if isinstance(callback, Callback):
+        return callback.every, callback.seconds, callback.image_due
+    never = lambda total_step: False  # noqa: E731
+    return (SYNC_EVERY, 0.0, never) if callback is None else (1, 0.0, never)  # a plain function: live
 
 
 def _initial_image(config: Config, content: torch.Tensor) -> torch.Tensor:

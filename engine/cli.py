@@ -214,8 +214,7 @@ def run_compare(args: argparse.Namespace) -> int:
     bar = Progress(args.quiet)
     finished = [0]  # runs done so far: the bar is labelled with the one in progress
 
-    def callback(info):
-        bar.step(info, runs[finished[0]][0])
+    callback = bar.callback(lambda info: runs[finished[0]][0])
 
     def on_run(label, seconds):
         bar.write(f"{label}: {seconds:.1f} s")

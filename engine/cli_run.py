@@ -19,8 +19,21 @@ from .errors import UserError
 class Progress:
     """A tqdm bar made at the first step, so that a run failing before it leaves no empty bar behind."""
 
-    def __init__(self, quiet: bool):
-        self.quiet, self.bar = quiet, None
+    def __init__(self, quiet: bool, file=None):
+        self.quiet, self.bar, self.file = quiet, None, file
+
+    def callback(self, describe, then=None, image_every: int = 0):
+        """The step callback every nst command runs with: the bar, labelled ``describe(info)``, then
+        ``then(info)``. The losses are read from the device in groups (``engine.optimize.Callback``), so
+        a CUDA run does not wait at every step; ``info.image`` is built every ``image_every`` steps only."""
+        from .optimize import Callback
+
+        def on_step(info):
+            self.step(info, describe(info))
+            if then is not None:
+                then(info)
+
+        return Callback(on_step, image_due=lambda total_step: bool(image_every) and total_step % image_every == 0)
 
     def step(self, info, description: str) -> None:
         if self.quiet:
@@ -28,7 +41,8 @@ class Progress:
         if self.bar is None:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=info.total_steps, desc=description, unit="step", dynamic_ncols=True, file=sys.stderr)
+            self.bar = tqdm(total=info.total_steps, desc=description, unit="step", dynamic_ncols=True,
+                            file=self.file or sys.stderr)
         elif info.step == 1:
             if info.total_step == 1:  # the next batch of a folder, or the next run of a comparison
                 self.bar.reset(total=info.total_steps)
@@ -113,13 +127,15 @@ def run_job(job: dict, config, quiet: bool, resume, fresh_output: bool) -> int:
     bar = Progress(quiet)
     seen = {}
 
-    def callback(info):
+    def after_step(info):
         seen["info"] = info
-        bar.step(info, f"scale {info.scale + 1}/{info.scales} {info.width}x{info.height}")
         if job["snapshot_every"] and info.total_step % job["snapshot_every"] == 0:
             snapshots.mkdir(exist_ok=True)
             name = snapshots / f"step{info.total_step:05d}_scale{info.scale + 1}{output.suffix}"
             save_image(info.image[0], name, overwrite=True, bit_depth=job["bit_depth"])
+
+    callback = bar.callback(lambda info: f"scale {info.scale + 1}/{info.scales} {info.width}x{info.height}",
+                            then=after_step, image_every=job["snapshot_every"])
 
     stop = StopOnSignal()
     plan = checkpoint.CheckpointPlan(str(ckpt_path), job["checkpoint_every"], extra=_absolute(job), should_stop=stop)
@@ -234,10 +250,12 @@ def run_folder(args: argparse.Namespace, config) -> int:
     started = time.perf_counter()
     bar = Progress(args.quiet)
 
-    def callback(info):
+    def describe(info):
         first, last = info.jobs[0] + 1, info.jobs[-1] + 1
         jobs = f"image {first}" if first == last else f"images {first}-{last}"
-        bar.step(info, f"{jobs}/{len(contents)} scale {info.scale + 1}/{info.scales} {info.width}x{info.height}")
+        return f"{jobs}/{len(contents)} scale {info.scale + 1}/{info.scales} {info.width}x{info.height}"
+
+    callback = bar.callback(describe)
 
     written = []
 

@@ -11,7 +11,8 @@ replays it; compiled extractors (TorchScript) are just another ``extractor``;
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Callable, ContextManager, Optional
 
 import torch
@@ -32,8 +33,12 @@ class NonFiniteLoss(UserError):
 
 @dataclass
 class StepInfo:
-    """What a per-step callback receives. ``image`` is the current result (the moving average when
-    ``ema_decay`` is on, else the live image being optimised): read it, don't write to it."""
+    """What a per-step callback receives.
+
+    ``image`` is the current result (the moving average when ``ema_decay`` is on, else the live image
+    being optimised): read it, don't write to it. It is built when first read, and only while the
+    callback runs; it is None for a step reported after later steps had already run (see ``Callback``).
+    """
 
     scale: int
     scales: int
@@ -45,8 +50,33 @@ class StepInfo:
     total_steps: int
     loss: float
     parts: dict[str, float]
-    image: torch.Tensor
+    source: Optional[Callable[[], Optional[torch.Tensor]]] = field(default=None, repr=False)
     jobs: tuple[int, ...] = (0,)  # which of the run's jobs this (batched) step serves
+
+    @property
+    def image(self) -> Optional[torch.Tensor]:
+        return None if self.source is None else self.source()
+
+
+@dataclass(frozen=True)
+class Callback:
+    """A per-step callback that need not run live, so that the run does not wait for the device every step.
+
+    ``fn(StepInfo)`` is still called once for every step, in order, but the losses are read from the
+    device only once ``every`` steps are waiting or ``seconds`` have passed since the last read (so
+    slow steps, a CPU's, are still reported one by one, and fast ones, a GPU's, in groups), and at
+    each scale's end. ``info.image`` is there for the last step of each group and for every step
+    ``image_due(total_step)`` names (a snapshot): the run reads the losses at those steps too. A
+    plain function given as a callback is called live: after every step, each with its image.
+    """
+
+    fn: Callable[[StepInfo], None]
+    every: int = SYNC_EVERY
+    seconds: float = 0.1
+    image_due: Callable[[int], bool] = lambda total_step: False
+
+    def __call__(self, info: StepInfo) -> None:
+        self.fn(info)
 
 
 class LossScale:
@@ -296,6 +326,8 @@ def optimize_scale(
     checkpoint: Optional[Callable[[dict], None]] = None,
     checkpoint_due: Callable[[int], bool] = lambda i: False,
     should_stop: Callable[[], bool] = lambda: False,
+    sync_seconds: float = 0.0,
+    report_due: Callable[[int], bool] = lambda i: False,
 ) -> torch.Tensor:
     """Run ``steps`` steps from ``image`` (not modified) and return the result.
 
@@ -303,10 +335,13 @@ def optimize_scale(
     the iterates (bias-corrected, as Adam corrects its moments), which
     smooths out the step-to-step jitter Adam leaves in the pixels.
 
-    ``on_step(i, loss, parts, live_image)`` receives plain floats. Losses are
-    read from the device every ``sync_every`` steps (every step when
-    ``on_step`` wants them live); a NaN or infinite loss stops the run with
-    ``NonFiniteLoss`` at that read.
+    ``on_step(i, loss, parts, image)`` receives plain floats, and ``image``,
+    a function that builds the current result (call it during ``on_step``),
+    or None for a step reported late. Losses are read from the device once
+    ``sync_every`` steps (default: every step with ``on_step``, else
+    ``SYNC_EVERY``) are waiting or ``sync_seconds`` have passed since the
+    last read, at every step ``report_due(i)`` names, and at the end; a NaN
+    or infinite loss stops the run with ``NonFiniteLoss`` at that read.
 
     Checkpoints: ``checkpoint(state)`` receives this scale's complete state
     (step, image, optimiser state, average) after every step ``i`` for which
@@ -319,6 +354,7 @@ def optimize_scale(
     param = source.detach().clone(memory_format=torch.preserve_format).requires_grad_(True)
     step = make_step(param, objective, optimizer, lr, runtime)
     every = sync_every or (1 if on_step is not None else SYNC_EVERY)
+    last_read = time.perf_counter()
     pending: list[tuple[int, torch.Tensor]] = []
     names: list[str] = []
     average = torch.zeros_like(param, requires_grad=False) if ema_decay else None
@@ -342,9 +378,12 @@ def optimize_scale(
         pending.append((i, torch.stack([total, *parts.values()]).float()))
         stop = should_stop()
         save = checkpoint is not None and (stop or checkpoint_due(i))
-        if len(pending) >= every or i == steps or save:
-            _flush(pending, names, on_step, current(i))
-            pending = []
+        late = sync_seconds and time.perf_counter() - last_read >= sync_seconds
+        if len(pending) >= every or late or i == steps or save or report_due(i):
+            image = _Lazy(current, i)
+            _flush(pending, names, on_step, image)
+            image.expire()
+            pending, last_read = [], time.perf_counter()
         if save:
             checkpoint({
                 "step": i, "image": param.detach().cpu().clone(), "optimizer": _to_cpu(step.optimizer.state_dict()),
@@ -396,8 +435,24 @@ def _to_cpu(value):
     return value
 
 
-def _flush(pending, names, on_step, live) -> None:
+class _Lazy:
+    """``build(i)``, made on the first call and kept; None once expired (the run has moved on)."""
+
+    def __init__(self, build, i):
+        self.build, self.i, self.value, self.expired = build, i, None, False
+
+    def __call__(self):
+        if self.value is None and not self.expired:
+            self.value = self.build(self.i)
+        return self.value
+
+    def expire(self):
+        self.expired = True
+
+
+def _flush(pending, names, on_step, image) -> None:
     values = torch.stack([v for _, v in pending]).cpu()  # the one host-device sync
+    last = pending[-1][0]
     for (i, _), row in zip(pending, values.tolist()):
         if not all(v == v and abs(v) != float("inf") for v in row):
             bad = "NaN" if any(v != v for v in row) else "infinite"
@@ -406,4 +461,4 @@ def _flush(pending, names, on_step, live) -> None:
                 "try a lower --lr, or --precision fp32 or bf16 instead of fp16"
             )
         if on_step is not None:
-            on_step(i, row[0], dict(zip(names, row[1:])), live)
+            on_step(i, row[0], dict(zip(names, row[1:])), image if i == last else None)

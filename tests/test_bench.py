@@ -281,7 +281,7 @@ def bench_runs(tmp_path_factory):
     common = ["bench", "--device", "cpu", "--sizes", "32", "--warmup", "1", "--repeats", "2"]
     sweep = ["bench", "--device", "cpu", "--sweep", "32:48:2", "--warmup", "1", "--repeats", "2"]
     return run_together({
-        "table": ([*common, "--only", "channels_last,batch2", "--batch", "2", "--json", "out/bench.json"], folder),
+        "table": ([*common, "--only", "channels_last,cli,batch2", "--batch", "2", "--json", "out/bench.json"], folder),
         "sweep": ([*sweep, "--plot", "charts", "--json", "sweep.json"], folder),
         "profile": ([*common, "--only", "baseline", "--profile", "trace.json"], folder),
         "unknown": ([*common, "--only", "warp_drive"], folder),
@@ -299,8 +299,8 @@ def test_bench_prints_the_table_and_writes_json(bench_runs):
     assert "matmul peak measured now: fp32" in lines[2]
     header = next(i for i, line in enumerate(lines) if line.startswith("config"))
     rows = [line.split() for line in lines[header + 1:] if line and not line.startswith("wrote")]
-    assert [row[0] for row in rows] == ["baseline", "channels_last", "batch2"]
-    assert rows[0][-1] == "1.00x" and rows[2][2] == "2"
+    assert [row[0] for row in rows] == ["baseline", "channels_last", "cli", "batch2"]
+    assert rows[0][-1] == "1.00x" and rows[3][2] == "2"
     data = json.loads((folder / "out" / "bench.json").read_text())
     assert {"device", "cpu", "threads", "torch", "cuda", "cudnn", "commit", "matmul_peak_tflops", "date"} <= set(data["meta"])
     base, *others = data["rows"]

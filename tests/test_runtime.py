@@ -13,7 +13,7 @@ CUDA bounds stated at each test).
 import pytest
 import torch
 
-from engine import Config, UserError, stylize
+from engine import Callback, Config, UserError, stylize
 from engine.api import loop_extractor, stylize_batch
 from engine.criterion import build_criterion
 from engine.optimize import (
@@ -232,6 +232,57 @@ def test_the_first_overflow_is_redone_not_skipped(optimizer):
     if optimizer == "adam":
         assert float(step.optimizer.state[image]["step"]) == 1
         torch.testing.assert_close(image.detach(), torch.full_like(image, 0.49))
+
+
+# --------------------------------------------------------------------------------------------- reporting
+
+
+def _quadratic(features, image):
+    loss = (features["x"] - 0.3).pow(2).mean()
+    return loss, {"content": loss}
+
+
+def _report(sync_every, sync_seconds=0.0, report_due=lambda i: False, steps=10):
+    """Every ``on_step`` call of a 10-step run with an average: ``{step: image or None}`` (images read there)."""
+    seen = {}
+    optimize_scale(torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(0)),
+                   Objective(lambda x: {"x": x}, _quadratic), steps, "adam", 0.05, ema_decay=0.9,
+                   on_step=lambda i, loss, parts, image: seen.__setitem__(i, image and image().clone()),
+                   sync_every=sync_every, sync_seconds=sync_seconds, report_due=report_due)
+    return seen
+
+
+def test_grouped_reports_hear_every_step_and_build_the_image_only_at_reads():
+    live = _report(sync_every=1)
+    assert list(live) == list(range(1, 11)) and all(image is not None for image in live.values())
+    grouped = _report(sync_every=4, report_due=lambda i: i == 6)
+    assert list(grouped) == list(range(1, 11))  # every step, in order
+    # Read at 4 (four waiting), 6 (due: a snapshot), 10 (four waiting, and the end): images there only.
+    assert [i for i, image in grouped.items() if image is not None] == [4, 6, 10]
+    for i in (4, 6, 10):
+        torch.testing.assert_close(grouped[i], live[i], rtol=0, atol=0)  # the average at that very step
+    # By time: a step slower than sync_seconds is reported at once, whatever sync_every says.
+    assert all(image is not None for image in _report(sync_every=16, sync_seconds=1e-9).values())
+
+
+def test_the_image_of_a_report_is_gone_once_the_run_moves_on():
+    kept = []
+    optimize_scale(torch.rand(1, 3, 8, 8), Objective(lambda x: {"x": x}, _quadratic), 3, "adam", 0.05, ema_decay=0.9,
+                   on_step=lambda i, loss, parts, image: kept.append(image))
+    assert all(image() is None for image in kept)  # not read in time: never built, and not built late
+
+
+def test_stylize_with_a_grouped_callback_matches_a_live_one():
+    config = Config(device="cpu", size=32, min_size=32, steps=6, content_layers=("relu1_1",), style_layers=("relu1_1",))
+    pair = picture(32, 32, 1), picture(32, 32, 2)
+    live, grouped = {}, {}
+    stylize(*pair, config, callback=lambda info: live.__setitem__(info.total_step, (info.loss, info.image.clone())))
+    callback = Callback(lambda info: grouped.__setitem__(info.total_step, (info.loss, info.image)), every=4,
+                        seconds=1e9, image_due=lambda step: step == 3)
+    stylize(*pair, config, callback=callback)
+    assert [loss for loss, _ in grouped.values()] == [loss for loss, _ in live.values()]
+    assert [step for step, (_, image) in grouped.items() if image is not None] == [3, 6]
+    torch.testing.assert_close(grouped[3][1], live[3][1], rtol=0, atol=0)
 
 
 # --------------------------------------------------------------------------------------------- NaN guard
