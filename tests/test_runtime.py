@@ -361,9 +361,19 @@ def test_cuda_reduced_precision_tracks_fp32_and_stays_finite(cuda_problem, preci
     assert (got.image - ref.image).abs().mean() < 0.05
 
 
+@pytest.fixture
+def deterministic_cudnn(keep_cuda_flags):
+    """Deterministic cuDNN kernels: two runs that should match bit for bit are not told apart by the
+    algorithms ``cudnn.benchmark`` picks (within a process it keeps its choice per shape)."""
+    before = torch.backends.cudnn.deterministic
+    torch.backends.cudnn.deterministic = True
+    yield
+    torch.backends.cudnn.deterministic = before
+
+
 @pytest.mark.cuda
 @cuda_only
-def test_cuda_graph_replay_equals_eager(cuda_problem):
+def test_cuda_graph_replay_equals_eager(cuda_problem, deterministic_cudnn):
     eager, eager_loss = _trajectory(cuda_problem, 20, precision="fp32", cuda_graphs="off")
     graphed, graphed_loss = _trajectory(cuda_problem, 20, precision="fp32", cuda_graphs="on")
     torch.testing.assert_close(graphed_loss, eager_loss, rtol=1e-4, atol=0)
@@ -372,7 +382,7 @@ def test_cuda_graph_replay_equals_eager(cuda_problem):
 
 @pytest.mark.cuda
 @cuda_only
-def test_cuda_graphs_recapture_on_scale_change(cuda_problem, monkeypatch):
+def test_cuda_graphs_recapture_on_scale_change(cuda_problem, monkeypatch, deterministic_cudnn):
     captures = []
     original = GraphedStep.__call__
 
@@ -413,3 +423,117 @@ def test_cuda_decisions_without_a_gpu(keep_cuda_flags):
         resolve_runtime(Config(device="cpu", optimizer="lbfgs", cuda_graphs="on"), cuda)
     assert resolve_runtime(Config(device="cpu", precision="fp32"), cuda).autocast_dtype is None
     assert resolve_runtime(Config(device="cpu", precision="fp16"), cuda).autocast_dtype == torch.float16
+
+
+# --------------------------------------------------------------------------------------------- CUDA: what can break
+
+
+def _masks(folder):
+    """Two complementary masks (left half, right half) as files, for two style images."""
+    from PIL import Image
+
+    paths = []
+    for k, (a, b) in enumerate([(255, 0), (0, 255)]):
+        mask = torch.zeros(192, 256, dtype=torch.uint8)
+        mask[:, :128], mask[:, 128:] = a, b
+        paths.append(str(folder / f"mask{k}.png"))
+        Image.fromarray(mask.numpy()).save(paths[-1])
+    return tuple(paths)
+
+
+def _cuda_variant(kind, folder):
+    """``(styles, settings)`` for one of the losses a CUDA graph must capture."""
+    if kind == "masks":
+        return [picture(256, 256, 2), picture(256, 256, 3)], dict(style_masks=_masks(folder))
+    return picture(256, 256, 2), dict(style_loss=kind)
+
+
+@pytest.mark.cuda
+@cuda_only
+@pytest.mark.parametrize("kind", ["w2", "masks"])
+def test_cuda_graphs_capture_w2_and_masks(tmp_path, kind, deterministic_cudnn):
+    styles, settings = _cuda_variant(kind, tmp_path)
+    config = dict(device="cuda", size=256, min_size=256, steps=20, precision="fp32", **settings)
+    eager = stylize(picture(192, 256, 1), styles, Config(cuda_graphs="off", **config))
+    graphed = stylize(picture(192, 256, 1), styles, Config(cuda_graphs="on", **config))
+    eager_loss, graphed_loss = (torch.tensor([h["loss"] for h in r.history]) for r in (eager, graphed))
+    assert torch.isfinite(graphed_loss).all() and graphed_loss[-1] < graphed_loss[0]
+    torch.testing.assert_close(graphed_loss, eager_loss, rtol=1e-4, atol=0)
+    torch.testing.assert_close(graphed.image, eager.image, rtol=0, atol=1e-3)
+
+
+@pytest.mark.cuda
+@cuda_only
+@pytest.mark.parametrize("kind", ["gram", "w2", "ot", "masks"])
+def test_cuda_tf32_losses_track_fp32(tmp_path, kind, keep_cuda_flags):
+    # TF32 rounds matmul and convolution inputs to a 10-bit mantissa: the descent must stay the same.
+    styles, settings = _cuda_variant(kind, tmp_path)
+    losses = {}
+    for precision in ("fp32", "tf32"):
+        config = Config(device="cuda", size=256, min_size=256, steps=40, precision=precision, **settings)
+        losses[precision] = torch.tensor([h["loss"] for h in stylize(picture(192, 256, 1), styles, config).history])
+    assert torch.isfinite(losses["tf32"]).all()
+    torch.testing.assert_close(losses["tf32"][::10], losses["fp32"][::10], rtol=2e-2, atol=0)
+
+
+@pytest.mark.cuda
+@cuda_only
+def test_cuda_torchscript_backend_matches_eager(cuda_problem, keep_cuda_flags):
+    runs = {}
+    for backend in ("eager", "torchscript"):
+        config = Config(device="cuda", size=256, min_size=256, steps=20, precision="fp32", backend=backend)
+        runs[backend] = stylize(*cuda_problem, config)  # CUDA graphs on (auto) for both
+    loss = {k: torch.tensor([h["loss"] for h in r.history]) for k, r in runs.items()}
+    torch.testing.assert_close(loss["torchscript"], loss["eager"], rtol=1e-3, atol=0)
+    torch.testing.assert_close(runs["torchscript"].image, runs["eager"].image, rtol=0, atol=2e-3)
+
+
+@pytest.mark.cuda
+@cuda_only
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_cuda_resume_equals_uninterrupted(cuda_problem, tmp_path, precision, deterministic_cudnn):
+    from engine import checkpoint as ckpt
+    from engine.optimize import Interrupted
+
+    config = Config(device="cuda", size=256, min_size=128, steps=12, precision=precision)  # graphs on (auto)
+    full = stylize(*cuda_problem, config)
+    calls = [0]
+
+    def stop_at_18():
+        calls[0] += 1
+        return calls[0] == 18  # step 6 of the second scale (12 + 8 + 6 steps), after its graph was captured
+
+    with pytest.raises(Interrupted):
+        stylize(*cuda_problem, config, checkpoint=ckpt.CheckpointPlan(str(tmp_path / "run.ckpt"), should_stop=stop_at_18))
+    state = ckpt.load(tmp_path / "run.ckpt")
+    assert (state["loss_scale"] is not None) == (precision == "fp16")
+    resumed = stylize(*cuda_problem, config, resume=state)
+    loss = {k: torch.tensor([h["loss"] for h in r.history]) for k, r in (("full", full), ("resumed", resumed))}
+    torch.testing.assert_close(loss["resumed"], loss["full"], rtol=1e-4, atol=0)
+    torch.testing.assert_close(resumed.image, full.image, rtol=0, atol=1e-3)
+
+
+@pytest.mark.cuda
+@cuda_only
+@pytest.mark.parametrize("graphs", [True, False], ids=["graphed", "eager"])
+def test_cuda_fp16_steps_never_wait_for_the_host(graphs, keep_cuda_flags):
+    """Loss scaling is all on the device: after the first step, no step synchronises with the host."""
+    config = Config(device="cuda")
+    rt = Runtime(torch.device("cuda"), "fp16", channels_last=True, cuda_graphs=graphs)
+    content = rt.layout(picture(96, 128, 1)[None])
+    extractor = loop_extractor(config, rt)
+    criterion = build_criterion(config, extractor, content, [([picture(128, 128, 2)], (1.0,))], 16, rt)
+    image = content.clone().requires_grad_(True)
+    step = make_step(image, Objective(extractor, criterion, rt.autocast), "adam", config.lr, rt)
+    assert isinstance(step, GraphedStep) == graphs and step.loss_scale is not None
+    for _ in range(GRAPH_WARMUP + 1):  # the first step settles the scale; a graph is captured after warm-up
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(10):
+            step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(step.loss_scale.scale) and float(step.loss_scale.scale) >= 1
+    assert float(step.optimizer.state[image]["step"]) >= GRAPH_WARMUP + 1
