@@ -367,7 +367,7 @@ def optimize_scale(
 
     def current(i):
         # What a callback, a snapshot or an interrupt sees: the average when there is one.
-        return param if average is None else (average / (1 - ema_decay**i)).clamp(0, 1)
+        return param.detach() if average is None else (average / (1 - ema_decay**i)).clamp(0, 1)
 
     for i in range(start + 1, steps + 1):
         total, parts = step()

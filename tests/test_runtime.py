@@ -270,6 +270,10 @@ def test_the_image_of_a_report_is_gone_once_the_run_moves_on():
     optimize_scale(torch.rand(1, 3, 8, 8), Objective(lambda x: {"x": x}, _quadratic), 3, "adam", 0.05, ema_decay=0.9,
                    on_step=lambda i, loss, parts, image: kept.append(image))
     assert all(image() is None for image in kept)  # not read in time: never built, and not built late
+    live = []
+    optimize_scale(torch.rand(1, 3, 8, 8), Objective(lambda x: {"x": x}, _quadratic), 3, "adam", 0.05,
+                   on_step=lambda i, loss, parts, image: live.append(image()))
+    assert not any(image.requires_grad for image in live)  # without an average: the live image, detached
 
 
 def test_stylize_with_a_grouped_callback_matches_a_live_one():
