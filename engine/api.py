@@ -21,11 +21,13 @@ from . import checkpoint as ckpt
 from . import color
 from .checkpoint import CheckpointPlan
 from .criterion import build_criterion
+from .memory import MemoryPlan, plan_scale
 from .optimize import SYNC_EVERY, Callback, Objective, StepInfo, optimize_scale
 from .runtime import Runtime, resolve_device, resolve_runtime
 from .schedule import build_schedule
 from .style_losses import SlicedOTStyleLoss
-from .vgg import VGGFeatures, conv_shapes, downsampling, truncated_names
+from .tiling import TiledObjective
+from .vgg import BlockCheckpointed, VGGFeatures, conv_shapes, downsampling, truncated_names
 from .weights import load_weights
 
 
@@ -238,7 +240,10 @@ def _run_batch(jobs: list[_Job], schedule, config, runtime, extractor, min_side,
             image = runtime.layout(resize(image, size))
         scale_masks = None if masks is None else resize(masks, size).to(runtime.device)
         styles = [(job.styles, job.blend) for job in jobs]
-        criterion = build_criterion(config, extractor, content, styles, min_side, runtime, scale_masks)
+        memory = plan_scale(config, runtime, *size, len(jobs), checkpointable=isinstance(extractor, VGGFeatures))
+        criterion = build_criterion(config, extractor, content, styles, min_side, runtime, scale_masks,
+                                    tiling=memory.tiling)
+        objective = scale_objective(memory, extractor, criterion, runtime, size)
         generators = [m.generator for m in criterion.style.values() if isinstance(m, SlicedOTStyleLoss)]
         if scale_resume is not None:
             ckpt.restore_generators(generators, resume)
@@ -261,7 +266,7 @@ def _run_batch(jobs: list[_Job], schedule, config, runtime, extractor, min_side,
             })
 
         image = optimize_scale(
-            image, Objective(extractor, criterion, runtime.autocast), scale.steps, config.optimizer, config.lr, on_step, runtime=runtime,
+            image, objective, scale.steps, config.optimizer, config.lr, on_step, runtime=runtime,
             sync_every=every, sync_seconds=seconds, ema_decay=config.ema_decay,
             report_due=lambda i, done=done: image_due(done + i),
             resume=scale_resume, checkpoint=save_state if plan is not None else None,
@@ -282,6 +287,17 @@ def _reporting(callback) -> tuple[int, float, Callable[[int], bool]]:
         return callback.every, callback.seconds, callback.image_due
     never = lambda total_step: False  # noqa: E731
     return (SYNC_EVERY, 0.0, never) if callback is None else (1, 0.0, never)  # a plain function: live
+
+
+def scale_objective(memory: MemoryPlan, extractor, criterion, runtime: Runtime, size: tuple[int, int]):
+    """The objective of one scale of ``size``, run as ``memory`` plans: untiled, checkpointed or tiled."""
+    if memory.mode == "tiled":
+        return TiledObjective(extractor, criterion, memory.tiling.grid(*size), runtime.autocast)
+    if memory.mode == "checkpoint":
+        if not isinstance(extractor, VGGFeatures):
+            raise UserError("tile 'checkpoint' needs the eager extractor; use backend eager, or a tile size")
+        return Objective(BlockCheckpointed(extractor), criterion, runtime.autocast)
+    return Objective(extractor, criterion, runtime.autocast)
 
 
 def _initial_image(config: Config, content: torch.Tensor) -> torch.Tensor:

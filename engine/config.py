@@ -114,6 +114,15 @@ class Config:
     batch_size: int = field(
         default=4, metadata={"help": "jobs of the same size run through one extractor call (folder inputs)"}
     )
+    tile: str = field(
+        default="auto",
+        metadata={"help": "memory mode of each scale: 'off' (whole image), 'checkpoint' (recompute VGG blocks), a "
+                          "tile size in pixels (exact tiling), or 'auto' (the fastest that fits the memory budget)"},
+    )
+    memory_budget: float = field(
+        default=0.0,
+        metadata={"help": "GiB that --tile auto plans for; 0 means 80%% of what the device has free"},
+    )
     backend: str = field(
         default="eager",
         metadata={"help": "what runs the extractor: eager PyTorch or its frozen TorchScript graph (cached on disk)",
@@ -154,6 +163,8 @@ class Config:
                 f"style_scale {self.style_scale} makes the style images {self.style_scale * self.size:.0f} px, "
                 f"larger than the {MAX_SIZE} px this engine accepts"
             )
+        _check_tile(self)
+        _check_number("memory_budget", self.memory_budget, allow_zero=True)
         if not isinstance(self.seed, int):
             raise UserError(f"seed must be a whole number, not {self.seed!r}")
 
@@ -161,6 +172,19 @@ class Config:
     def feature_layers(self) -> tuple[str, ...]:
         """Every layer the losses read, content first, without repeats."""
         return tuple(dict.fromkeys(self.content_layers + self.style_layers))
+
+
+TILE_MODES = ("auto", "off", "checkpoint")
+
+
+def _check_tile(config: "Config") -> None:
+    value = config.tile
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+        object.__setattr__(config, "tile", value)  # the CLI gives strings; one type either way
+    if isinstance(value, str) and (value in TILE_MODES or (value.isdigit() and 0 < int(value) <= MAX_SIZE)):
+        return
+    raise UserError(f"tile must be auto, off, checkpoint or a tile size in pixels from 1 to {MAX_SIZE}, not {value!r}")
 
 
 def _check_number(name: str, value, allow_zero: bool) -> None:

@@ -14,8 +14,9 @@ import torch
 from torch import nn
 
 from .images import fit_long_side, resize
-from .losses import ContentLoss, GramStyleLoss, MaskedGramStyleLoss, StyleTransferLoss, gram_matrix
+from .losses import ContentLoss, GramStyleLoss, MaskedGramStyleLoss, Moments, StyleTransferLoss, second_moment
 from .style_losses import GaussianW2StyleLoss, SlicedOTStyleLoss
+from .tiling import Tiling, feature_maps, feature_moments
 
 StyleJob = tuple[Sequence[torch.Tensor], Sequence[float]]  # a job's style images and blend weights
 
@@ -23,28 +24,40 @@ StyleJob = tuple[Sequence[torch.Tensor], Sequence[float]]  # a job's style image
 @torch.no_grad()
 def build_criterion(
     config, extractor, content: torch.Tensor, styles: Sequence[StyleJob], min_side: int,
-    runtime=None, masks: Optional[torch.Tensor] = None,
+    runtime=None, masks: Optional[torch.Tensor] = None, tiling: Optional[Tiling] = None,
 ) -> StyleTransferLoss:
     """The loss with this scale's targets, one per job.
 
     ``content`` is the ``(N, 3, H, W)`` batch; ``styles`` holds, per job, its
     style images and blend weights; ``masks`` (``(S, 1, H, W)``, one per
-    style) ties each style to a region (Gram loss only).
+    style) ties each style to a region (Gram loss only). With ``tiling`` the
+    targets are computed tile by tile (the same values, in bounded memory).
     """
     autocast = runtime.autocast if runtime is not None else contextlib.nullcontext
     layout = runtime.layout if runtime is not None else (lambda t: t.to(content.device))
-    with autocast():
-        content_feats = extractor(content)
+    if tiling is None:
+        with autocast():
+            content_feats = extractor(content)
+    else:
+        content_feats = feature_maps(extractor, content, tiling.grid(*content.shape[-2:]), config.content_layers,
+                                     autocast)
     long_side = round(config.style_scale * max(content.shape[-2:]))
-    cache: dict[int, dict[str, torch.Tensor]] = {}
+    cache: dict[int, dict[str, torch.Tensor | Moments]] = {}
 
-    def features_of(style: torch.Tensor) -> dict[str, torch.Tensor]:
+    def features_of(style: torch.Tensor) -> dict[str, torch.Tensor | Moments]:
+        """The style's feature maps (sliced OT needs every pixel) or, for the other losses, their Moments."""
         if id(style) not in cache:
             h, w = fit_long_side(*style.shape[-2:], long_side)
             if min(h, w) < min_side:  # tiny style_scale or a thin style image
                 h, w = fit_long_side(*style.shape[-2:], round(long_side * min_side / min(h, w)))
-            with autocast():
-                cache[id(style)] = extractor(layout(resize(style, (h, w)).unsqueeze(0)))
+            image = layout(resize(style, (h, w)).unsqueeze(0))
+            if tiling is not None:
+                cache[id(style)] = feature_moments(extractor, image, tiling.grid(h, w), config.style_layers, autocast)
+            else:
+                with autocast():
+                    maps = extractor(image)
+                keep = config.style_loss == "ot" and masks is None
+                cache[id(style)] = {name: maps[name] if keep else Moments.of(maps[name]) for name in config.style_layers}
         return cache[id(style)]
 
     style = {}
@@ -67,7 +80,7 @@ def build_criterion(
 def _style_loss(config, layer: str, per_job, masks, blends) -> nn.Module:
     if masks is not None:
         # No blending: each style keeps its own target, matched inside its own mask.
-        targets = torch.stack([torch.cat([gram_matrix(f) for f, _ in job]) for job in per_job])
+        targets = torch.stack([torch.cat([second_moment(f).float() for f, _ in job]) for job in per_job])
         return MaskedGramStyleLoss(targets, masks, blends[0])
     if config.style_loss == "gram":
         return GramStyleLoss.from_targets([GramStyleLoss.target_stats(job) for job in per_job])

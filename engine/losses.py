@@ -19,7 +19,8 @@ them up to float32 before it reduces anything.
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Mapping, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +46,59 @@ def gram_matrix(features: torch.Tensor) -> torch.Tensor:
     return torch.einsum("ncp,ndp->ncd", flat, flat) / (h * w)
 
 
+@dataclass(frozen=True)
+class Moments:
+    """Mean and scatter of a layer's feature vectors (one C-vector per pixel), per image, in float64.
+
+    ``scatter`` is the sum over pixels of ``(f - mean)(f - mean)^T``. Moments
+    of disjoint pixel sets add up exactly (``a + b``, the pairwise update of
+    Chan et al.), which is how tiles of an image give the whole image's Gram
+    matrix and covariance; centring each part first keeps float32 features
+    from cancelling catastrophically.
+    """
+
+    count: int
+    mean: torch.Tensor  # (N, C)
+    scatter: torch.Tensor  # (N, C, C)
+
+    @classmethod
+    def of(cls, features: torch.Tensor) -> "Moments":
+        n, c, h, w = features.shape
+        flat = at_least_float32(features.reshape(n, c, h * w))
+        if h * w == 0:
+            zeros = flat.new_zeros((n, c), dtype=torch.float64)
+            return cls(0, zeros, zeros.new_zeros((n, c, c)))
+        mean = flat.mean(dim=2)
+        centred = flat - mean[..., None]
+        return cls(h * w, mean.double(), torch.einsum("ncp,ndp->ncd", centred, centred).double())
+
+    def __add__(self, other: "Moments") -> "Moments":
+        if other.count == 0 or self.count == 0:
+            return self if other.count == 0 else other
+        count = self.count + other.count
+        delta = other.mean - self.mean
+        mean = self.mean + delta * (other.count / count)
+        cross = torch.einsum("nc,nd->ncd", delta, delta) * (self.count * other.count / count)
+        return Moments(count, mean, self.scatter + other.scatter + cross)
+
+    @property
+    def covariance(self) -> torch.Tensor:
+        return self.scatter / self.count
+
+    @property
+    def second_moment(self) -> torch.Tensor:
+        """The Gram matrix averaged over pixels, ``E[f f^T]``."""
+        return self.covariance + torch.einsum("nc,nd->ncd", self.mean, self.mean)
+
+
+FeaturesOrMoments = Union[torch.Tensor, Moments]
+
+
+def second_moment(features: FeaturesOrMoments) -> torch.Tensor:
+    """``E[f f^T]`` over pixels of a feature map (float32 Gram) or of precomputed ``Moments`` (float64)."""
+    return features.second_moment if isinstance(features, Moments) else gram_matrix(features)
+
+
 def relative_squared_error(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Sum over the batch of ``||x - t||^2 / ||t||^2``; targets broadcast over the batch."""
     x, target = at_least_float32(x), at_least_float32(target)
@@ -60,9 +114,19 @@ class ContentLoss(nn.Module):
     def __init__(self, target: torch.Tensor):
         super().__init__()
         self.register_buffer("target", at_least_float32(target.detach()))
+        self.register_buffer("scale", self.target.pow(2).sum((1, 2, 3)).clamp_min(EPS))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return relative_squared_error(features, self.target)
+        return self.partial(features, (slice(None), slice(None)))
+
+    def partial(self, features: torch.Tensor, region: tuple[slice, slice]) -> torch.Tensor:
+        """The share of the loss of the pixels ``target[..., rows, cols]``, given their ``features``.
+
+        The shares of disjoint regions add up to the whole loss: the scale is the whole target's.
+        """
+        rows, cols = region
+        err = (at_least_float32(features) - self.target[..., rows, cols]).pow(2).sum((1, 2, 3))
+        return (err / self.scale).sum()
 
 
 class GramStyleLoss(nn.Module):
@@ -77,17 +141,23 @@ class GramStyleLoss(nn.Module):
         self.register_buffer("target", target_gram.detach())
 
     @staticmethod
-    def target_stats(features: Sequence[tuple[torch.Tensor, float]]) -> torch.Tensor:
-        """The blended target ``(1, C, C)``: the weighted mean of the styles' Grams."""
+    def target_stats(features: Sequence[tuple[FeaturesOrMoments, float]]) -> torch.Tensor:
+        """The blended target ``(1, C, C)``: the weighted mean of the styles' Grams (from maps or Moments)."""
         total_w = float(sum(w for _, w in features))
-        return sum(gram_matrix(f) * (w / total_w) for f, w in features)
+        return sum(second_moment(f).float() * (w / total_w) for f, w in features)
 
     @classmethod
     def from_targets(cls, per_job: Sequence[torch.Tensor]) -> "GramStyleLoss":
         return cls(torch.cat(list(per_job)))
 
+    def stats(self, features: torch.Tensor) -> torch.Tensor:
+        return gram_matrix(features)
+
+    def loss_from_stats(self, gram: torch.Tensor) -> torch.Tensor:
+        return relative_squared_error(gram, self.target)
+
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return relative_squared_error(gram_matrix(features), self.target)
+        return self.loss_from_stats(self.stats(features))
 
 
 class MaskedGramStyleLoss(nn.Module):
@@ -107,28 +177,56 @@ class MaskedGramStyleLoss(nn.Module):
         total = float(sum(weights))
         self.register_buffer("weights", torch.tensor([w / total for w in weights], device=masks.device))
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
+    def layer_masks(self, height: int, width: int) -> torch.Tensor:
+        """The masks resized to a layer of ``height x width`` by area averaging: ``(S, 1, h, w)``."""
+        return F.interpolate(self.masks, size=(height, width), mode="area")
+
+    @staticmethod
+    def masked_scatter(features: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """``sum_p m_sp f_p f_p^T`` for each style's mask: ``(N, S, C, C)``."""
         n, c, h, w = features.shape
-        s = self.masks.shape[0]
-        masks = F.interpolate(self.masks, size=(h, w), mode="area")  # (S, 1, h, w)
-        # sqrt on each side of the product: the Gram is then sum_p m_p f_p f_p^T / sum_p m_p, a weighted
-        # mean that is right for the soft edges area-resizing gives a mask.
+        # sqrt on each side of the product: divided by sum_p m_p this is a weighted mean, which is right
+        # for the soft edges area-resizing gives a mask.
         weighted = at_least_float32(features).unsqueeze(1) * masks.sqrt()  # (N, S, C, h, w)
-        flat = weighted.reshape(n, s, c, h * w)
+        flat = weighted.reshape(n, masks.shape[0], c, h * w)
+        return torch.einsum("nscp,nsdp->nscd", flat, flat)
+
+    def stats(self, features: torch.Tensor) -> torch.Tensor:
+        masks = self.layer_masks(*features.shape[-2:])
         area = masks.sum((1, 2, 3)).clamp_min(EPS)  # (S,)
-        grams = torch.einsum("nscp,nsdp->nscd", flat, flat) / area[None, :, None, None]
+        return self.masked_scatter(features, masks) / area[None, :, None, None]
+
+    def loss_from_stats(self, grams: torch.Tensor) -> torch.Tensor:
         err = (grams - self.target).pow(2).sum((2, 3)) / self.target.pow(2).sum((2, 3)).clamp_min(EPS)
         return (err * self.weights).sum()
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.loss_from_stats(self.stats(features))
 
 
 class TotalVariationLoss(nn.Module):
     """Mean squared difference between neighbouring pixels (smooth, so L-BFGS-friendly), summed over the batch."""
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        dy = image[..., 1:, :] - image[..., :-1, :]
-        dx = image[..., :, 1:] - image[..., :, :-1]
+        h, w = image.shape[-2:]
+        return self.partial(image, (0, h, 0, w), (h, w))
+
+    def partial(self, crop: torch.Tensor, own: tuple[int, int, int, int], size: tuple[int, int]) -> torch.Tensor:
+        """The share of the loss of the pixels ``crop[..., y0:y1, x0:x1]`` of an image of ``size`` (H, W).
+
+        A difference belongs to the pixel above or left of it, so the shares
+        of disjoint regions add up to the whole loss; ``crop`` must hold the
+        row below and the column right of the region where the image has them.
+        """
+        y0, y1, x0, x1 = own
+        height, width = size
+        c = crop.shape[-3]
+        ye, xe = min(y1, crop.shape[-2] - 1), min(x1, crop.shape[-1] - 1)
+        dy = crop[..., y0 + 1:ye + 1, x0:x1] - crop[..., y0:ye, x0:x1]
+        dx = crop[..., y0:y1, x0 + 1:xe + 1] - crop[..., y0:y1, x0:xe]
         per_image = (-3, -2, -1)
-        return (dy.pow(2).mean(per_image) + dx.pow(2).mean(per_image)).sum()
+        return (dy.pow(2).sum(per_image) / (c * (height - 1) * width)
+                + dx.pow(2).sum(per_image) / (c * height * (width - 1))).sum()
 
 
 class StyleTransferLoss(nn.Module):

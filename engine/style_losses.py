@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .losses import EPS, at_least_float32
+from .losses import EPS, FeaturesOrMoments, Moments, at_least_float32
 
 NEWTON_SCHULZ_ITERS = 20  # trace within 1.1e-3 of eigh on the samples at relu1_1-relu5_1 (2e-6 to 1.1e-3)
 
@@ -112,14 +112,17 @@ class GaussianW2StyleLoss(nn.Module):
         self.register_buffer("scale", scale)  # (N,): tr S_s + |mu_s|^2, the target's size
 
     @staticmethod
-    def target_stats(features: Sequence[tuple[torch.Tensor, float]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean ``(C,)`` and covariance ``(C, C)`` of the weighted mixture of the styles' pixels (float64)."""
+    def target_stats(features: Sequence[tuple[FeaturesOrMoments, float]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean ``(C,)`` and covariance ``(C, C)`` of the weighted mixture of the styles' pixels (float64).
+
+        Each style is given as its feature map or as its ``Moments``.
+        """
         total_w = sum(w for _, w in features)
         mean = second = 0
         for f, w in features:
-            x = _pixels(f)[0].double()
-            mean = mean + (w / total_w) * x.mean(dim=1)
-            second = second + (w / total_w) * (x @ x.T) / x.shape[1]
+            m = f if isinstance(f, Moments) else Moments.of(f.double())
+            mean = mean + (w / total_w) * m.mean[0]
+            second = second + (w / total_w) * m.second_moment[0]
         return mean, second - torch.outer(mean, mean)
 
     @classmethod
@@ -133,11 +136,17 @@ class GaussianW2StyleLoss(nn.Module):
         stack = lambda ts: torch.stack(ts).float()  # noqa: E731
         return cls(stack(means), stack(roots), stack(traces), stack(scales))
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
+    def stats(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean ``(N, C)`` and covariance ``(N, C, C)`` of the image's feature vectors."""
         x = _pixels(features)  # (N, C, P)
         mean = x.mean(dim=2)
         centred = x - mean[..., None]
-        cov = centred @ centred.transpose(1, 2) / x.shape[2]
+        return mean, centred @ centred.transpose(1, 2) / x.shape[2]
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.loss_from_stats(*self.stats(features))
+
+    def loss_from_stats(self, mean: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
         cross = self.cov_sqrt @ cov @ self.cov_sqrt  # S_s^1/2 S_x S_s^1/2, SPD
         w2 = ((mean - self.mean).pow(2).sum(1) + _trace(cov) + self.cov_trace - 2 * trace_sqrtm(cross))
         return (w2.clamp_min(0) / self.scale.clamp_min(EPS)).sum()

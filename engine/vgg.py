@@ -13,6 +13,7 @@ from typing import Iterable, Mapping
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .errors import UserError
 
@@ -149,4 +150,40 @@ class VGGFeatures(nn.Module):
             x = module(x)
             if name in self.layers:
                 out[name] = x
+        return out
+
+
+class BlockCheckpointed(nn.Module):
+    """A ``VGGFeatures`` run block by block (pool to pool) under activation checkpointing.
+
+    The same features and gradients; the backward pass keeps only each
+    block's input and the outputs the losses read, and recomputes one block's
+    activations at a time, at the price of a second forward pass.
+    """
+
+    def __init__(self, extractor: VGGFeatures):
+        super().__init__()
+        self.extractor = extractor
+        blocks, current = [], []
+        for name, module in extractor.body.named_children():
+            current.append((name, module))
+            if name.startswith("pool"):
+                blocks.append(current)
+                current = []
+        self.blocks = blocks + ([current] if current else [])
+
+    def _block(self, x: torch.Tensor, index: int) -> tuple[torch.Tensor, ...]:
+        kept = []
+        for name, module in self.blocks[index]:
+            x = module(x)
+            if name in self.extractor.layers:
+                kept.append(x)
+        return (x, *kept)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = self.extractor.normalize(x)
+        out: dict[str, torch.Tensor] = {}
+        for index, block in enumerate(self.blocks):
+            x, *kept = checkpoint(self._block, x, index, use_reentrant=False)
+            out.update(zip([name for name, _ in block if name in self.extractor.layers], kept))
         return out

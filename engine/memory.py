@@ -1,0 +1,167 @@
+"""How much memory a scale needs, and how to run it in what the device has: untiled, checkpointed or tiled.
+
+The model counts bytes per input pixel from the network's layer list, so it
+follows the layers and the precision a run asks for:
+
+* **activations** an untiled step keeps for its backward pass: every layer's
+  output (``channels / factor^2`` values per input pixel, ``factor`` the
+  layer's downsampling), the max-pool indices (int64), and the two largest
+  gradient buffers alive during the backward pass;
+* **checkpointed** (``torch.utils.checkpoint`` per VGG block): the outputs the
+  losses read, the blocks' inputs, and one block's activations at a time;
+* **tiled**: the activations of one crop (tile plus halo), whatever the image;
+* the **image-side state**, which no mode removes: the image, its gradient,
+  Adam's two moments, the moving average, the content image and the previous
+  scale's result (4 bytes x 3 channels each), and the content targets (see
+  ``state_bytes_per_pixel``).
+
+``tests/test_tiling.py`` checks the model against peaks measured on the CPU.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .errors import UserError
+from .optimize import LBFGS_HISTORY
+from .tiling import Geometry, Tiling, check_tileable
+from .vgg import CHANNELS, truncated_names
+
+GiB = 1024**3
+# Share of the free memory a run plans to use: the allocator's fragmentation, the framework's own
+# buffers and whatever else starts meanwhile need the rest.
+HEADROOM = 0.8
+IMAGE_COPIES = 6  # image, gradient, Adam's exp_avg and exp_avg_sq, moving average, content image
+PREVIOUS_SCALE = 1  # the last scale's result, alive while it is resized to this one
+
+
+def layer_bytes(model: str, layers, element: int) -> dict[str, float]:
+    """Bytes per input pixel of each layer's output in the truncated network."""
+    geometry = Geometry.of(model, layers)
+    # "conv3_2", "relu3_2", "pool3": the fifth character is the block, which sets the channels.
+    return {name: CHANNELS[int(name[4]) - 1] * element / geometry.factors[name] ** 2
+            for name in truncated_names(model, layers)}
+
+
+def activation_bytes_per_pixel(model: str, layers, element: int = 4, mode: str = "untiled") -> float:
+    """What one step keeps alive per input pixel of one image, for ``mode`` ``untiled`` or ``checkpoint``."""
+    sizes = layer_bytes(model, layers, element)
+    # Max pooling saves the index of each window's maximum (int64) for its backward pass.
+    indices = sum(v * 8 / element for name, v in sizes.items() if name.startswith("pool"))
+    transient = 2 * max(sizes.values())  # the gradient flowing back and the one being made
+    if mode == "untiled":
+        return sum(sizes.values()) + indices + transient
+    blocks, current = [], 0.0
+    for name, value in sizes.items():
+        current += value + (value * 8 / element if name.startswith("pool") else 0)
+        if name.startswith("pool"):
+            blocks.append(current)
+            current = 0.0
+    blocks.append(current)
+    kept = sum(v for name, v in sizes.items() if name in layers or name.startswith("pool"))
+    return kept + max(blocks) + transient
+
+
+def forward_bytes_per_pixel(model: str, layers, element: int = 4) -> float:
+    """A forward pass without gradients: a layer's input and output alive at once, at most."""
+    values = list(layer_bytes(model, layers, element).values())
+    return max(a + b for a, b in zip(values, values[1:] + [0.0]))
+
+
+def state_bytes_per_pixel(config) -> float:
+    """Per output pixel, what the run holds outside the network whatever the mode (float32)."""
+    content_targets = sum(layer_bytes(config.model, config.feature_layers, 4)[n] for n in config.content_layers)
+    copies = IMAGE_COPIES + PREVIOUS_SCALE
+    if config.optimizer == "lbfgs":
+        copies += 2 * LBFGS_HISTORY + 3  # curvature pairs, direction, previous gradient and point
+    masks = len(config.style_masks or ()) * 4
+    return copies * 3 * 4 + content_targets + masks
+
+
+def available_bytes(device: torch.device) -> int:
+    """Memory this process can still use on ``device``: free CUDA memory, or the kernel's MemAvailable."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """How one scale runs: ``untiled``, ``checkpoint`` or ``tiled`` (with ``tiling``), and the bytes it expects."""
+
+    mode: str
+    estimate: float
+    tiling: Optional[Tiling] = None
+
+
+def element_bytes(runtime) -> int:
+    return 2 if runtime is not None and runtime.autocast_dtype is not None else 4
+
+
+def plan_scale(config, runtime, height: int, width: int, batch: int = 1,
+               budget: Optional[float] = None, checkpointable: bool = True) -> MemoryPlan:
+    """Pick the mode for a ``batch`` of ``height x width`` images from ``config.tile`` and the memory budget.
+
+    ``auto`` takes the first mode whose estimate fits the budget: untiled
+    (fastest), checkpointed (recomputes each block's forward: about 1.5x),
+    tiled with the largest tile that fits (the same recompute plus the halo).
+    ``budget`` (bytes) defaults to ``config.memory_budget`` GiB, or to
+    ``HEADROOM`` of what the device has free.
+    """
+    layers, model = config.feature_layers, config.model
+    element = element_bytes(runtime)
+    geometry = Geometry.of(model, layers)
+    pixels = height * width * batch
+    state = state_bytes_per_pixel(config) * pixels
+    untiled = state + activation_bytes_per_pixel(model, layers, element) * pixels
+    checkpointed = state + activation_bytes_per_pixel(model, layers, element, "checkpoint") * pixels
+    per_crop_pixel = activation_bytes_per_pixel(model, layers, element) * batch
+
+    def tiled(tile: int) -> MemoryPlan:
+        check_tileable(config.style_loss)
+        tiling = Tiling(tile, geometry)
+        grid = tiling.grid(height, width)
+        crop = max((t.crop[1] - t.crop[0]) * (t.crop[3] - t.crop[2]) for t in grid.tiles)
+        return MemoryPlan("tiled", state + per_crop_pixel * crop, tiling)
+
+    if config.tile == "off":
+        return MemoryPlan("untiled", untiled)
+    if config.tile == "checkpoint":
+        return MemoryPlan("checkpoint", checkpointed)
+    if config.tile != "auto":
+        return tiled(int(config.tile))
+    if budget is None:
+        device = runtime.device if runtime is not None else torch.device("cpu")
+        budget = config.memory_budget * GiB if config.memory_budget else HEADROOM * available_bytes(device)
+    if untiled <= budget:
+        return MemoryPlan("untiled", untiled)
+    if checkpointable and checkpointed <= budget:
+        return MemoryPlan("checkpoint", checkpointed)
+    room = (budget - state) / per_crop_pixel
+    if room > 0:
+        # The largest square crop that fits, less the halo on both sides, in whole strides.
+        tile = (int(math.sqrt(room)) - 2 * geometry.halo) // geometry.stride * geometry.stride
+        if tile >= geometry.stride:
+            plan = tiled(tile)
+            if plan.estimate <= budget:
+                return plan
+    smallest = tiled(geometry.stride).estimate
+    raise UserError(
+        f"a {width}x{height} image needs about {smallest / GiB:.1f} GiB even in the smallest tiles "
+        f"({state / GiB:.1f} GiB of it for the image, its gradient, Adam's state, the average and the content "
+        f"targets: {state_bytes_per_pixel(config):.0f} bytes per pixel), but the budget is {budget / GiB:.1f} GiB; "
+        "use a smaller --size, or free memory"
+    )

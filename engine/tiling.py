@@ -1,0 +1,343 @@
+"""Exact tiling: the whole image's loss and gradient, computed tile by tile.
+
+An untiled step keeps every VGG activation of the whole image alive for the
+backward pass (about 2.6 KB per pixel for VGG19 to relu5_1), so memory, not
+time, caps the print size. Here the image is cut into tiles, and each tile
+runs through the network with a *halo* of context around it, so that every
+feature of the tile's own region is exactly the untiled network's:
+
+* the halo is at least the receptive-field radius of the deepest layer used
+  (``Geometry.halo``), so the zero padding at a crop's edge never reaches an
+  owned feature;
+* tile edges and crop edges lie on multiples of the network's total stride
+  (``Geometry.stride``), so every pooling window is the untiled network's;
+* at a layer that has halved the image ``k`` times, a tile owns the features
+  ``[y0 / 2^k, y1 / 2^k)`` of its own pixel rows ``[y0, y1)`` (to the end of
+  the map for the last tile), so the tiles partition every feature map.
+
+Each step makes two passes over the tiles (``TiledObjective``):
+
+1. without gradients, the whole image's style statistics are summed from the
+   tiles (Gram sums; mean and scatter for W2; masked sums for masked Grams);
+2. each tile is run again with gradients and backpropagates a *surrogate*:
+   for a style layer with statistic ``S`` and loss ``L(S)``, the surrogate is
+   ``<dL/dS, S_tile>`` with ``dL/dS`` taken at pass 1's whole-image ``S``;
+   its gradient with respect to the tile's own features is the whole-image
+   loss gradient. Content and total variation are sums over pixels, so each
+   tile's share is its own. The tiles' gradients add up to the untiled one.
+
+The cost is the extra forward of pass 1 plus the halo: about 1.5x an untiled
+step (a backward without weight gradients costs about one forward) times the
+crop-to-tile area ratio. Style targets at a large size (a style image scaled
+with the output) are summed by the same pass 1, and content targets are put
+together from their tiles. Sliced OT sorts all of a layer's projections at
+once, so it is refused with tiles (see ``check_tileable``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, ContextManager, Mapping, Optional, Sequence
+
+import torch
+
+from .errors import UserError
+from .losses import ContentLoss, GramStyleLoss, MaskedGramStyleLoss, Moments, StyleTransferLoss, at_least_float32
+from .style_losses import GaussianW2StyleLoss, SlicedOTStyleLoss
+from .vgg import truncated_names
+
+Box = tuple[int, int, int, int]  # y0, y1, x0, x1
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """What tiling needs to know of the truncated network."""
+
+    stride: int  # 2 ** pools: tile and crop edges are multiples of it
+    halo: int  # input pixels of context around a tile's own region (a multiple of ``stride``)
+    factors: Mapping[str, int]  # layer -> how many input pixels one of its features spans (2 ** pools before it)
+
+    @classmethod
+    def of(cls, model: str, layers: Sequence[str]) -> "Geometry":
+        factor, margin, factors = 1, 0, {}
+        for name in truncated_names(model, layers):
+            if name.startswith("conv"):
+                # A 3x3 convolution zero-padded at a crop's edge spoils one more feature inward.
+                margin += factor
+            elif name.startswith("pool"):
+                # A 2x2 window is spoilt if either input is: the spoilt margin rounds up to whole windows.
+                margin = math.ceil(margin / (2 * factor)) * 2 * factor
+                factor *= 2
+            factors[name] = factor
+        halo = math.ceil(margin / factor) * factor
+        return cls(factor, halo, factors)
+
+
+@dataclass(frozen=True)
+class Tile:
+    own: Box  # the pixels this tile answers for, in image coordinates
+    crop: Box  # own plus the halo, clipped to the image
+    size: tuple[int, int]  # the whole image's (H, W)
+
+    def crop_of(self, image: torch.Tensor) -> torch.Tensor:
+        y0, y1, x0, x1 = self.crop
+        return image[..., y0:y1, x0:x1]
+
+    def in_crop(self, features: torch.Tensor, factor: int) -> torch.Tensor:
+        """The tile's own features out of the crop's feature map at a layer of ``factor``."""
+        rows, cols = self._own_range(factor, origin=True)
+        return features[..., rows, cols]
+
+    def in_image(self, factor: int) -> tuple[slice, slice]:
+        """Where the tile's own features lie in the whole image's feature map at a layer of ``factor``."""
+        return self._own_range(factor, origin=False)
+
+    def own_in_crop(self) -> Box:
+        y0, y1, x0, x1 = self.own
+        return y0 - self.crop[0], y1 - self.crop[0], x0 - self.crop[2], x1 - self.crop[2]
+
+    def _own_range(self, factor: int, origin: bool) -> tuple[slice, slice]:
+        y0, y1, x0, x1 = self.own
+        cy, cx = (self.crop[0], self.crop[2]) if origin else (0, 0)
+        height, width = self.size
+        # The last tile of a row or column owns the map to its end (pools round the image size down).
+        rows = slice((y0 - cy) // factor, (y1 - cy) // factor if y1 < height else (height // factor) - cy // factor)
+        cols = slice((x0 - cx) // factor, (x1 - cx) // factor if x1 < width else (width // factor) - cx // factor)
+        return rows, cols
+
+
+@dataclass(frozen=True)
+class TileGrid:
+    height: int
+    width: int
+    tile: int  # the own size of a full tile, in pixels
+    geometry: Geometry
+    tiles: tuple[Tile, ...]
+
+    @classmethod
+    def plan(cls, height: int, width: int, tile: int, geometry: Geometry) -> "TileGrid":
+        """Tiles of at most about ``tile`` pixels a side (rounded up to the stride), as even as the stride allows."""
+        stride, halo = geometry.stride, geometry.halo
+        tile = max(stride, math.ceil(tile / stride) * stride)
+        tiles = []
+        for y0, y1 in _cuts(height, tile, stride):
+            for x0, x1 in _cuts(width, tile, stride):
+                crop = (max(0, y0 - halo), min(height, y1 + halo), max(0, x0 - halo), min(width, x1 + halo))
+                tiles.append(Tile((y0, y1, x0, x1), crop, (height, width)))
+        return cls(height, width, tile, geometry, tuple(tiles))
+
+    def map_size(self, layer: str) -> tuple[int, int]:
+        factor = self.geometry.factors[layer]
+        return self.height // factor, self.width // factor
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """Tiles of ``tile`` pixels for a network of ``geometry``: any image gets its grid from it."""
+
+    tile: int
+    geometry: Geometry
+
+    def grid(self, height: int, width: int) -> TileGrid:
+        return TileGrid.plan(height, width, self.tile, self.geometry)
+
+
+def _cuts(length: int, tile: int, stride: int) -> list[tuple[int, int]]:
+    count = math.ceil(length / tile)
+    step = math.ceil(math.ceil(length / count) / stride) * stride
+    return [(a, min(a + step, length)) for a in range(0, length, step)]
+
+
+def check_tileable(style_loss: str) -> None:
+    if style_loss == "ot":
+        raise UserError(
+            "the ot style loss sorts every pixel's projections of the whole image at once, so it cannot be "
+            "split into tiles exactly; use tile off or checkpoint (with a smaller size), or the gram or w2 style loss"
+        )
+
+
+# ------------------------------------------------------------------------------------------ targets
+
+
+@torch.no_grad()
+def feature_maps(extractor: Callable, image: torch.Tensor, grid: TileGrid, layers: Sequence[str],
+                 autocast: Callable[[], ContextManager]) -> dict[str, torch.Tensor]:
+    """The whole image's feature maps of ``layers`` (float32), put together from the tiles' own regions."""
+    maps: dict[str, torch.Tensor] = {}
+    for tile in grid.tiles:
+        with autocast():
+            features = extractor(tile.crop_of(image))
+        for name in layers:
+            factor = grid.geometry.factors[name]
+            own = at_least_float32(tile.in_crop(features[name], factor))
+            if name not in maps:
+                maps[name] = own.new_empty((image.shape[0], own.shape[1], *grid.map_size(name)))
+            maps[name][(..., *tile.in_image(factor))] = own
+    return maps
+
+
+@torch.no_grad()
+def feature_moments(extractor: Callable, image: torch.Tensor, grid: TileGrid, layers: Sequence[str],
+                    autocast: Callable[[], ContextManager]) -> dict[str, Moments]:
+    """The ``Moments`` of the whole image's feature vectors at ``layers``, summed from the tiles."""
+    moments: dict[str, Moments] = {}
+    for tile in grid.tiles:
+        with autocast():
+            features = extractor(tile.crop_of(image))
+        for name in layers:
+            part = Moments.of(tile.in_crop(features[name], grid.geometry.factors[name]))
+            moments[name] = moments[name] + part if name in moments else part
+    return moments
+
+
+# ------------------------------------------------------------------------------------------ the objective
+
+
+class _StyleTerm:
+    """One style layer's loss, split as tiling needs it: statistics summed over tiles, then a surrogate.
+
+    ``add`` takes a tile's own features (pass 1); ``finish`` turns the sums
+    into the whole image's statistics and returns the loss, keeping its
+    gradient with respect to them; ``surrogate`` takes a tile's own features
+    (pass 2, with gradients) and returns a scalar whose gradient is the
+    whole-image loss gradient for those features.
+    """
+
+    def __init__(self, loss, map_size: tuple[int, int]):
+        self.loss, self.pixels = loss, map_size[0] * map_size[1]
+        self.grads: tuple[torch.Tensor, ...] = ()
+        self.dtype = torch.float32  # float64 when the features are (the tests' references)
+
+    def add(self, features: torch.Tensor, tile: Tile, factor: int) -> None:
+        self.dtype = at_least_float32(features).dtype
+        self.accumulate(features, tile, factor)
+
+    def finish(self) -> torch.Tensor:
+        # The sums are float64; the loss is evaluated in the features' precision, as untiled.
+        stats = tuple(s.detach().to(self.dtype).requires_grad_(True) for s in self.whole())
+        with torch.enable_grad():
+            value = self.loss.loss_from_stats(*stats)
+            self.grads = torch.autograd.grad(value, stats)
+        return value.detach()
+
+
+class _GramTerm(_StyleTerm):
+    def __init__(self, loss: GramStyleLoss, map_size):
+        super().__init__(loss, map_size)
+        self.sum: Optional[torch.Tensor] = None
+
+    @staticmethod
+    def _scatter(features: torch.Tensor) -> torch.Tensor:
+        flat = at_least_float32(features).flatten(2)
+        return torch.einsum("ncp,ndp->ncd", flat, flat)
+
+    def accumulate(self, features: torch.Tensor, tile: Tile, factor: int) -> None:
+        part = self._scatter(features).double()
+        self.sum = part if self.sum is None else self.sum + part
+
+    def whole(self):
+        return (self.sum / self.pixels,)
+
+    def surrogate(self, features: torch.Tensor, tile: Tile, factor: int) -> torch.Tensor:
+        return (self.grads[0] * self._scatter(features)).sum() / self.pixels
+
+
+class _MaskedGramTerm(_StyleTerm):
+    def __init__(self, loss: MaskedGramStyleLoss, map_size):
+        super().__init__(loss, map_size)
+        self.masks = loss.layer_masks(*map_size)  # the whole layer's masks, sliced per tile
+        self.area = self.masks.sum((1, 2, 3)).clamp_min(1e-8)[None, :, None, None]
+        self.sum: Optional[torch.Tensor] = None
+
+    def _scatter(self, features, tile, factor):
+        return self.loss.masked_scatter(features, self.masks[(..., *tile.in_image(factor))])
+
+    def accumulate(self, features, tile, factor) -> None:
+        part = self._scatter(features, tile, factor).double()
+        self.sum = part if self.sum is None else self.sum + part
+
+    def whole(self):
+        return (self.sum / self.area,)
+
+    def surrogate(self, features, tile, factor) -> torch.Tensor:
+        return (self.grads[0] * self._scatter(features, tile, factor) / self.area).sum()
+
+
+class _W2Term(_StyleTerm):
+    def __init__(self, loss: GaussianW2StyleLoss, map_size):
+        super().__init__(loss, map_size)
+        self.moments: Optional[Moments] = None
+        self.mean: Optional[torch.Tensor] = None
+
+    def accumulate(self, features, tile, factor) -> None:
+        part = Moments.of(features)
+        self.moments = part if self.moments is None else self.moments + part
+
+    def whole(self):
+        self.mean = self.moments.mean.to(self.dtype)
+        return self.mean, self.moments.covariance
+
+    def surrogate(self, features, tile, factor) -> torch.Tensor:
+        # mean = sum f / P and cov = sum (f - mean)(f - mean)^T / P; the mean's own effect on cov is zero
+        # at the whole image's mean (the centred features sum to zero), so the mean is held fixed here.
+        grad_mean, grad_cov = self.grads
+        flat = at_least_float32(features).flatten(2)
+        centred = flat - self.mean[..., None]
+        scatter = torch.einsum("ncp,ndp->ncd", centred, centred)
+        return ((grad_mean * flat.sum(2)).sum() + (grad_cov * scatter).sum()) / self.pixels
+
+
+_TERMS = {GramStyleLoss: _GramTerm, MaskedGramStyleLoss: _MaskedGramTerm, GaussianW2StyleLoss: _W2Term}
+
+
+class TiledObjective:
+    """The same loss and gradient as ``optimize.Objective``, computed over ``grid``'s tiles (two passes)."""
+
+    capturable = False  # a Python loop over tiles with statistics in between; see optimize.make_step
+
+    def __init__(self, extractor: Callable, criterion: StyleTransferLoss, grid: TileGrid,
+                 autocast: Callable[[], ContextManager]):
+        for module in criterion.style.values():
+            if isinstance(module, SlicedOTStyleLoss):
+                check_tileable("ot")
+        self.extractor, self.criterion, self.grid, self.autocast = extractor, criterion, grid, autocast
+
+    def __call__(self, image: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        criterion, grid, factors = self.criterion, self.grid, self.grid.geometry.factors
+        terms = {name: _TERMS[type(loss)](loss, grid.map_size(name)) for name, loss in criterion.style.items()}
+        with torch.no_grad():  # pass 1: the whole image's style statistics
+            for tile in grid.tiles:
+                with self.autocast():
+                    features = self.extractor(tile.crop_of(image))
+                for name, term in terms.items():
+                    term.add(tile.in_crop(features[name], factors[name]), tile, factors[name])
+        style = sum(w * term.finish() for term, w in zip(terms.values(), criterion.style_layer_weights))
+        content = tv = image.new_zeros(())
+        weights = criterion.weights
+        layout = torch.channels_last if _is_channels_last(image) else torch.contiguous_format
+        for tile in grid.tiles:  # pass 2: each tile's share of the gradient
+            crop = tile.crop_of(image.detach()).clone(memory_format=layout).requires_grad_(True)
+            with self.autocast():
+                features = self.extractor(crop)
+            own = {name: tile.in_crop(features[name], factors[name]) for name in features}
+            tile_content = sum(
+                (w * loss.partial(own[name], tile.in_image(factors[name]))
+                 for (name, loss), w in zip(criterion.content.items(), criterion.content_layer_weights)),
+                image.new_zeros(()),
+            )
+            tile_style = sum(w * terms[name].surrogate(own[name], tile, factors[name])
+                             for name, w in zip(terms, criterion.style_layer_weights))
+            tile_tv = criterion.tv.partial(crop, tile.own_in_crop(), (grid.height, grid.width))
+            surrogate = weights["content"] * tile_content + weights["style"] * tile_style + weights["tv"] * tile_tv
+            surrogate.backward()
+            y0, y1, x0, x1 = tile.crop
+            image.grad[..., y0:y1, x0:x1] += crop.grad
+            content, tv = content + tile_content.detach(), tv + tile_tv.detach()
+        parts = {"content": content, "style": style, "tv": tv}
+        total = sum(weights[k] * v for k, v in parts.items())
+        return total, parts
+
+
+def _is_channels_last(image: torch.Tensor) -> bool:
+    return image.dim() == 4 and image.is_contiguous(memory_format=torch.channels_last) and not image.is_contiguous()
