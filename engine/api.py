@@ -21,7 +21,7 @@ from . import checkpoint as ckpt
 from . import color
 from .checkpoint import CheckpointPlan
 from .criterion import build_criterion
-from .memory import MemoryPlan, plan_scale
+from .memory import GiB, MemoryPlan, plan_scale, state_bytes_per_pixel
 from .optimize import SYNC_EVERY, Callback, Objective, StepInfo, optimize_scale
 from .runtime import Runtime, resolve_device, resolve_runtime
 from .schedule import build_schedule
@@ -202,9 +202,12 @@ def _decode_jobs(jobs: Sequence[Job], config: Config) -> list[_Job]:
 
 def _check_pixels(what: str, height: int, width: int, config: Config) -> None:
     if height * width > config.max_pixels:
+        state = state_bytes_per_pixel(config)
         raise UserError(
             f"{what} would be {width}x{height} = {height * width / 1e6:.1f} Mpx, above the "
-            f"{config.max_pixels / 1e6:.1f} Mpx limit; use a smaller --size, or raise --max-pixels if you mean it"
+            f"{config.max_pixels / 1e6:.1f} Mpx limit (the image and its optimiser state alone would need about "
+            f"{state * height * width / GiB:.1f} GiB, {state:.0f} bytes per pixel); use a smaller --size, or raise "
+            "--max-pixels if you mean it"
         )
 
 

@@ -80,8 +80,10 @@ def load(path: os.PathLike) -> dict:
     return state
 
 
-# Settings a run may change when it goes on: where it runs (see ``restore_generators`` for what that changes).
-PORTABLE = ("device",)
+# Settings a run may change when it goes on: where it runs (see ``restore_generators`` for what that changes),
+# and how it fits in memory (``tile``, ``memory_budget``: a run stopped for lack of memory can go on in
+# smaller tiles).
+PORTABLE = ("device", "tile", "memory_budget")
 
 
 def check_compatible(state: dict, config: Config, inputs: dict, path: os.PathLike) -> None:

@@ -91,7 +91,7 @@ class Config:
     init: str = field(default="content", metadata={"help": "starting image", "choices": INITS})
     seed: int = field(default=0, metadata={"help": "random seed"})
     max_pixels: int = field(
-        default=4096 * 4096,
+        default=8192 * 8192,
         metadata={"help": "refuse outputs (and scaled style images) with more pixels than this: a guard against "
                           "typos; raise it for very large prints"},
     )

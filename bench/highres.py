@@ -1,0 +1,119 @@
+"""High resolution: one step's time and peak memory per size and memory mode (untiled, checkpoint, tiles).
+
+Each row runs in a fresh process, so that its peak memory is its own: on the
+CPU the peak RSS of the whole process (as ``/usr/bin/time -v`` reports it,
+the ~0.4 GiB of torch and the weights included), on CUDA the allocator's peak.
+The step is the engine's own (``engine.api.scale_objective`` and
+``engine.optimize.make_step``, as ``nst stylize`` runs it) on the bundled
+samples, the style scaled with the output as in a real run. One untimed
+step first, then the median of ``--steps`` timed steps. The overhead of a
+mode is its time over the untiled row's at the same size, from the same run.
+
+    python -m bench.highres --sizes 1024,2048 --modes off,checkpoint,512
+    python -m bench.highres --sizes 6144x4608 --modes 1024 --steps 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def measure(height: int, width: int, tile: str, steps: int, device: str) -> dict:
+    """One row, in this process."""
+    import torch
+
+    from engine import Config
+    from engine.api import loop_extractor, scale_objective
+    from engine.criterion import build_criterion
+    from engine.images import load_image, resize
+    from engine.memory import GiB, plan_scale
+    from engine.optimize import make_step
+    from engine.runtime import resolve_runtime
+    from engine.vgg import VGGFeatures
+
+    config = Config(device=device, tile=tile, size=max(height, width), max_pixels=height * width)
+    runtime = resolve_runtime(config)
+    extractor = loop_extractor(config, runtime)
+    content = runtime.layout(resize(load_image(ROOT / "examples/tubingen.jpg"), (height, width))[None])
+    style = load_image(ROOT / "examples/starry_night.jpg")
+    memory = plan_scale(config, runtime, height, width, checkpointable=isinstance(extractor, VGGFeatures))
+    started = time.perf_counter()
+    criterion = build_criterion(config, extractor, content, [([style], (1.0,))], 16, runtime, tiling=memory.tiling)
+    targets = time.perf_counter() - started
+    objective = scale_objective(memory, extractor, criterion, runtime, (height, width))
+    step = make_step(content.clone().requires_grad_(True), objective, "adam", config.lr, runtime)
+    times = []
+    for i in range(steps + 1):
+        started = time.perf_counter()
+        step()
+        runtime.synchronize()
+        if i or steps == 0:  # the first step allocates Adam's state and warms up the kernels
+            times.append(time.perf_counter() - started)
+        if steps == 0:  # --steps 0: time the one and only step (for sizes where a step takes many minutes)
+            break
+    if runtime.device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(runtime.device)
+    else:
+        peak = int(re.search(r"VmHWM:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) * 1024
+    tiles = len(memory.tiling.grid(height, width).tiles) if memory.tiling else 1
+    return {"size": f"{width}x{height}", "mode": memory.mode, "tile": memory.tiling.tile if memory.tiling else None,
+            "tiles": tiles, "s_per_step": statistics.median(times), "targets_s": targets,
+            "peak_gib": peak / GiB, "estimate_gib": memory.estimate / GiB, "device": runtime.device.type}
+
+
+def _size(text: str) -> tuple[int, int]:
+    w, _, h = text.partition("x")
+    return (int(h or w), int(w))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.highres", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="1024,2048", help="WIDTHxHEIGHT or square sizes, comma-separated")
+    parser.add_argument("--modes", default="off,checkpoint,1024", help="--tile values to compare (off first)")
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per row after an untimed one; 0 times a single step (default: 2)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--json", type=Path, help="also write the rows here (refuses an existing file)")
+    parser.add_argument("--row", nargs=2, metavar=("SIZE", "MODE"), help=argparse.SUPPRESS)  # one row, in-process
+    args = parser.parse_args(argv)
+    if args.row:
+        print(json.dumps(measure(*_size(args.row[0]), args.row[1], args.steps, args.device)))
+        return 0
+    if args.json and args.json.exists():
+        parser.error(f"{args.json} already exists; choose another name")
+    rows = []
+    print(f"{'size':>11} {'mode':>10} {'tile':>5} {'tiles':>5} {'s/step':>8} {'peak GiB':>9} {'model GiB':>9} "
+          f"{'overhead':>8}", flush=True)
+    for size in args.sizes.split(","):
+        base = None
+        for mode in args.modes.split(","):
+            done = subprocess.run([sys.executable, "-m", "bench.highres", "--row", size, mode, "--steps",
+                                   str(args.steps), "--device", args.device], capture_output=True, text=True,
+                                  cwd=ROOT)
+            if done.returncode != 0:
+                reason = (done.stderr.strip().splitlines() or ["failed"])[-1]
+                print(f"{size:>11} {mode:>10}  failed: {reason}", flush=True)
+                continue
+            row = json.loads(done.stdout.strip().splitlines()[-1])
+            base = row["s_per_step"] if mode == "off" else base
+            row["overhead"] = row["s_per_step"] / base if base else None
+            rows.append(row)
+            overhead = f"{row['overhead']:.2f}x" if row["overhead"] else "-"
+            print(f"{row['size']:>11} {row['mode']:>10} {row['tile'] or '-':>5} {row['tiles']:>5} "
+                  f"{row['s_per_step']:>8.2f} {row['peak_gib']:>9.2f} {row['estimate_gib']:>9.2f} {overhead:>8}",
+                  flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
