@@ -41,13 +41,14 @@ from typing import Any, Callable, Optional
 import torch
 
 from engine import Config
-from engine.api import loop_extractor
+from engine.api import loop_extractor, scale_objective
 from engine.criterion import build_criterion
 from engine.errors import UserError
 from engine.images import load_image, resize
-from engine.optimize import Objective, make_step
+from engine.memory import plan_scale
+from engine.optimize import make_step
 from engine.runtime import cpu_supports, resolve_device, resolve_runtime
-from engine.vgg import downsampling
+from engine.vgg import VGGFeatures, downsampling
 
 from .flops import step_flops
 from .memory import peak_memory
@@ -61,7 +62,10 @@ MATMUL_N = {"cuda": 8192, "cpu": 2048}  # large enough to reach the peak, small 
 
 # What every row starts from; a Lever changes some of these (or any other Config field).
 BASELINE = {"precision": "fp32", "memory_format": "contiguous", "cuda_graphs": "off", "batch_size": 1,
-            "backend": "eager", "style_loss": "gram"}
+            "backend": "eager", "style_loss": "gram", "tile": "off"}
+# The tiled row's tile: one tile up to this size, so at the matrix's sizes the row shows the price of the
+# second pass; python -m bench.highres measures tiles at the sizes that need them.
+TILE = 1024
 _CONFIG_FIELDS = {f.name for f in dataclasses.fields(Config)}
 
 
@@ -125,8 +129,10 @@ def matrix(device: torch.device, batch: int = 4) -> tuple[list[Lever], list[str]
     together = dict(precision=fast, memory_format="channels_last", cuda_graphs="on" if cuda else "off")
     levers.append(Lever("all", **together))
     levers.append(Lever(f"all+batch{batch}", batch_size=batch, **together))
-    # Not levers but costs: the other style losses on the baseline settings.
+    # Not levers but costs: the other style losses on the baseline settings, and the memory modes that
+    # buy room for larger images with time (see engine/memory.py).
     levers += [Lever("loss_ot", style_loss="ot"), Lever("loss_w2", style_loss="w2")]
+    levers += [Lever("checkpoint", tile="checkpoint"), Lever(f"tiled{TILE}", tile=str(TILE))]
     return levers, skipped
 
 
@@ -199,9 +205,11 @@ def build_step(lever: Lever, size: int, device: torch.device, base: Optional[Con
     extractor = loop_extractor(config, runtime)
     min_side = 2 ** downsampling(config.model, config.feature_layers)
     jobs = [([style], (1.0,))] * lever.batch
-    criterion = build_criterion(config, extractor, batch, jobs, min_side, runtime)
+    memory = plan_scale(config, runtime, size, size, lever.batch, checkpointable=isinstance(extractor, VGGFeatures))
+    criterion = build_criterion(config, extractor, batch, jobs, min_side, runtime, tiling=memory.tiling)
     image = batch.clone().requires_grad_(True)
-    return make_step(image, Objective(extractor, criterion, runtime.autocast), "adam", config.lr, runtime), config
+    objective = scale_objective(memory, extractor, criterion, runtime, (size, size))
+    return make_step(image, objective, "adam", config.lr, runtime), config
 
 
 def cli_step_samples(lever: Lever, size: int, device: torch.device, warmup: int,
