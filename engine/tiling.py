@@ -303,7 +303,7 @@ class TiledObjective:
                 check_tileable("ot")
         self.extractor, self.criterion, self.grid, self.autocast = extractor, criterion, grid, autocast
 
-    def __call__(self, image: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def __call__(self, image: torch.Tensor, scale: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict]:
         criterion, grid, factors = self.criterion, self.grid, self.grid.geometry.factors
         terms = {name: _TERMS[type(loss)](loss, grid.map_size(name)) for name, loss in criterion.style.items()}
         with torch.no_grad():  # pass 1: the whole image's style statistics
@@ -330,7 +330,7 @@ class TiledObjective:
                              for name, w in zip(terms, criterion.style_layer_weights))
             tile_tv = criterion.tv.partial(crop, tile.own_in_crop(), (grid.height, grid.width))
             surrogate = weights["content"] * tile_content + weights["style"] * tile_style + weights["tv"] * tile_tv
-            surrogate.backward()
+            (surrogate if scale is None else surrogate * scale).backward()  # fp16's loss scale: see LossScale
             y0, y1, x0, x1 = tile.crop
             image.grad[..., y0:y1, x0:x1] += crop.grad
             content, tv = content + tile_content.detach(), tv + tile_tv.detach()
