@@ -207,13 +207,14 @@ def test_auto_picks_untiled_then_checkpoint_then_tiles_as_the_budget_shrinks():
     assert plan_scale(config, None, 768, 1024, budget=untiled * 0.99).mode == "checkpoint"
     small = plan_scale(config, None, 768, 1024, budget=(untiled + state) / 4)
     assert small.mode == "tiled" and small.estimate <= (untiled + state) / 4 and small.tiling.tile % 16 == 0
-    assert plan_scale(config, None, 768, 1024, budget=state * 1.2).tiling.tile < small.tiling.tile
+    smaller = plan_scale(config, None, 768, 1024, budget=state + (small.estimate - state) / 4)
+    assert smaller.mode == "tiled" and smaller.tiling.tile < small.tiling.tile
     with pytest.raises(UserError, match=r"needs about .* GiB even in the smallest tiles .* bytes per pixel"):
         plan_scale(config, None, 768, 1024, budget=state * 0.9)
     # From the config: a budget in GiB, and the explicit modes.
     assert plan_scale(Config(memory_budget=untiled * 0.99 / GiB), None, 768, 1024).mode == "checkpoint"
     assert plan_scale(Config(tile="off"), None, 768, 1024, budget=1).mode == "untiled"
-    assert plan_scale(Config(tile="300"), None, 768, 1024).tiling.tile == 304
+    assert plan_scale(Config(tile="300"), None, 768, 1024).tiling.grid(768, 1024).tile == 304  # whole strides
 
 
 def test_tile_setting_is_checked():
