@@ -36,7 +36,7 @@ def register(sub) -> None:
                    help="instead of the table, write a torch.profiler trace of the 'all' configuration")
     p.set_defaults(run=run)
 
-    sub_bench = p.add_subparsers(dest="bench_command", metavar="compare", required=False)
+    sub_bench = p.add_subparsers(dest="bench_command", metavar="{compare,highres}", required=False)
     c = sub_bench.add_parser(
         "compare", help="compare two recorded runs: NEW/OLD per row, marked only outside the noise",
         description="Compare two runs recorded with `nst bench --json` (or pytest-benchmark JSON): per row of both, "
@@ -51,6 +51,19 @@ def register(sub) -> None:
     c.add_argument("--fail-slower", type=_percent, metavar="PCT",
                    help="exit with status 1 if a row is marked slower by more than PCT percent")
     c.set_defaults(run=run_compare)
+    h = sub_bench.add_parser(
+        "highres", help="one step's time and peak memory per size and memory mode (untiled, checkpoint, tiles)",
+        description="Time one optimisation step and measure its peak memory at large sizes, for each --tile mode, "
+                    "each row in a fresh process; the overhead column is the ratio to the untiled row of the same "
+                    "size in the same run. See bench/highres.py.",
+    )
+    h.add_argument("--sizes", default="1024,2048", metavar="A,WxH,...", help="sizes (default: 1024,2048)")
+    h.add_argument("--modes", default="off,checkpoint,1024", metavar="A,B,...",
+                   help="--tile values, off first for the overhead column (default: off,checkpoint,1024)")
+    h.add_argument("--steps", type=int, default=2, help="timed steps after an untimed one; 0 times a single step")
+    h.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="(default: auto)")
+    h.add_argument("--json", type=Path, metavar="PATH", help="also write the rows as JSON (never over a file)")
+    h.set_defaults(run=run_highres)
 
 
 def _positive(text: str) -> int:
@@ -109,6 +122,12 @@ def run(args: argparse.Namespace) -> int:
 
         print("wrote " + ", ".join(map(str, write_charts(results, args.plot))))
     return 0
+
+
+def run_highres(args: argparse.Namespace) -> int:
+    from . import highres
+
+    return highres.table(args.sizes.split(","), args.modes.split(","), args.steps, args.device, args.json)
 
 
 def run_compare(args: argparse.Namespace) -> int:

@@ -9,8 +9,8 @@ samples, the style scaled with the output as in a real run. One untimed
 step first, then the median of ``--steps`` timed steps. The overhead of a
 mode is its time over the untiled row's at the same size, from the same run.
 
-    python -m bench.highres --sizes 1024,2048 --modes off,checkpoint,512
-    python -m bench.highres --sizes 6144x4608 --modes 1024 --steps 1
+    nst bench highres --sizes 1024,2048 --modes off,checkpoint,512
+    nst bench highres --sizes 6144x4608 --modes 1024 --steps 0
 """
 
 from __future__ import annotations
@@ -23,6 +23,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
+
+from engine.errors import UserError
+from engine.files import write_atomically
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,33 +75,30 @@ def measure(height: int, width: int, tile: str, steps: int, device: str) -> dict
 
 
 def _size(text: str) -> tuple[int, int]:
-    w, _, h = text.partition("x")
+    """``"1024"`` or ``"6144x4608"`` (width x height) -> ``(height, width)``."""
+    w, x, h = text.partition("x")
+    if not w.isdigit() or (x and not h.isdigit()) or int(w) < 1 or int(h or w) < 1:
+        raise ValueError(text)
     return (int(h or w), int(w))
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.highres", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", default="1024,2048", help="WIDTHxHEIGHT or square sizes, comma-separated")
-    parser.add_argument("--modes", default="off,checkpoint,1024", help="--tile values to compare (off first)")
-    parser.add_argument("--steps", type=int, default=2, help="timed steps per row after an untimed one; 0 times a single step (default: 2)")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    parser.add_argument("--json", type=Path, help="also write the rows here (refuses an existing file)")
-    parser.add_argument("--row", nargs=2, metavar=("SIZE", "MODE"), help=argparse.SUPPRESS)  # one row, in-process
-    args = parser.parse_args(argv)
-    if args.row:
-        print(json.dumps(measure(*_size(args.row[0]), args.row[1], args.steps, args.device)))
-        return 0
-    if args.json and args.json.exists():
-        parser.error(f"{args.json} already exists; choose another name")
+def table(sizes: list[str], modes: list[str], steps: int, device: str, json_path: Optional[Path]) -> int:
+    """The rows of ``sizes`` x ``modes``, each in a fresh process (``--row``), printed as they come."""
+    if json_path is not None and json_path.exists():
+        raise UserError(f"{json_path} already exists; choose another name")
+    for size in sizes:
+        try:
+            _size(size)
+        except ValueError:
+            raise UserError(f"size {size!r} is not a whole number or WIDTHxHEIGHT") from None
     rows = []
     print(f"{'size':>11} {'mode':>10} {'tile':>5} {'tiles':>5} {'s/step':>8} {'peak GiB':>9} {'model GiB':>9} "
           f"{'overhead':>8}", flush=True)
-    for size in args.sizes.split(","):
+    for size in sizes:
         base = None
-        for mode in args.modes.split(","):
+        for mode in modes:
             done = subprocess.run([sys.executable, "-m", "bench.highres", "--row", size, mode, "--steps",
-                                   str(args.steps), "--device", args.device], capture_output=True, text=True,
-                                  cwd=ROOT)
+                                   str(steps), "--device", device], capture_output=True, text=True, cwd=ROOT)
             if done.returncode != 0:
                 reason = (done.stderr.strip().splitlines() or ["failed"])[-1]
                 print(f"{size:>11} {mode:>10}  failed: {reason}", flush=True)
@@ -110,8 +111,20 @@ def main(argv=None) -> int:
             print(f"{row['size']:>11} {row['mode']:>10} {row['tile'] or '-':>5} {row['tiles']:>5} "
                   f"{row['s_per_step']:>8.2f} {row['peak_gib']:>9.2f} {row['estimate_gib']:>9.2f} {overhead:>8}",
                   flush=True)
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=1))
+    if json_path is not None:
+        write_atomically(json_path, lambda fh: fh.write(json.dumps(rows, indent=1).encode()), overwrite=False,
+                         what="results")
+    return 0
+
+
+def main(argv=None) -> int:
+    """``--row SIZE MODE``: one row in this process, as JSON (what ``table`` runs per row)."""
+    parser = argparse.ArgumentParser(prog="python -m bench.highres")
+    parser.add_argument("--row", nargs=2, metavar=("SIZE", "MODE"), required=True)
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    args = parser.parse_args(argv)
+    print(json.dumps(measure(*_size(args.row[0]), args.row[1], args.steps, args.device)))
     return 0
 
 
