@@ -121,7 +121,7 @@ class Config:
     )
     memory_budget: float = field(
         default=0.0,
-        metadata={"help": "GiB that --tile auto plans for; 0 means 80%% of what the device has free"},
+        metadata={"help": "GiB that --tile auto plans for; 0 means 80 percent of what the device has free"},
     )
     backend: str = field(
         default="eager",
