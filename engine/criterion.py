@@ -56,7 +56,7 @@ def build_criterion(
             else:
                 with autocast():
                     maps = extractor(image)
-                keep = config.style_loss == "ot" and masks is None
+                keep = config.style_loss == "ot"  # masks go with the gram loss only
                 cache[id(style)] = {name: maps[name] if keep else Moments.of(maps[name]) for name in config.style_layers}
         return cache[id(style)]
 
