@@ -63,6 +63,9 @@ def register(sub) -> None:
     h.add_argument("--steps", type=int, default=2, help="timed steps after an untimed one; 0 times a single step")
     h.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="(default: auto)")
     h.add_argument("--json", type=Path, metavar="PATH", help="also write the rows as JSON (never over a file)")
+    h.add_argument("--interleave", action="store_true",
+                   help="time ratios only, the modes' steps taken in turn in one process per size (robust on a busy "
+                        "machine)")
     h.set_defaults(run=run_highres)
 
 
@@ -127,7 +130,8 @@ def run(args: argparse.Namespace) -> int:
 def run_highres(args: argparse.Namespace) -> int:
     from . import highres
 
-    return highres.table(args.sizes.split(","), args.modes.split(","), args.steps, args.device, args.json)
+    return highres.table(args.sizes.split(","), args.modes.split(","), args.steps, args.device, args.json,
+                         args.interleave)
 
 
 def run_compare(args: argparse.Namespace) -> int:

@@ -31,22 +31,20 @@ from engine.files import write_atomically
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def measure(height: int, width: int, tile: str, steps: int, device: str) -> dict:
-    """One row, in this process."""
-    import torch
-
+def _build(height: int, width: int, tile: str, device: str, extractor=None):
+    """``(step, memory plan, runtime, extractor, seconds spent on the targets)`` for one mode."""
     from engine import Config
     from engine.api import loop_extractor, scale_objective
     from engine.criterion import build_criterion
     from engine.images import load_image, resize
-    from engine.memory import GiB, plan_scale
+    from engine.memory import plan_scale
     from engine.optimize import make_step
     from engine.runtime import resolve_runtime
     from engine.vgg import VGGFeatures
 
     config = Config(device=device, tile=tile, size=max(height, width), max_pixels=height * width)
     runtime = resolve_runtime(config)
-    extractor = loop_extractor(config, runtime)
+    extractor = extractor or loop_extractor(config, runtime)
     content = runtime.layout(resize(load_image(ROOT / "examples/tubingen.jpg"), (height, width))[None])
     style = load_image(ROOT / "examples/starry_night.jpg")
     memory = plan_scale(config, runtime, height, width, checkpointable=isinstance(extractor, VGGFeatures))
@@ -55,6 +53,41 @@ def measure(height: int, width: int, tile: str, steps: int, device: str) -> dict
     targets = time.perf_counter() - started
     objective = scale_objective(memory, extractor, criterion, runtime, (height, width))
     step = make_step(content.clone().requires_grad_(True), objective, "adam", config.lr, runtime)
+    return step, memory, runtime, extractor, targets
+
+
+def interleaved(height: int, width: int, modes: list[str], steps: int, device: str) -> dict[str, float]:
+    """Each mode's time over the untiled one's, steps taken in turn in one process: the median over rounds.
+
+    On a machine shared with other work, rows timed one after another see
+    different loads; taking the modes' steps in turn and the ratio within
+    each round cancels most of that (memory is not measured this way).
+    """
+    built, extractor = {}, None
+    for mode in ["off", *[m for m in modes if m != "off"]]:
+        step, _, runtime, extractor, _ = _build(height, width, mode, device, extractor)
+        built[mode] = step
+    ratios: dict[str, list[float]] = {mode: [] for mode in built}
+    for round_ in range(steps + 1):
+        seconds = {}
+        for mode, step in built.items():
+            started = time.perf_counter()
+            step()
+            runtime.synchronize()
+            seconds[mode] = time.perf_counter() - started
+        if round_:  # the first round allocates Adam's state and warms up
+            for mode in built:
+                ratios[mode].append(seconds[mode] / seconds["off"])
+    return {mode: statistics.median(values) for mode, values in ratios.items()}
+
+
+def measure(height: int, width: int, tile: str, steps: int, device: str) -> dict:
+    """One row, in this process."""
+    import torch
+
+    from engine.memory import GiB
+
+    step, memory, runtime, _, targets = _build(height, width, tile, device)
     times = []
     for i in range(steps + 1):
         started = time.perf_counter()
@@ -82,8 +115,12 @@ def _size(text: str) -> tuple[int, int]:
     return (int(h or w), int(w))
 
 
-def table(sizes: list[str], modes: list[str], steps: int, device: str, json_path: Optional[Path]) -> int:
-    """The rows of ``sizes`` x ``modes``, each in a fresh process (``--row``), printed as they come."""
+def table(sizes: list[str], modes: list[str], steps: int, device: str, json_path: Optional[Path],
+          interleave: bool = False) -> int:
+    """The rows of ``sizes`` x ``modes``, each in a fresh process (``--row``), printed as they come.
+
+    With ``interleave``, one process per size takes the modes' steps in turn and prints their time ratios.
+    """
     if json_path is not None and json_path.exists():
         raise UserError(f"{json_path} already exists; choose another name")
     for size in sizes:
@@ -91,6 +128,8 @@ def table(sizes: list[str], modes: list[str], steps: int, device: str, json_path
             _size(size)
         except ValueError:
             raise UserError(f"size {size!r} is not a whole number or WIDTHxHEIGHT") from None
+    if interleave:
+        return _interleaved_table(sizes, modes, steps, device)
     rows = []
     print(f"{'size':>11} {'mode':>10} {'tile':>5} {'tiles':>5} {'s/step':>8} {'peak GiB':>9} {'model GiB':>9} "
           f"{'overhead':>8}", flush=True)
@@ -117,13 +156,31 @@ def table(sizes: list[str], modes: list[str], steps: int, device: str, json_path
     return 0
 
 
+def _interleaved_table(sizes, modes, steps, device) -> int:
+    print(f"{'size':>11} " + " ".join(f"{m:>10}" for m in modes) + "   (time per step over untiled, median of rounds)")
+    for size in sizes:
+        done = subprocess.run([sys.executable, "-m", "bench.highres", "--row", size, ",".join(modes), "--steps",
+                               str(max(steps, 1)), "--device", device, "--interleave"], capture_output=True, text=True,
+                              cwd=ROOT)
+        if done.returncode != 0:
+            print(f"{size:>11}  failed: {(done.stderr.strip().splitlines() or ['failed'])[-1]}", flush=True)
+            continue
+        ratios = json.loads(done.stdout.strip().splitlines()[-1])
+        print(f"{size:>11} " + " ".join(f"{ratios.get(m, ratios.get('off')):>9.2f}x" for m in modes), flush=True)
+    return 0
+
+
 def main(argv=None) -> int:
     """``--row SIZE MODE``: one row in this process, as JSON (what ``table`` runs per row)."""
     parser = argparse.ArgumentParser(prog="python -m bench.highres")
     parser.add_argument("--row", nargs=2, metavar=("SIZE", "MODE"), required=True)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--interleave", action="store_true", help="MODE is a comma-separated list; time ratios only")
     args = parser.parse_args(argv)
+    if args.interleave:
+        print(json.dumps(interleaved(*_size(args.row[0]), args.row[1].split(","), max(args.steps, 1), args.device)))
+        return 0
     print(json.dumps(measure(*_size(args.row[0]), args.row[1], args.steps, args.device)))
     return 0
 
