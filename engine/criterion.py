@@ -13,8 +13,9 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from .images import fit_long_side, resize
+from .images import resize
 from .losses import ContentLoss, GramStyleLoss, MaskedGramStyleLoss, StyleTransferLoss, gram_matrix
+from .sizes import style_size
 from .style_losses import GaussianW2StyleLoss, SlicedOTStyleLoss
 
 StyleJob = tuple[Sequence[torch.Tensor], Sequence[float]]  # a job's style images and blend weights
@@ -35,14 +36,12 @@ def build_criterion(
     layout = runtime.layout if runtime is not None else (lambda t: t.to(content.device))
     with autocast():
         content_feats = extractor(content)
-    long_side = round(config.style_scale * max(content.shape[-2:]))
+    long_side = round(config.style_ratio * max(content.shape[-2:]))
     cache: dict[int, dict[str, torch.Tensor]] = {}
 
     def features_of(style: torch.Tensor) -> dict[str, torch.Tensor]:
         if id(style) not in cache:
-            h, w = fit_long_side(*style.shape[-2:], long_side)
-            if min(h, w) < min_side:  # tiny style_scale or a thin style image
-                h, w = fit_long_side(*style.shape[-2:], round(long_side * min_side / min(h, w)))
+            h, w = style_size(*style.shape[-2:], long_side, min_side)  # checked by sizes.check_size beforehand
             with autocast():
                 cache[id(style)] = extractor(layout(resize(style, (h, w)).unsqueeze(0)))
         return cache[id(style)]
