@@ -60,9 +60,11 @@ class Progress:
             self.bar = tqdm(total=info.total_steps, initial=info.total_step - 1, desc=description, unit="step",
                             dynamic_ncols=True, file=self.file or sys.stderr)
         elif info.step == 1:
-            if info.total_step == 1:  # the next batch of a folder, or the next run of a comparison
-                self.bar.reset(total=info.total_steps)
+            # Label first: reset() redraws, and must not show the last batch's label and loss at 0%.
             self.bar.set_description(description, refresh=False)
+            if info.total_step == 1:  # the next batch of a folder, or the next run of a comparison
+                self.bar.set_postfix_str("", refresh=False)
+                self.bar.reset(total=info.total_steps)
         self.bar.update(1)
         self.bar.set_postfix_str(f"loss {loss:.4g}" + ("/image" if len(info.jobs) > 1 else ""), refresh=False)
 

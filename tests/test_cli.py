@@ -284,6 +284,7 @@ def test_folder_run_stops_on_sigterm_and_the_same_command_does_the_rest(tmp_path
     assert proc.returncode == 143, err
     assert "Traceback" not in err and "\r" not in err  # stderr is not a terminal: plain log lines, no bar
     assert "stopped by SIGTERM;" in err and "run the same command again to do the rest" in err
+    assert ": step " in err and ", loss " in err  # the plain progress lines
     done = sorted(p.name for p in (tmp_path / "results").iterdir())
     assert "p0.png" in done and len(done) < 3
     first = (tmp_path / "results" / "p0.png").read_bytes()
