@@ -314,7 +314,7 @@ def test_validate_cli_reads_the_artifacts_description(perturbed_runs):
     r = perturbed_runs["described"]
     assert r.returncode == 0, r.stderr
     assert "PASS: all 8 layer errors within tolerance" in r.stdout and "relu3_1" in r.stdout
-    assert " 52x40 " in r.stdout  # --sizes 40x52 is width x height, and the table prints it the same way
+    assert " 40x52 " in r.stdout  # --sizes 40x52 is width x height, and the table prints it the same way
 
 
 @pytest.mark.slow
