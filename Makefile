@@ -30,7 +30,8 @@ test: $(VENV)/.installed-test
 
 # The speed matrix on this machine (see README, "Speed"); results also as JSON under out/.
 bench: $(VENV)/.installed-test
-	$(BIN)/nst bench --json out/bench.json
+	mkdir -p out
+	$(BIN)/nst bench --json out/bench.json --overwrite
 
 clean:
 	rm -rf out .pytest_cache .benchmarks

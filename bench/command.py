@@ -30,6 +30,7 @@ def register(sub) -> None:
                         "(default: 20)")
     p.add_argument("--batch", type=_positive, default=4, help="jobs per step in the batch rows (default: 4)")
     p.add_argument("--json", type=Path, metavar="PATH", help="also write the results, with machine and commit, as JSON")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     p.add_argument("--plot", type=Path, metavar="DIR",
                    help="also write PNG charts (time, memory, speedup, peak) into DIR, replacing those there")
     p.add_argument("--profile", type=Path, metavar="PATH",
@@ -106,20 +107,28 @@ def _sizes(text: str) -> list[int]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from engine import Config
+    from engine.files import check_writable
+    from engine.sizes import check_size
+
     from . import suite
 
+    sizes, only = args.sizes, args.only
+    if args.sweep:
+        sizes = suite.sweep_sizes(*args.sweep)
+        only = only or ["baseline"]
+    for size in sizes or []:  # before any timing: the same size check as every other entry point
+        check_size(Config(), size, size, f"--sizes {size}", advice="use a larger size")
+    if args.json:  # refused now, not after minutes of timing
+        check_writable(args.json, args.overwrite, what="--json file")
     if args.profile:
         size = (args.sizes or [256])[0]
         path = suite.profile(args.only[0] if args.only else "all", size, args.device, args.profile)
         print(f"wrote {path} (open it in https://ui.perfetto.dev or chrome://tracing)")
         return 0
-    sizes, only = args.sizes, args.only
-    if args.sweep:
-        sizes = suite.sweep_sizes(*args.sweep)
-        only = only or ["baseline"]
     results = suite.run(sizes, args.device, args.warmup, args.repeats, args.batch, only)
     if args.json:
-        print(f"wrote {suite.write_json(results, args.json)}")
+        print(f"wrote {suite.write_json(results, args.json, args.overwrite)}")
     if args.plot:
         from .plot import write_charts
 

@@ -444,7 +444,9 @@ def profile(lever_name: str, size: int, device_name: str, path: Path, steps: int
     return path
 
 
-def write_json(results: dict, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=2) + "\n")
-    return path
+def write_json(results: dict, path: Path, overwrite: bool = False) -> Path:
+    """Atomically, never over an existing file unless ``overwrite``, and only into an existing folder."""
+    from engine.files import write_atomically
+
+    text = (json.dumps(results, indent=2) + "\n").encode()
+    return write_atomically(path, lambda fh: fh.write(text), overwrite, what="--json file")

@@ -14,20 +14,21 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-from .config import Config
-from .errors import UserError
+from .config import INITS, Config
+from .errors import UserError, option, plural
 from .images import ImageLike, fit_long_side, load_image, resize, save_image, to_pil
 from . import checkpoint as ckpt
 from . import color
 from .checkpoint import CheckpointPlan
 from .criterion import build_criterion
-from .memory import GiB, MemoryPlan, plan_scale, state_bytes_per_pixel
+from .memory import MemoryPlan, plan_scale
 from .optimize import SYNC_EVERY, Callback, Objective, StepInfo, optimize_scale
 from .runtime import Runtime, resolve_device, resolve_runtime
 from .schedule import build_schedule
+from .sizes import check_size, min_side as network_min_side, style_size
 from .style_losses import SlicedOTStyleLoss
 from .tiling import TiledObjective
-from .vgg import BlockCheckpointed, VGGFeatures, conv_shapes, downsampling, truncated_names
+from .vgg import BlockCheckpointed, VGGFeatures, conv_shapes, truncated_names
 from .weights import load_weights
 
 
@@ -119,6 +120,10 @@ def stylize_batch(
     if (checkpoint is not None or resume is not None) and len(jobs) != 1:
         raise UserError("checkpoints and resuming work with one content image at a time, not with a folder")
     decoded = _decode_jobs(jobs, config)  # every input read before any work
+    if config.init not in INITS and resume is None:  # a resumed run never needs its init image again
+        start = load_image(config.init, "init image")
+        for job in decoded:
+            job.init = start
     masks = _load_masks(config)
     saving = None
     if checkpoint is not None or resume is not None:
@@ -126,7 +131,7 @@ def stylize_batch(
         if resume is not None:
             ckpt.check_compatible(resume, config, inputs, resume.get("path", "checkpoint"))
         saving = (checkpoint, inputs, resume)
-    min_side = 2 ** downsampling(config.model, config.feature_layers)
+    min_side = network_min_side(config.model, config.feature_layers)
     extractor = loop_extractor(config, runtime)
     groups: dict[tuple, list[int]] = {}
     for index, job in enumerate(decoded):
@@ -147,6 +152,11 @@ def stylize_batch(
                 results[i] = Result(image, history, seconds, config)
                 if on_result is not None:
                     on_result(i, results[i])
+    # The job is done: a checkpoint of it, written now or resumed from, could only repeat it.
+    done_with = [checkpoint.path if checkpoint is not None else None, (resume or {}).get("path")]
+    for path in dict.fromkeys(p for p in done_with if p):
+        if os.path.isfile(path):
+            os.unlink(path)
     return results
 
 
@@ -156,6 +166,7 @@ class _Job:
     styles: list[torch.Tensor]
     blend: tuple[float, ...]
     colours: Optional[torch.Tensor] = None  # luminance mode: the content whose chroma the result gets
+    init: Optional[torch.Tensor] = None  # the decoded --init image file, if one is given
 
 
 def _decode_jobs(jobs: Sequence[Job], config: Config) -> list[_Job]:
@@ -177,19 +188,24 @@ def _decode_jobs(jobs: Sequence[Job], config: Config) -> list[_Job]:
             raise UserError("at least one style image is needed")
         blend = config.style_blend_weights or (1.0,) * len(style_list)
         if len(blend) != len(style_list):
-            raise UserError(f"style_blend_weights has {len(blend)} values but there are {len(style_list)} style images")
+            raise UserError(f"{option('style_blend_weights')} has {plural(len(blend), 'value')} but there "
+                            f"{'is' if len(style_list) == 1 else 'are'} {plural(len(style_list), 'style image')}")
         if config.style_masks is not None and len(config.style_masks) != len(style_list):
-            raise UserError(f"style_masks has {len(config.style_masks)} masks but there are {len(style_list)} style images")
+            raise UserError(f"{option('style_masks')} has {plural(len(config.style_masks), 'mask')} but there "
+                            f"{'is' if len(style_list) == 1 else 'are'} {plural(len(style_list), 'style image')}")
         content_t = load(content, "content image")
-        _check_pixels("the output", *fit_long_side(*content_t.shape[-2:], config.size), config)
+        check_size(config, *fit_long_side(*content_t.shape[-2:], config.size), "the output")
         if max(content_t.shape[-2:]) > config.size:
             # Only ever used at the output size or below: keeping the full-size decode of every photo in a
             # folder would cost N x (camera resolution) of memory instead of N x size^2.
             content_t = resize(content_t, fit_long_side(*content_t.shape[-2:], config.size))
         job = _Job(content_t, [load(s, "style image") for s in style_list], tuple(blend))
-        for style in job.styles:
-            _check_pixels("a style image", *fit_long_side(*style.shape[-2:], round(config.style_scale * config.size)),
-                          config)
+        need = network_min_side(config.model, config.feature_layers)
+        for number, style in enumerate(job.styles, start=1):
+            # The largest a style image gets: at the last scale, whose long side is config.size.
+            hw = style_size(*style.shape[-2:], round(config.style_ratio * config.size), need)
+            check_size(config, *hw, f"style image {number}" if len(job.styles) > 1 else "the style image",
+                       advice=f"use a larger {option('style_scale')} or {option('style_size')}")
         if config.preserve_colors == "histogram":
             job.styles = [color.match_colours(s, job.content) for s in job.styles]
         elif config.preserve_colors == "luminance":
@@ -198,17 +214,6 @@ def _decode_jobs(jobs: Sequence[Job], config: Config) -> list[_Job]:
             job.content, job.styles = pairs[0][0], [style for _, style in pairs]
         decoded.append(job)
     return decoded
-
-
-def _check_pixels(what: str, height: int, width: int, config: Config) -> None:
-    if height * width > config.max_pixels:
-        state = state_bytes_per_pixel(config)
-        raise UserError(
-            f"{what} would be {width}x{height} = {height * width / 1e6:.1f} Mpx, above the "
-            f"{config.max_pixels / 1e6:.1f} Mpx limit (the image and its optimiser state alone would need about "
-            f"{state * height * width / GiB:.1f} GiB, {state:.0f} bytes per pixel); use a smaller --size, or raise "
-            "--max-pixels if you mean it"
-        )
 
 
 def _load_masks(config: Config) -> Optional[torch.Tensor]:
@@ -238,7 +243,8 @@ def _run_batch(jobs: list[_Job], schedule, config, runtime, extractor, min_side,
         if scale_resume is not None:
             image = runtime.layout(resume["image"])
         elif image is None:
-            image = runtime.layout(torch.cat([_initial_image(config, c[None]) for c in content.cpu()]))
+            image = runtime.layout(torch.cat([_initial_image(config, c[None], job.init)
+                                              for c, job in zip(content.cpu(), jobs)]))
         else:
             image = runtime.layout(resize(image, size))
         scale_masks = None if masks is None else resize(masks, size).to(runtime.device)
@@ -303,8 +309,13 @@ def scale_objective(memory: MemoryPlan, extractor, criterion, runtime: Runtime, 
     return Objective(extractor, criterion, runtime.autocast)
 
 
-def _initial_image(config: Config, content: torch.Tensor) -> torch.Tensor:
-    """The starting image of one job; noise is seeded per job, so batching does not change it."""
+def _initial_image(config: Config, content: torch.Tensor, start: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The starting image of one job; noise is seeded per job, so batching does not change it.
+
+    ``start`` is the decoded ``config.init`` file, if it names one: resized to the content's size.
+    """
+    if start is not None:
+        return resize(start, tuple(content.shape[-2:]))[None]
     if config.init == "content":
         return content.clone()
     if config.init == "gray":

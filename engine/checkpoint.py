@@ -77,6 +77,7 @@ def load(path: os.PathLike) -> dict:
     required = ("scale", "step", "image", "optimizer", "config", "inputs", "history")
     if not isinstance(state, dict) or state.get("format") != FORMAT or any(k not in state for k in required):
         raise UserError(f"checkpoint {os.fspath(path)!r} is not an nst-engine checkpoint of this version")
+    state["path"] = os.fspath(path)  # where it came from: a finished job deletes it
     return state
 
 

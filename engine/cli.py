@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
+import re
 import sys
 import time
 import typing
@@ -17,7 +19,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from .config import Config
-from .errors import UserError
+from .errors import UserError, cli_wording, plural
 
 EXIT_FAILED_CHECK = 1
 EXIT_USER_ERROR = 2
@@ -32,9 +34,15 @@ FORMAT_OF_SUFFIX = {".pt": "torchscript", ".ts": "torchscript", ".torchscript": 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv:  # a bare `nst`: what it can do, not an error
+        parser.print_help()
+        return 0
+    parser.argv = argv
     try:
-        return args.run(args)
+        with cli_wording():  # messages name --options, not Config fields
+            args = parser.parse_args(argv)
+            return args.run(args)
     except UserError as exc:
         print(f"nst: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
@@ -46,8 +54,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 class _Parser(argparse.ArgumentParser):
     """argparse, but a bad command line is one line, like every other user error (no usage dump)."""
 
+    argv: Sequence[str] = ()
+
     def error(self, message: str):
-        self.exit(EXIT_USER_ERROR, f"nst: error: {message} (see {self.prog} --help)\n")
+        self.exit(EXIT_USER_ERROR, f"nst: error: {message}{self._suggestion(message)} (see {self.prog} --help)\n")
+
+    def _suggestion(self, message: str) -> str:
+        """For an unknown option, the closest one the command has: a typo should not need the whole --help."""
+        unknown = re.match(r"unrecognized arguments: (\S+)", message)
+        if not unknown or not unknown[1].startswith("--"):
+            return ""
+        known = [s for a in self._actions for s in a.option_strings]
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                command = next((a for a in self.argv if a in action.choices), None)
+                if command is not None:
+                    known = [s for a in action.choices[command]._actions for s in a.option_strings]
+        close = difflib.get_close_matches(unknown[1].split("=")[0], known, n=1, cutoff=0.6)
+        return f"; did you mean {close[0]}?" if close else ""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
                     help="save the run's state to OUTPUT.ckpt every N steps (0: only when interrupted)")
     st.add_argument("--resume", metavar="CHECKPOINT", help="go on from a checkpoint made with the same settings and images")
+    st.add_argument("--output-format", metavar="EXT",
+                    help="with a folder of contents: the results' format, e.g. jpg or tif (default: png)")
     st.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     add_config_options(st)
     st.set_defaults(run=lambda args: _run("run_stylize", args))
@@ -78,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "--checkpoint-every), with its settings, inputs and output; the result equals an uninterrupted run.",
     )
     rs.add_argument("checkpoint", metavar="CHECKPOINT", help="the .ckpt file")
+    rs.add_argument("--overwrite", action="store_true",
+                    help="replace an existing output file (also allowed when the original command had --overwrite)")
     rs.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     rs.set_defaults(run=lambda args: _run("run_resume", args))
 
@@ -103,11 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     va.add_argument("images", metavar="IMAGE", nargs="+", help="images to run the extractors on")
     va.add_argument("--sizes", type=_list_of(str), default=DEFAULT_SIZES, metavar="A,B,...",
-                    help="long sides (256) or HEIGHTxWIDTH (97x131) (default: %s)" % ",".join(DEFAULT_SIZES))
+                    help="long sides (256) or WIDTHxHEIGHT (131x97) (default: %s)" % ",".join(DEFAULT_SIZES))
     va.add_argument("--backends", type=_list_of(str), default=BACKENDS, metavar="A,B",
                     help="backends to check (default: %s)" % ",".join(BACKENDS))
-    va.add_argument("--torchscript", metavar="PATH", help="check this TorchScript file (default: the loop's cached graph)")
-    va.add_argument("--onnx", metavar="PATH", help="check this ONNX file (default: a fresh export)")
+    va.add_argument("--torchscript", metavar="PATH", help="check this TorchScript file (default: the loop's cached "
+                    "graph); its model, pooling and layers are read from its description unless given")
+    va.add_argument("--onnx", metavar="PATH", help="check this ONNX file (default: a fresh export); its model, "
+                    "pooling and layers are read from its description unless given")
     va.add_argument("--repeats", type=int, default=3, help="timed forward passes per backend and size (default: 3)")
     va.add_argument("--tolerance", type=float, help="largest allowed error (default: %s)" % ", ".join(f"{v:g} on {k}" for k, v in TOLERANCE.items()))
     add_config_options(va, only=EXTRACTOR_FIELDS)
@@ -123,8 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("-o", "--output", required=True, help="the sheet; format from the extension")
     cp.add_argument("--losses", type=_list_of(str), default=("gram", "ot", "w2"), metavar="A,B,...",
                     help="style losses, one column each (default: gram,ot,w2)")
-    cp.add_argument("--vary", metavar="FIELD=A,B,...",
-                    help="also vary one setting, e.g. style_weight=1,4,16 (tuple values joined with +)")
+    cp.add_argument("--vary", metavar="FIELD=A,B,...", action="append",
+                    help="also vary a setting, e.g. style_weight=1,4,16 (tuple values joined with +); "
+                         "several --vary are crossed")
     cp.add_argument("--overwrite", action="store_true", help="replace an existing sheet")
     cp.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     add_config_options(cp, only=[f.name for f in dataclasses.fields(Config) if f.name != "style_loss"])
@@ -154,7 +185,8 @@ def add_config_options(parser: argparse.ArgumentParser, only: Optional[Sequence[
             kwargs["type"] = _list_of(item)
             kwargs["metavar"] = "A,B,..."
         else:
-            kwargs["type"] = {int: int, float: float}.get(kind, str)
+            plain = typing.get_args(kind)[0] if typing.get_origin(kind) is typing.Union else kind  # Optional[int]
+            kwargs["type"] = {int: int, float: float}.get(plain, str)
         if f.default is not None:  # None defaults explain themselves in their help
             default = ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
             kwargs["help"] += f" (default: {default})"
@@ -174,14 +206,7 @@ def _list_of(item):
 
 def config_from_args(args: argparse.Namespace) -> Config:
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if hasattr(args, f.name)}
-    try:
-        return Config(**given)
-    except UserError as exc:
-        # Config speaks of fields ("style_weight must be ..."); a CLI user typed options.
-        field_name, _, rest = str(exc).partition(" ")
-        if field_name in {f.name for f in dataclasses.fields(Config)}:
-            raise UserError(f"--{field_name.replace('_', '-')} {rest}") from None
-        raise
+    return Config(**given)  # its messages name --options: main() runs under cli_wording()
 
 
 def _run(name: str, args: argparse.Namespace) -> int:
@@ -200,13 +225,13 @@ def run_compare(args: argparse.Namespace) -> int:
     output = check_output_path(args.output, args.overwrite)
     for loss in args.losses:
         if loss not in STYLE_LOSSES:
-            raise UserError(f"--losses names {loss!r}; allowed: {', '.join(STYLE_LOSSES)}")
-    vary = None
-    if args.vary:
-        name, sep, values = args.vary.partition("=")
+            raise UserError(f"--losses must be among {', '.join(STYLE_LOSSES)}, not {loss!r}")
+    vary = []
+    for text in args.vary or []:
+        name, sep, values = text.partition("=")
         if not sep or not values.strip():
-            raise UserError(f"--vary {args.vary!r} is not FIELD=A,B,...")
-        vary = (name.strip().replace("-", "_"), [v.strip() for v in values.split(",") if v.strip()])
+            raise UserError(f"--vary {text!r} is not FIELD=A,B,...")
+        vary.append((name.strip().lstrip("-").replace("-", "_"), [v.strip() for v in values.split(",") if v.strip()]))
     runs = variants(config, args.losses, vary)  # every combination is a validated Config before the first run
     started = time.perf_counter()
     from .cli_run import Progress
@@ -214,10 +239,10 @@ def run_compare(args: argparse.Namespace) -> int:
     bar = Progress(args.quiet)
     finished = [0]  # runs done so far: the bar is labelled with the one in progress
 
-    callback = bar.callback(lambda info: runs[finished[0]][0])
+    callback = bar.callback(lambda info: runs[finished[0]][0].replace("\n", ", "))
 
     def on_run(label, seconds):
-        bar.write(f"{label}: {seconds:.1f} s")
+        bar.write(f"{label.replace(chr(10), ', ')}: {seconds:.1f} s")
         finished[0] += 1
 
     try:
@@ -226,7 +251,7 @@ def run_compare(args: argparse.Namespace) -> int:
         bar.close()
     sheet, _ = make_sheet(columns)
     write_atomically(output, lambda fh: sheet.save(fh, format=FORMATS[output.suffix.lower()]), args.overwrite)
-    print(f"wrote {output} ({sheet.width}x{sheet.height}, {len(columns) - 2} runs) in "
+    print(f"wrote {output} ({sheet.width}x{sheet.height}, {plural(len(runs), 'run')}) in "
           f"{time.perf_counter() - started:.1f} s")
     return 0
 
@@ -235,7 +260,11 @@ def run_export(args: argparse.Namespace) -> int:
     from .files import check_writable
 
     config = config_from_args(args)
-    fmt = args.format or FORMAT_OF_SUFFIX.get(Path(args.output).suffix.lower())
+    implied = FORMAT_OF_SUFFIX.get(Path(args.output).suffix.lower())
+    if args.format and implied and args.format != implied:
+        raise UserError(f"--format {args.format} does not match the extension of {args.output!r} ({implied}); "
+                        f"name the file {Path(args.output).stem}{'.onnx' if args.format == 'onnx' else '.pt'}")
+    fmt = args.format or implied
     if fmt is None:
         raise UserError(f"cannot tell the format of {args.output!r} from its extension; "
                         "name it .pt or .onnx, or pass --format torchscript|onnx")
@@ -261,10 +290,14 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def run_validate(args: argparse.Namespace) -> int:
-    from export.validate import validate
+    from export.validate import DESCRIBED, config_from_artifact, validate
 
+    config = config_from_args(args)
+    if args.torchscript or args.onnx:
+        given = [name for name in (*DESCRIBED, "weights") if hasattr(args, name)]
+        config = config_from_artifact(config, args.torchscript, args.onnx, given)
     report = validate(
-        args.images, config_from_args(args), sizes=args.sizes, backends=args.backends,
+        args.images, config, sizes=args.sizes, backends=args.backends,
         torchscript_path=args.torchscript, onnx_path=args.onnx, repeats=args.repeats, tolerance=args.tolerance,
     )
     print(report.format())

@@ -14,13 +14,20 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import UserError
+from .errors import UserError, plural
 
 class Progress:
-    """A tqdm bar made at the first step, so that a run failing before it leaves no empty bar behind."""
+    """A tqdm bar made at the first step, so that a run failing before it leaves no empty bar behind.
+
+    When stderr is not a terminal (a log file, a pipe) there is no bar, whose carriage returns would
+    fill the log: a plain line every ``LOG_LINES``-th of the run instead.
+    """
+
+    LOG_LINES = 10
 
     def __init__(self, quiet: bool, file=None):
         self.quiet, self.bar, self.file = quiet, None, file
+        self.plain = not quiet and file is None and not sys.stderr.isatty()  # a given file gets the bar
 
     def callback(self, describe, then=None, image_every: int = 0):
         """The step callback every nst command runs with: the bar, labelled ``describe(info)``, then
@@ -38,17 +45,28 @@ class Progress:
     def step(self, info, description: str) -> None:
         if self.quiet:
             return
+        # A batch's loss is the sum over its images; each image's is what compares across runs.
+        loss = info.loss / max(1, len(info.jobs))
+        if self.plain:
+            every = max(1, info.total_steps // self.LOG_LINES)
+            if info.total_step % every == 0 or info.total_step == info.total_steps:
+                print(f"{description}: step {info.total_step}/{info.total_steps}, loss {loss:.4g}",
+                      file=self.file or sys.stderr)
+            return
         if self.bar is None:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=info.total_steps, desc=description, unit="step", dynamic_ncols=True,
-                            file=self.file or sys.stderr)
+            # A resumed run starts where it stopped, not at 0.
+            self.bar = tqdm(total=info.total_steps, initial=info.total_step - 1, desc=description, unit="step",
+                            dynamic_ncols=True, file=self.file or sys.stderr)
         elif info.step == 1:
+            # Label first: reset() redraws, and must not show the last batch's label and loss at 0%.
+            self.bar.set_description(description, refresh=False)
             if info.total_step == 1:  # the next batch of a folder, or the next run of a comparison
+                self.bar.set_postfix_str("", refresh=False)
                 self.bar.reset(total=info.total_steps)
-            self.bar.set_description(description)
         self.bar.update(1)
-        self.bar.set_postfix_str(f"loss {info.loss:.4g}", refresh=False)
+        self.bar.set_postfix_str(f"loss {loss:.4g}" + ("/image" if len(info.jobs) > 1 else ""), refresh=False)
 
     def write(self, text: str) -> None:
         """A line of results (shown even with --quiet, which only hides the bar)."""
@@ -70,12 +88,20 @@ def run_stylize(args: argparse.Namespace) -> int:
         if args.checkpoint_every or args.resume:
             raise UserError("--checkpoint-every and --resume work with one content image, not a folder")
         return run_folder(args, config)
+    if args.output_format:
+        raise UserError("--output-format applies to a folder of contents; a single output takes its format "
+                        "from its extension")
     resume = None
     if args.resume:
         from . import checkpoint
 
         resume = checkpoint.load(args.resume)
-        resume["path"] = args.resume
+    else:
+        left = Path(args.output).with_name(Path(args.output).name + ".ckpt")
+        if left.exists() and not args.overwrite:
+            # The same command again after Ctrl-C: starting afresh would replace the saved progress.
+            raise UserError(f"{_shown(left)} holds an unfinished run of this output; go on with: nst resume "
+                            f"{_shown(left)} (or pass --overwrite to start afresh and replace it)")
     job = {
         "content": args.content, "styles": list(args.styles), "output": args.output, "overwrite": args.overwrite,
         "bit_depth": args.bit_depth, "snapshot_every": args.snapshot_every, "checkpoint_every": args.checkpoint_every,
@@ -100,6 +126,7 @@ def run_resume(args: argparse.Namespace) -> int:
     if not job.get("output"):
         raise UserError(f"checkpoint {args.checkpoint!r} was written from Python, not by nst stylize; "
                         "resume it with engine.stylize(..., resume=...)")
+    job = dict(job, overwrite=job["overwrite"] or args.overwrite)
     return run_job(job, checkpoint.config_from_state(state["config"]), args.quiet, state, fresh_output=False)
 
 
@@ -112,7 +139,7 @@ def run_job(job: dict, config, quiet: bool, resume, fresh_output: bool) -> int:
     output = Path(job["output"])
     # A resumed job may replace the file only where the original command was allowed to.
     check_output_path(output, job["overwrite"], job["bit_depth"])
-    for src in [job["content"], *job["styles"]]:
+    for src in [job["content"], *job["styles"], *(config.style_masks or ())]:
         if Path(src).exists() and Path(src).resolve() == output.resolve():
             raise UserError(f"output {str(output)!r} is also an input; choose another output name")
     for name in ("snapshot_every", "checkpoint_every"):
@@ -130,6 +157,11 @@ def run_job(job: dict, config, quiet: bool, resume, fresh_output: bool) -> int:
     def after_step(info):
         seen["info"] = info
         if job["snapshot_every"] and info.total_step % job["snapshot_every"] == 0:
+            if fresh_output and job["overwrite"] and "cleared" not in seen and snapshots.is_dir():
+                # --overwrite replaces the earlier run's snapshots too, not only its result; other files stay.
+                for old in snapshots.glob(f"step*_scale*{output.suffix}"):
+                    old.unlink()
+            seen["cleared"] = True
             snapshots.mkdir(exist_ok=True)
             name = snapshots / f"step{info.total_step:05d}_scale{info.scale + 1}{output.suffix}"
             save_image(info.image[0], name, overwrite=True, bit_depth=job["bit_depth"])
@@ -161,7 +193,8 @@ def run_job(job: dict, config, quiet: bool, resume, fresh_output: bool) -> int:
     finally:
         bar.close()
     written = result.save(output, overwrite=job["overwrite"], bit_depth=job["bit_depth"])
-    # The job is done: its checkpoint could only repeat it, and a resumed job's interrupted picture is superseded.
+    # The job is done: its checkpoints could only repeat it (stylize removed the ones it was given; this also
+    # covers a run interrupted before its first step), and a resumed job's interrupted picture is superseded.
     for leftover in [ckpt_path] + ([partial] if resume is not None else []):
         if leftover.exists():
             leftover.unlink()
@@ -220,11 +253,20 @@ class StopOnSignal:
         return False
 
 
+class _Stopped(Exception):
+    """Raised from a folder run's callback once a signal asked it to stop."""
+
+
 def run_folder(args: argparse.Namespace, config) -> int:
-    """CONTENT is a folder: every image in it against the same style(s), same-size ones batched."""
+    """CONTENT is a folder: every image in it against the same style(s), same-size ones batched.
+
+    Results whose file exists are skipped (without ``--overwrite``), so the same command run again after
+    an interruption does only the rest. SIGINT and SIGTERM stop after the current step; the batch in
+    progress is dropped, the images written so far stay.
+    """
     from .api import stylize_batch
     from .files import check_writable
-    from .images import FORMATS
+    from .images import FORMATS, SIXTEEN_BIT
 
     folder, outdir = Path(args.content), Path(args.output)
     contents = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in FORMATS)
@@ -235,38 +277,60 @@ def run_folder(args: argparse.Namespace, config) -> int:
     if outdir.exists() and not outdir.is_dir():
         raise UserError(f"output {args.output!r} must be a folder when CONTENT is a folder")
     if not outdir.exists():
+        if outdir.suffix.lower() in FORMATS:
+            raise UserError(f"output {args.output!r} looks like a file name, but CONTENT is a folder; "
+                            "give a folder for the results (it is created)")
         check_writable(outdir, overwrite=False, what="output folder")  # its parent exists and is writable
-    inputs = {p.resolve() for p in contents} | {Path(s).resolve() for s in args.styles if Path(s).exists()}
-    outputs = [outdir / (p.stem + ".png") for p in contents]
+    ext = "." + (args.output_format or "png").lower().lstrip(".")
+    inputs = {p.resolve() for p in contents} | {Path(s).resolve() for s in [*args.styles, *(config.style_masks or ())]
+                                                if Path(s).exists()}
+    outputs = [outdir / (p.stem + ext) for p in contents]
+    if ext not in FORMATS:
+        raise UserError(f"--output-format {args.output_format!r} is not one of {', '.join(f[1:] for f in FORMATS)}")
+    if args.bit_depth == 16 and ext not in SIXTEEN_BIT:
+        raise UserError(f"--bit-depth 16 needs --output-format png or tif, not {ext[1:]}")
     if len({o.name for o in outputs}) < len(outputs):
         raise UserError(f"content folder {str(folder)!r} has images that differ only in extension; "
                         "their results would share a name")
     for out in outputs:
         if out.resolve() in inputs:
             raise UserError(f"output {str(out)!r} would replace an input; choose another output folder")
-        if out.exists() and not args.overwrite:
-            raise UserError(f"output {str(out)!r} already exists; pass --overwrite to replace it")
+    todo = [i for i, out in enumerate(outputs) if args.overwrite or not out.exists()]
+    if len(todo) < len(outputs):
+        skipped = len(outputs) - len(todo)
+        print(f"nst: skipping {plural(skipped, 'image')} whose result is already in {_shown(outdir)} "
+              "(--overwrite redoes them)", file=sys.stderr)
     outdir.mkdir(exist_ok=True)
     started = time.perf_counter()
     bar = Progress(args.quiet)
+    stop = StopOnSignal()
 
     def describe(info):
-        first, last = info.jobs[0] + 1, info.jobs[-1] + 1
+        first, last = todo[info.jobs[0]] + 1, todo[info.jobs[-1]] + 1
         jobs = f"image {first}" if first == last else f"images {first}-{last}"
         return f"{jobs}/{len(contents)} scale {info.scale + 1}/{info.scales} {info.width}x{info.height}"
 
-    callback = bar.callback(describe)
+    def stop_if_asked(info):
+        if stop():
+            raise _Stopped
+
+    callback = bar.callback(describe, then=stop_if_asked)
 
     written = []
 
     def save(index, result):  # as each batch finishes: a later failure does not cost earlier results
-        written.append(result.save(outputs[index], overwrite=args.overwrite, bit_depth=args.bit_depth))
+        written.append(result.save(outputs[todo[index]], overwrite=args.overwrite, bit_depth=args.bit_depth))
 
     try:
-        stylize_batch([(p, args.styles) for p in contents], config, callback=callback, on_result=save)
+        with stop:
+            if todo:
+                stylize_batch([(contents[i], args.styles) for i in todo], config, callback=callback, on_result=save)
+    except _Stopped:
+        bar.close()
+        print(f"nst: stopped by {stop.name}; {plural(len(written), 'image')} of {len(todo)} written to "
+              f"{_shown(outdir)}; run the same command again to do the rest", file=sys.stderr)
+        return 128 + stop.signum
     finally:
         bar.close()
-    print(f"wrote {len(written)} images to {outdir} in {time.perf_counter() - started:.1f} s")
+    print(f"wrote {plural(len(written), 'image')} to {outdir} in {time.perf_counter() - started:.1f} s")
     return 0
-
-

@@ -9,12 +9,15 @@ is the single source of truth for every default.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field, fields
 from typing import Optional
 
 from .color import MODES as COLOR_MODES
-from .errors import UserError
+from .errors import UserError, option, plural
+from .images import FORMATS as IMAGE_FORMATS
 from .runtime import MEMORY_FORMATS, PRECISIONS, SWITCHES
+from .sizes import DEFAULT_MAX_PIXELS
 from .vgg import MODELS, POOLINGS, check_layers
 from .weights import PREPROCESS
 
@@ -74,6 +77,11 @@ class Config:
     style_scale: float = field(
         default=1.0, metadata={"help": "style image size relative to the output's long side"}
     )
+    style_size: Optional[int] = field(
+        default=None,
+        metadata={"help": "long side of the style images in pixels at the output size, instead of --style-scale "
+                          "(coarser scales shrink it alike)"},
+    )
     # How to optimise.
     size: int = field(default=512, metadata={"help": "long side of the output in pixels"})
     min_size: int = field(
@@ -88,10 +96,13 @@ class Config:
         default=0.9,
         metadata={"help": "the output is an exponential moving average of the image with this decay (0: the last step)"},
     )
-    init: str = field(default="content", metadata={"help": "starting image", "choices": INITS})
+    init: str = field(
+        default="content",
+        metadata={"help": "starting image: content, noise, gray, or an image file (resized to each job's content)"},
+    )
     seed: int = field(default=0, metadata={"help": "random seed"})
     max_pixels: int = field(
-        default=8192 * 8192,
+        default=DEFAULT_MAX_PIXELS,
         metadata={"help": "refuse outputs (and scaled style images) with more pixels than this: a guard against "
                           "typos; raise it for very large prints"},
     )
@@ -132,41 +143,54 @@ class Config:
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name.endswith(("layers", "weights", "masks")) and isinstance(value, list):
-                object.__setattr__(self, f.name, tuple(value))  # lists from callers; keep it hashable
+            if f.name.endswith(("layers", "weights", "masks")) and f.name != "weights":
+                object.__setattr__(self, f.name, _sequence(f.name, value, float if "float" in str(f.type) else str))
             choices = f.metadata.get("choices")
             if choices and value not in choices:
-                raise UserError(f"{f.name} must be one of {', '.join(choices)}, not {value!r}")
+                raise UserError(f"{option(f.name)} must be one of {', '.join(choices)}, not {value!r}")
         check_layers(self.model, self.content_layers + self.style_layers)
         if not self.style_layers:
-            raise UserError("style_layers must name at least one layer")
+            raise UserError(f"{option('style_layers')} must name at least one layer")
         for name in ("content_weight", "style_weight", "tv_weight", "style_scale", "lr"):
             _check_number(name, getattr(self, name), allow_zero=name.endswith("_weight"))
         for name, layers in (
             ("content_layer_weights", self.content_layers),
             ("style_layer_weights", self.style_layers),
         ):
-            _check_weights(name, getattr(self, name), len(layers), name[:-8].replace("_", " ") + "s")
-        _check_weights("style_blend_weights", self.style_blend_weights, None, "style images")
+            _check_weights(name, getattr(self, name), len(layers), name[:-8].replace("_", " "))
+        _check_weights("style_blend_weights", self.style_blend_weights, None, "style image")
         if not (isinstance(self.ema_decay, (int, float)) and 0 <= self.ema_decay < 1):
-            raise UserError(f"ema_decay must be at least 0 and below 1, not {self.ema_decay!r}")
+            raise UserError(f"{option('ema_decay')} must be at least 0 and below 1, not {self.ema_decay!r}")
         if self.style_masks is not None and self.style_loss != "gram":
-            raise UserError(f"style_masks work with the gram style loss only, not {self.style_loss!r}")
+            raise UserError(f"{option('style_masks')} work with the gram style loss only, not {self.style_loss!r}")
         for name in ("size", "min_size", "steps", "batch_size", "ot_projections", "max_pixels"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise UserError(f"{name} must be a positive whole number, not {value!r}")
+                raise UserError(f"{option(name)} must be a positive whole number, not {value!r}")
+        if self.style_size is not None and (
+            isinstance(self.style_size, bool) or not isinstance(self.style_size, int) or not 0 < self.style_size <= MAX_SIZE
+        ):
+            raise UserError(f"{option('style_size')} must be a whole number from 1 to {MAX_SIZE}, not {self.style_size!r}")
         if self.size > MAX_SIZE:
-            raise UserError(f"size {self.size} is larger than the {MAX_SIZE} px this engine accepts")
+            raise UserError(f"{option('size')} {self.size} is larger than the {MAX_SIZE} px this engine accepts")
         if self.style_scale * self.size > MAX_SIZE:
             raise UserError(
-                f"style_scale {self.style_scale} makes the style images {self.style_scale * self.size:.0f} px, "
+                f"{option('style_scale')} {self.style_scale} makes the style images {self.style_scale * self.size:.0f} px, "
                 f"larger than the {MAX_SIZE} px this engine accepts"
             )
         _check_tile(self)
         _check_number("memory_budget", self.memory_budget, allow_zero=True)
-        if not isinstance(self.seed, int):
-            raise UserError(f"seed must be a whole number, not {self.seed!r}")
+        if not isinstance(self.init, str) or (
+            self.init not in INITS and os.path.splitext(self.init)[1].lower() not in IMAGE_FORMATS
+        ):
+            raise UserError(f"{option('init')} must be one of {', '.join(INITS)}, or an image file, not {self.init!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise UserError(f"{option('seed')} must be a whole number, not {self.seed!r}")
+
+    @property
+    def style_ratio(self) -> float:
+        """Style images' long side over the result's: ``style_size / size`` when given, else ``style_scale``."""
+        return self.style_size / self.size if self.style_size else self.style_scale
 
     @property
     def feature_layers(self) -> tuple[str, ...]:
@@ -187,19 +211,39 @@ def _check_tile(config: "Config") -> None:
     raise UserError(f"tile must be auto, off, checkpoint or a tile size in pixels from 1 to {MAX_SIZE}, not {value!r}")
 
 
+def _sequence(name: str, value, item: type):
+    """A list setting as a tuple: from a tuple or list, or a comma-separated string as on the command line."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = [part.strip() for part in value.split(",") if part.strip()]
+    if not isinstance(value, (list, tuple)):
+        kind = "names" if item is str else "numbers"
+        raise UserError(f"{option(name)} must be a list of {kind} or a comma-separated string, not {value!r}")
+    if item is float:
+        try:
+            value = [float(v) if isinstance(v, str) else v for v in value]
+        except ValueError:
+            raise UserError(f"{option(name)} must be numbers, not {value!r}") from None
+    elif not all(isinstance(v, str) for v in value):
+        raise UserError(f"{option(name)} must be names (strings), not {value!r}")
+    return tuple(value)  # lists from callers; keep the config hashable
+
+
 def _check_number(name: str, value, allow_zero: bool) -> None:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if not ok or value < 0 or (value == 0 and not allow_zero):
         bound = "zero or more" if allow_zero else "greater than zero"
-        raise UserError(f"{name} must be a finite number {bound}, not {value!r}")
+        raise UserError(f"{option(name)} must be a finite number {bound}, not {value!r}")
 
 
 def _check_weights(name: str, weights, count: Optional[int], what: str) -> None:
     if weights is None:
         return
     if count is not None and len(weights) != count:
-        raise UserError(f"{name} has {len(weights)} values but there are {count} {what}")
+        raise UserError(f"{option(name)} has {plural(len(weights), 'value')} but there "
+                        f"{'is' if count == 1 else 'are'} {plural(count, what)}")
     for w in weights:
         _check_number(name, w, allow_zero=True)
     if sum(weights) <= 0:
-        raise UserError(f"{name} must not all be zero")
+        raise UserError(f"{option(name)} must not all be zero")

@@ -13,8 +13,9 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from .images import fit_long_side, resize
+from .images import resize
 from .losses import ContentLoss, GramStyleLoss, MaskedGramStyleLoss, Moments, StyleTransferLoss, second_moment
+from .sizes import style_size
 from .style_losses import GaussianW2StyleLoss, SlicedOTStyleLoss
 from .tiling import Tiling, feature_maps, feature_moments
 
@@ -41,15 +42,13 @@ def build_criterion(
     else:
         content_feats = feature_maps(extractor, content, tiling.grid(*content.shape[-2:]), config.content_layers,
                                      autocast)
-    long_side = round(config.style_scale * max(content.shape[-2:]))
+    long_side = round(config.style_ratio * max(content.shape[-2:]))
     cache: dict[int, dict[str, torch.Tensor | Moments]] = {}
 
     def features_of(style: torch.Tensor) -> dict[str, torch.Tensor | Moments]:
         """The style's feature maps (sliced OT needs every pixel) or, for the other losses, their Moments."""
         if id(style) not in cache:
-            h, w = fit_long_side(*style.shape[-2:], long_side)
-            if min(h, w) < min_side:  # tiny style_scale or a thin style image
-                h, w = fit_long_side(*style.shape[-2:], round(long_side * min_side / min(h, w)))
+            h, w = style_size(*style.shape[-2:], long_side, min_side)  # checked by sizes.check_size beforehand
             image = layout(resize(style, (h, w)).unsqueeze(0))
             if tiling is not None:
                 cache[id(style)] = feature_moments(extractor, image, tiling.grid(h, w), config.style_layers, autocast)

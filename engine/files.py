@@ -13,7 +13,7 @@ import secrets
 from pathlib import Path
 from typing import BinaryIO, Callable, Union
 
-from .errors import UserError
+from .errors import UserError, flag
 
 PathLike = Union[str, os.PathLike]
 
@@ -24,7 +24,7 @@ def check_writable(path: PathLike, overwrite: bool, what: str = "output") -> Pat
     if path.is_dir():
         raise UserError(f"{what} {str(path)!r} is a directory")
     if path.exists() and not overwrite:
-        raise UserError(f"{what} {str(path)!r} already exists; pass --overwrite to replace it")
+        raise UserError(f"{what} {str(path)!r} already exists; pass {flag('overwrite')} to replace it")
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise UserError(f"{what} directory {str(parent)!r} does not exist")
@@ -91,10 +91,10 @@ def publish(tmp: str, path: Path, overwrite: bool, what: str = "output") -> None
         # link() fails if the name appeared meanwhile: no race can clobber a file.
         os.link(tmp, path)
     except FileExistsError:
-        raise UserError(f"{what} {str(path)!r} already exists; pass --overwrite to replace it") from None
+        raise UserError(f"{what} {str(path)!r} already exists; pass {flag('overwrite')} to replace it") from None
     except OSError:  # filesystems without hard links: check, then rename
         if path.exists():
-            raise UserError(f"{what} {str(path)!r} already exists; pass --overwrite to replace it") from None
+            raise UserError(f"{what} {str(path)!r} already exists; pass {flag('overwrite')} to replace it") from None
         os.replace(tmp, path)
         return
     os.unlink(tmp)

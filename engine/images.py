@@ -95,11 +95,22 @@ def _tensor_image(t: torch.Tensor, what: str, kind: str = "tensor") -> torch.Ten
         t = t.unsqueeze(0)
     if t.dim() != 3 or t.shape[0] not in (1, 3):
         raise UserError(f"{what} {kind} has shape {tuple(t.shape)}; expected (3, H, W), (1, 3, H, W) or (H, W, 3)")
+    t = t.detach().cpu()
     if t.dtype == torch.uint8:
         t = t.float() / 255.0
-    t = t.detach().float().cpu()
+    elif t.dtype == torch.uint16:  # 16-bit images as imageio, OpenCV and tifffile give them
+        t = t.float() / 65535.0
+    elif t.dtype == torch.bool or not t.dtype.is_floating_point:
+        raise UserError(f"{what} {kind} has dtype {str(t.dtype).removeprefix('torch.')}; use uint8 (0-255), "
+                        "uint16 (0-65535) or floats in [0, 1]")
+    t = t.float()
     if not torch.isfinite(t).all():
         raise UserError(f"{what} {kind} has NaN or infinite values")
+    # Clamping would turn a 0-255 float picture into a near-white one; a small overshoot (resampling) is fine.
+    top = t.max().item() if t.numel() else 0.0
+    if top > 1.5:
+        raise UserError(f"{what} {kind} has float values up to {top:g}; floats must be in [0, 1] "
+                        "(divide by 255), or pass uint8")
     return t.expand(3, -1, -1).clamp(0, 1).contiguous()
 
 

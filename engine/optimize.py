@@ -17,7 +17,7 @@ from typing import Callable, ContextManager, Optional
 
 import torch
 
-from .errors import UserError
+from .errors import UserError, option
 
 LBFGS_HISTORY = 50  # memory: 2 * history * image numel floats (about 0.1 GB at 1024 px)
 LBFGS_MAX_EVALS = 20  # function evaluations one L-BFGS step may spend in its line search
@@ -460,7 +460,7 @@ def _flush(pending, names, on_step, image) -> None:
             bad = "NaN" if any(v != v for v in row) else "infinite"
             raise NonFiniteLoss(
                 f"the loss became {bad} at step {i} of this scale, so the run stopped and nothing was written; "
-                "try a lower --lr, or --precision fp32 or bf16 instead of fp16"
+                f"try a lower {option('lr')}, or {option('precision')} fp32 or bf16 instead of fp16"
             )
         if on_step is not None:
             on_step(i, row[0], dict(zip(names, row[1:])), image if i == last else None)

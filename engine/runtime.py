@@ -27,7 +27,7 @@ from typing import Optional
 
 import torch
 
-from .errors import UserError
+from .errors import UserError, option
 
 PRECISIONS = ("auto", "fp32", "tf32", "bf16", "fp16")
 MEMORY_FORMATS = ("auto", "contiguous", "channels_last")
@@ -76,7 +76,7 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("device 'cuda' was asked for but no CUDA GPU is available; use --device cpu or auto")
+        raise UserError(f"{option('device')} 'cuda' was asked for but no CUDA GPU is available; use cpu or auto")
     return torch.device(name)
 
 
@@ -97,29 +97,29 @@ def resolve_runtime(config, device: Optional[torch.device] = None) -> Runtime:
     if precision == "auto":
         precision = "tf32" if cuda else "fp32"
     if precision == "tf32" and not cuda:
-        raise UserError("precision 'tf32' needs a CUDA GPU; use fp32 on the CPU")
+        raise UserError(f"{option('precision')} 'tf32' needs a CUDA GPU; use fp32 on the CPU")
     if precision in _AUTOCAST and not cuda and not cpu_supports(precision):
         raise UserError(
-            f"precision {precision!r} is emulated on this CPU (about 150 times slower than fp32); use fp32, "
+            f"{option('precision')} {precision!r} is emulated on this CPU (about 150 times slower than fp32); use fp32, "
             "or a CUDA GPU for reduced precision"
         )
     if precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
-        raise UserError("precision 'bf16' is not supported by this GPU; use fp16 or tf32")
+        raise UserError(f"{option('precision')} 'bf16' is not supported by this GPU; use fp16 or tf32")
     # Channels-last on the CPU too: oneDNN's convolutions measured 0.99x-1.16x (median 1.09x) against NCHW
     # in `nst bench` here; on CUDA it is what tensor-core convolutions want.
     # torch's L-BFGS flattens the image with .view(-1), which a channels-last tensor does not allow.
     if config.memory_format == "channels_last" and config.optimizer != "adam":
-        raise UserError(f"memory_format 'channels_last' works with the adam optimizer only, not {config.optimizer!r}")
+        raise UserError(f"{option('memory_format')} 'channels_last' works with the adam optimizer only, not {config.optimizer!r}")
     channels_last = config.memory_format == "channels_last" or (config.memory_format == "auto" and config.optimizer == "adam")
     graphs = config.cuda_graphs
     if graphs == "on" and not cuda:
-        raise UserError("cuda_graphs 'on' needs a CUDA GPU; use auto or off")
+        raise UserError(f"{option('cuda_graphs')} 'on' needs a CUDA GPU; use auto or off")
     if graphs == "on" and config.optimizer != "adam":
-        raise UserError(f"cuda_graphs 'on' works with the adam optimizer only, not {config.optimizer!r}")
+        raise UserError(f"{option('cuda_graphs')} 'on' works with the adam optimizer only, not {config.optimizer!r}")
     # The OT loss draws fresh random directions each step from its own generator, which a graph replay
     # would freeze; it runs uncaptured.
     if graphs == "on" and config.style_loss == "ot":
-        raise UserError("cuda_graphs 'on' cannot capture the ot style loss (it draws new directions every step)")
+        raise UserError(f"{option('cuda_graphs')} 'on' cannot capture the ot style loss (it draws new directions every step)")
     use_graphs = graphs == "on" or (graphs == "auto" and cuda and config.optimizer == "adam" and config.style_loss != "ot")
     if cuda:
         # Process-wide flags: the one place they are set.

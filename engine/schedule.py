@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .errors import UserError
+from .errors import UserError, option
 from .images import fit_long_side
 
 FACTOR = math.sqrt(2.0)
@@ -49,7 +49,7 @@ def build_schedule(height: int, width: int, size: int, min_size: int, steps: int
         h, w = fit_long_side(height, width, size)
         raise UserError(
             f"at size {size} the content becomes {w}x{h} px, but the chosen layers need at least "
-            f"{min_side} px on each side; use a larger --size or shallower layers"
+            f"{min_side} px on each side; use a larger {option('size')} or shallower layers"
         )
     return [
         Scale(i, h, w, max(1, round(steps / FACTOR**i))) for i, (h, w) in enumerate(scales)

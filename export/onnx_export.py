@@ -25,7 +25,7 @@ import torch
 
 from engine.errors import UserError
 from engine.files import check_writable, publish
-from engine.vgg import downsampling
+from engine.sizes import min_side
 
 from .artifact import describe
 
@@ -37,7 +37,7 @@ def export(extractor: torch.nn.Module, path: os.PathLike, overwrite: bool = Fals
     """Export ``extractor`` to ``path``, check it with ``onnx.checker`` and return the path."""
     path = check_writable(path, overwrite, what="artifact")
     param = next(extractor.parameters())
-    side = max(2, 2 ** downsampling(extractor.model_name, extractor.layers))
+    side = max(2, min_side(extractor.model_name, extractor.layers))
     example = torch.rand(1, 3, 2 * side, 2 * side, generator=torch.Generator().manual_seed(0)).to(param)
     dims = {
         0: torch.export.Dim("batch", min=1, max=4096),

@@ -32,7 +32,7 @@ import torch
 
 from engine.errors import UserError
 from engine.files import write_atomically
-from engine.vgg import downsampling
+from engine.sizes import min_side
 
 from .artifact import cache_key, default_cache_dir, describe
 
@@ -51,7 +51,7 @@ def trace(extractor: torch.nn.Module) -> torch.jit.ScriptModule:
     """Trace and freeze ``extractor`` on its own device and dtype."""
     param = next(extractor.parameters())
     # The smallest input every pool can halve; the graph does not depend on it.
-    side = 2 ** (1 + downsampling(extractor.model_name, extractor.layers))
+    side = 2 * min_side(extractor.model_name, extractor.layers)
     example = torch.rand(1, 3, side, side, generator=torch.Generator().manual_seed(0)).to(param)
     with quiet_jit(), torch.no_grad():
         traced = torch.jit.trace(extractor.eval(), example, strict=False, check_trace=False)

@@ -10,6 +10,7 @@ check fails when any error exceeds the tolerance for the device.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import statistics
 import tempfile
@@ -23,7 +24,9 @@ import torch
 from engine.api import build_extractor, resolve_device
 from engine.config import Config
 from engine.errors import UserError
+from engine.errors import option
 from engine.images import ImageLike, fit_long_side, load_image, resize
+from engine.sizes import check_size
 
 from . import onnx_export, ort, torchscript
 from .artifact import describe, mismatches
@@ -33,6 +36,8 @@ BACKENDS = ("torchscript", "onnxruntime")
 # measured). On CUDA, cuDNN and ORT may use TF32 convolutions (10-bit mantissa), hence the wider bound.
 TOLERANCE = {"cpu": 1e-4, "cuda": 5e-3}
 DEFAULT_SIZES = ("256", "161")  # long sides: the second gives odd heights and widths
+# The settings an artifact's description fixes; validate reads them from it unless the caller gives them.
+DESCRIBED = ("model", "pooling", "content_layers", "style_layers")
 Size = Union[int, tuple[int, int]]
 
 
@@ -78,7 +83,7 @@ class Report:
             for b in backends:
                 c = by_backend.get(b)
                 cells.append(f"{'-':>12}" if c is None else f"{c.error:>11.1e}{' ' if c.passed else '!'}")
-            lines.append(f"{image[:20]:<20} {f'{w}x{h}':>9}  {layer:<8} " + " ".join(cells))
+            lines.append(f"{image[:20]:<20} {f'{w}x{h}':>9}  {layer:<8} " + " ".join(cells))  # WxH, as given
         timed = list(dict.fromkeys(b for t in self.times.values() for b in t))
         lines += ["", "forward time, median (ms)", f"{'image':<20} {'size':>9}  " + " ".join(f"{b:>12}" for b in timed)]
         for (image, h, w), t in self.times.items():
@@ -98,10 +103,13 @@ class Report:
 
 
 def parse_size(text: str) -> Size:
-    """``"256"`` (long side, aspect kept) or ``"97x131"`` (height x width)."""
+    """``"256"`` (long side, aspect kept) or ``"131x97"`` (width x height, as every size the tool prints).
+
+    Returns a long side or an ``(height, width)`` pair (torch's order).
+    """
     try:
         if "x" in text.lower():
-            h, w = (int(p) for p in text.lower().split("x"))
+            w, h = (int(p) for p in text.lower().split("x"))
             size: Size = (h, w)
             ok = h > 0 and w > 0
         else:
@@ -110,7 +118,7 @@ def parse_size(text: str) -> Size:
     except ValueError:
         ok = False
     if not ok:
-        raise UserError(f"size {text!r} is not a positive long side like 256 or HEIGHTxWIDTH like 97x131")
+        raise UserError(f"size {text!r} is not a positive long side like 256 or WIDTHxHEIGHT like 131x97")
     return size
 
 
@@ -130,7 +138,8 @@ def validate(
     checked; without ``onnx_path`` a fresh ONNX export is made in a
     temporary folder.
     """
-    config = config or Config()
+    if config is None:
+        config = config_from_artifact(Config(), torchscript_path, onnx_path)
     if not backends:
         raise UserError(f"no backend to validate; choose from {', '.join(BACKENDS)}")
     for backend in backends:
@@ -151,6 +160,13 @@ def validate(
     for index, source in enumerate(images):
         name = Path(source).name if isinstance(source, (str, os.PathLike)) else f"image {index + 1}"
         pictures.append((name, load_image(source, "image")))
+    shapes = []  # every (name, picture, height, width), each size checked before any work
+    for name, picture in pictures:
+        for size in sizes:
+            hw = size if isinstance(size, tuple) else fit_long_side(*picture.shape[-2:], size)
+            check_size(config, *hw, f"{name} at size {size if isinstance(size, int) else f'{hw[1]}x{hw[0]}'}",
+                       advice=f"use larger {option('sizes')} or shallower layers")
+            shapes.append((name, picture, hw))
     device = resolve_device(config.device)
     tol = TOLERANCE[device.type] if tolerance is None else tolerance
     eager = build_extractor(config, device)
@@ -172,14 +188,37 @@ def validate(
                 _note_meta(report, "ONNX", onnx_path, runner.meta, wanted)
             report.notes.append(f"onnxruntime providers: {', '.join(runner.providers)}")
             runners["onnxruntime"] = runner
-        for name, picture in pictures:
-            for size in sizes:
-                hw = size if isinstance(size, tuple) else fit_long_side(*picture.shape[-2:], size)
-                batch = resize(picture, hw).unsqueeze(0).to(device)
-                _compare(report, name, batch, runners, eager.output_names, tol, repeats)
+        for name, picture, hw in shapes:
+            batch = resize(picture, hw).unsqueeze(0).to(device)
+            _compare(report, name, batch, runners, eager.output_names, tol, repeats)
     report.notes.append(f"tolerance {tol:.0e} ({str(next(eager.parameters()).dtype).removeprefix('torch.')} on {device.type}); "
                         "error = max|backend - eager| / max|eager| per layer")
     return report
+
+
+def config_from_artifact(config: Config, torchscript_path=None, onnx_path=None, given=()) -> Config:
+    """``config`` with the model, pooling and layers an artifact describes (those not in ``given``).
+
+    The description does not name the weights' source, only their hash: a
+    VGG16 artifact is read with ImageNet weights (the bundled ones are VGG19),
+    and any other difference is reported by the check's notes.
+    """
+    meta: dict = {}
+    if torchscript_path is not None and Path(torchscript_path).is_file():
+        meta = torchscript.load(torchscript_path, torch.device("cpu"))[1]
+    elif onnx_path is not None and Path(onnx_path).is_file():
+        meta = onnx_export.read_meta(onnx_path)
+    if not meta.get("model") or not meta.get("outputs"):
+        return config
+    changes = {"model": meta["model"], "pooling": meta.get("pooling", config.pooling),
+               "content_layers": (), "style_layers": tuple(meta["outputs"])}
+    changes = {k: v for k, v in changes.items() if k not in given}
+    if "content_layers" in given or "style_layers" in given:  # the caller chose the layers: keep both lists
+        changes.pop("content_layers", None)
+        changes.pop("style_layers", None)
+    if changes.get("model") == "vgg16" and "weights" not in given and config.weights == "caffe":
+        changes["weights"] = "imagenet"
+    return dataclasses.replace(config, **changes)
 
 
 def _note_meta(report: Report, kind: str, path, meta: dict, wanted: dict) -> None:

@@ -278,6 +278,7 @@ def test_charts_are_written_as_non_blank_pngs(tmp_path):
 @pytest.fixture(scope="module")
 def bench_runs(tmp_path_factory):
     folder = tmp_path_factory.mktemp("bench")
+    (folder / "out").mkdir()  # --json writes into an existing folder only
     common = ["bench", "--device", "cpu", "--sizes", "32", "--warmup", "1", "--repeats", "2"]
     sweep = ["bench", "--device", "cpu", "--sweep", "32:48:2", "--warmup", "1", "--repeats", "2"]
     return run_together({
@@ -344,3 +345,22 @@ def test_bench_unknown_configuration_or_sweep_is_one_sentence(bench_runs):
     r = bench_runs[0]["bad_sweep"]
     assert r.returncode == 2
     assert "'256:128' must go from a smaller size to a larger one" in one_error_line(r)
+
+
+@pytest.mark.parametrize("case,args,message", [
+    ("json exists", ["--json", "taken.json"], "--json file 'taken.json' already exists; pass --overwrite to replace it"),
+    ("json folder missing", ["--json", "nowhere/x.json"], "--json file directory 'nowhere' does not exist"),
+    ("size too small", ["--sizes", "8"],
+     "--sizes 8 would be 8x8 px, but the chosen layers (down to relu5_1) need at least 16 px"),
+])
+def test_bench_refuses_before_timing_and_touches_nothing(tmp_path, monkeypatch, capsys, case, args, message):
+    from engine.cli import main
+
+    (tmp_path / "taken.json").write_text("the user's earlier results\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", "--device", "cpu", "--sizes", "32", *args]) == 2  # in this process: no torch import to pay
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert out == "" and len(lines) == 1 and lines[0].startswith(f"nst: error: {message}"), err
+    assert (tmp_path / "taken.json").read_text() == "the user's earlier results\n"
+    assert not (tmp_path / "nowhere").exists()

@@ -187,10 +187,10 @@ def test_stylize_help_shows_config_defaults(help_runs):
             assert f"{f.metadata['help']} (default: {_default_text(value)})" in text, f.name
 
 
-def test_no_command_is_a_usage_error(help_runs):
+def test_bare_nst_prints_the_help(help_runs):
     r = help_runs["bare"]
-    assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert one_error_line(r) == "nst: error: the following arguments are required: COMMAND (see nst --help)"
+    assert r.returncode == 0 and r.stderr == ""
+    assert r.stdout == help_runs["top"].stdout
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,13 +208,15 @@ def folder_runs(tmp_path_factory):
     (photos / "notes.txt").write_text("not an image, and not picked up\n")
     taken = root / "taken"
     taken.mkdir()
-    (taken / "p1.png").write_bytes(b"the user's earlier result")
+    (taken / "p1.jpg").write_bytes(b"the user's earlier result")
     (root / "afile").write_text("x")
     args = ["stylize", "photos", "style.png", *TINY, "--batch-size", "2"]
     return run_together({
         "ok": ([*args, "-o", "results"], root),
-        "taken": ([*args, "-o", "taken"], root),
+        "taken": ([*args, "-o", "taken", "--output-format", "jpg"], root),
         "file as folder": ([*args, "-o", "afile"], root),
+        "file name as folder": ([*args, "-o", "folderout.png"], root),
+        "16 bits in jpg": ([*args, "-o", "deep", "--output-format", "jpg", "--bit-depth", "16"], root),
     }), root
 
 
@@ -231,13 +233,63 @@ def test_folder_writes_one_result_per_image(folder_runs):
 
 
 @pytest.mark.slow
+def test_folder_skips_results_that_exist_and_takes_a_format(folder_runs):
+    results, root = folder_runs
+    r = results["taken"]
+    assert r.returncode == 0, r.stderr
+    assert "skipping 1 image whose result is already in taken (--overwrite redoes them)" in r.stderr
+    assert re.fullmatch(r"wrote 2 images to taken in \d+\.\d s", r.stdout.strip()), r.stdout
+    assert sorted(p.name for p in (root / "taken").iterdir()) == ["p0.jpg", "p1.jpg", "p2.jpg"]
+    assert (root / "taken" / "p1.jpg").read_bytes() == b"the user's earlier result"
+    assert (root / "taken" / "p0.jpg").read_bytes()[:3] == JPEG_MAGIC
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("case,message", [
-    ("taken", "output 'taken/p1.png' already exists; pass --overwrite to replace it"),
     ("file as folder", "output 'afile' must be a folder when CONTENT is a folder"),
+    ("file name as folder", "output 'folderout.png' looks like a file name, but CONTENT is a folder"),
+    ("16 bits in jpg", "--bit-depth 16 needs --output-format png or tif, not jpg"),
 ])
 def test_folder_errors_touch_nothing(folder_runs, case, message):
     results, root = folder_runs
     r = results[case]
     assert r.returncode == 2 and message in one_error_line(r)
-    assert sorted(p.name for p in (root / "taken").iterdir()) == ["p1.png"]
-    assert (root / "taken" / "p1.png").read_bytes() == b"the user's earlier result"
+    assert not (root / "folderout.png").exists() and not (root / "deep").exists()
+    assert (root / "afile").read_text() == "x"
+
+
+@pytest.mark.slow
+def test_folder_run_stops_on_sigterm_and_the_same_command_does_the_rest(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from helpers import ENV
+
+    make_pics(tmp_path)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i, (w, h) in enumerate([(48, 40), (40, 48), (48, 36)]):  # three sizes: three batches, one after another
+        Image.fromarray(np.full((h, w, 3), 60 * i + 20, np.uint8)).save(photos / f"p{i}.png")
+    args = [sys.executable, "-m", "engine", "stylize", "photos", "style.png", "-o", "results", "--size", "48",
+            "--min-size", "48", "--steps", "150", "--content-layers", "relu1_2", "--style-layers", "relu1_1"]
+    proc = subprocess.Popen(args, cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "results" / "p0.png").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert "Traceback" not in err and "\r" not in err  # stderr is not a terminal: plain log lines, no bar
+    assert "stopped by SIGTERM;" in err and "run the same command again to do the rest" in err
+    assert ": step " in err and ", loss " in err  # the plain progress lines
+    done = sorted(p.name for p in (tmp_path / "results").iterdir())
+    assert "p0.png" in done and len(done) < 3
+    first = (tmp_path / "results" / "p0.png").read_bytes()
+    r = run_together({"again": (args[3:] + ["-q"], tmp_path)})["again"]
+    assert r.returncode == 0, r.stderr
+    assert f"skipping {len(done)} image" in r.stderr
+    assert sorted(p.name for p in (tmp_path / "results").iterdir()) == ["p0.png", "p1.png", "p2.png"]
+    assert (tmp_path / "results" / "p0.png").read_bytes() == first

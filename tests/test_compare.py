@@ -40,13 +40,29 @@ def test_long_labels_are_shortened_to_their_column():
 
 def test_variants_cross_losses_with_a_varied_setting():
     runs = variants(Config(), ["gram", "w2"], ("style_weight", ["1", "10"]))
-    assert [label for label, _ in runs] == ["gram, style_weight=1", "gram, style_weight=10",
-                                            "w2, style_weight=1", "w2, style_weight=10"]
+    assert [label for label, _ in runs] == ["gram\nstyle_weight=1", "gram\nstyle_weight=10",
+                                            "w2\nstyle_weight=1", "w2\nstyle_weight=10"]
     assert [(c.style_loss, c.style_weight) for _, c in runs] == [("gram", 1.0), ("gram", 10.0), ("w2", 1.0), ("w2", 10.0)]
     with pytest.raises(UserError, match="not a setting to vary"):
         variants(Config(), ["gram"], ("warp", ["1"]))
     with pytest.raises(UserError, match="not a valid style_weight"):
         variants(Config(), ["gram"], ("style_weight", ["lots"]))
+
+
+def test_several_varied_settings_are_crossed_and_each_gets_a_label_line():
+    runs = variants(Config(), ["gram"], [("style_weight", ["1", "4"]), ("tv_weight", ["0", "2"])])
+    assert [label for label, _ in runs] == [
+        "gram\nstyle_weight=1\ntv_weight=0", "gram\nstyle_weight=1\ntv_weight=2",
+        "gram\nstyle_weight=4\ntv_weight=0", "gram\nstyle_weight=4\ntv_weight=2"]
+    assert [(c.style_weight, c.tv_weight) for _, c in runs] == [(1, 0), (1, 2), (4, 0), (4, 2)]
+    with pytest.raises(UserError, match="names 'tv_weight' twice"):
+        variants(Config(), ["gram"], [("tv_weight", ["0"]), ("tv_weight", ["1"])])
+
+
+def test_multi_line_labels_are_fitted_line_by_line():
+    one, _ = make_sheet([Column("gram", flat(60, 60, 0.5))])
+    three, _ = make_sheet([Column("gram\nstyle_weight=1\n0.6 s", flat(60, 60, 0.5))])
+    assert three.width == one.width and three.height > one.height  # taller strip, nothing cut for width
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +76,8 @@ def compare_runs(tmp_path_factory):
             "--content-layers", "relu2_2", "--style-layers", "relu1_1,relu2_1"]
     return run_together({
         "ok": (["compare", "c.png", "s.png", "-o", "sheet.png", "--losses", "gram,ot,w2", *tiny], folder),
-        "vary": (["compare", "c.png", "s.png", "-o", "vary.png", "--losses", "gram", "--vary", "tv_weight=0,10", *tiny],
-                 folder),
+        "vary": (["compare", "c.png", "s.png", "c.png", "-o", "vary.png", "--losses", "gram", "--vary", "tv_weight=0,10",
+                  "--vary", "lr=0.02", *tiny], folder),
         "taken": (["compare", "c.png", "s.png", "-o", "taken.png", *tiny], folder),
         "bad loss": (["compare", "c.png", "s.png", "-o", "x.png", "--losses", "gram,fourier", *tiny], folder),
     }), folder
@@ -70,22 +86,23 @@ def compare_runs(tmp_path_factory):
 @pytest.mark.slow
 def test_compare_writes_the_sheet(compare_runs):
     results, folder = compare_runs
-    for case, name, runs in (("ok", "sheet.png", 3), ("vary", "vary.png", 2)):
+    for case, name, runs, styles in (("ok", "sheet.png", 3, 1), ("vary", "vary.png", 2, 2)):
         r = results[case]
         assert r.returncode == 0, r.stderr
         match = re.fullmatch(rf"wrote {name} \((\d+)x(\d+), {runs} runs\) in \d+\.\d s", r.stdout.strip())
         assert match, r.stdout
         with Image.open(folder / name) as sheet:
             assert sheet.size == (int(match[1]), int(match[2]))
-            # content (40 wide), style (40 at height 32), and one 40-wide result per run
-            assert sheet.width == 40 * (2 + runs) + PAD * (3 + runs)
+            # content (40 wide), every style (40 at height 32), and one 40-wide result per run
+            assert sheet.width == 40 * (1 + styles + runs) + PAD * (2 + styles + runs)
     assert "gram: " in results["ok"].stderr and "w2: " in results["ok"].stderr
+    assert "gram, tv_weight=10, lr=0.02: " in results["vary"].stderr  # both varied settings, crossed
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case,message", [
     ("taken", "output 'taken.png' already exists"),
-    ("bad loss", "--losses names 'fourier'; allowed: gram, ot, w2"),
+    ("bad loss", "--losses must be among gram, ot, w2, not 'fourier'"),
 ])
 def test_compare_errors(compare_runs, case, message):
     results, folder = compare_runs

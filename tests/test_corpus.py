@@ -6,6 +6,7 @@ problem; never a traceback, and no file that existed before is changed or remove
 
 import hashlib
 import io
+import subprocess
 
 import numpy as np
 import pytest
@@ -66,7 +67,7 @@ IMAGES = {
     # A directory as CONTENT means "every image in it" (see nst stylize FOLDER); this one has none.
     "folder.png": (None, ("error", "content folder 'folder.png' has no images")),
     "one-pixel.png": (_png_bytes(Image.fromarray(_rgb(1, 1))), ("ok", (32, 32))),
-    "sliver.png": (_png_bytes(Image.fromarray(_rgb(1, 10000))), ("error", "the content becomes 32x1 px, but the chosen layers need at least 2 px")),
+    "sliver.png": (_png_bytes(Image.fromarray(_rgb(1, 10000))), ("error", "the output would be 32x1 px, but the chosen layers (down to relu2_1) need at least 2 px")),
     "bomb.png": (_bomb(), ("error", "refusing to decode it")),
     "cmyk.jpg": (_jpeg_bytes(Image.fromarray(_rgb(24, 32)).convert("CMYK")), ("ok", (32, 24))),
     "16bit.png": (_png_bytes(Image.fromarray((np.arange(24 * 32).reshape(24, 32) * 80).astype(np.uint16))),
@@ -84,7 +85,7 @@ OPTIONS = {
     "nan weight": (["--tv-weight", "nan"], "--tv-weight must be a finite number zero or more, not nan"),
     "size 0": (["--size", "0"], "--size must be a positive whole number, not 0"),
     "absurd size": (["--size", "200000"], "size 200000 is larger than the 16384 px"),
-    "too many pixels": (["--size", "9000", "--max-pixels", "16000000"], "above the 16.0 Mpx limit (the image and"),
+    "too many pixels": (["--size", "9000", "--max-pixels", "16000000"], "above the 16.0 Mpx limit (--max-pixels); the image"),
     "bad tile": (["--tile", "huge"], "--tile must be auto, off, checkpoint or a tile size in pixels"),
     "unknown optimizer": (["--optimizer", "sgd"], "argument --optimizer: invalid choice: 'sgd'"),
     "unknown loss": (["--style-loss", "fourier"], "argument --style-loss: invalid choice: 'fourier'"),
@@ -94,6 +95,55 @@ OPTIONS = {
     "output is an input": (["-o", "style.png", "--overwrite"], "output 'style.png' is also an input"),
     "output exists": (["-o", "taken.png"], "output 'taken.png' already exists; pass --overwrite"),
 }
+
+# More cases, run in this process through engine.cli.main (each subprocess costs a torch import, and the
+# machine is shared): the same contract, one line and exit 2, nothing touched.
+OPTIONS_IN_PROCESS = {
+    # Every size that reaches the network is checked in one place (engine/sizes.py), the limit included.
+    "tiny pixel limit": (["--max-pixels", "10"], "the output would be 32x24 = 768 px, above the 10 px limit (--max-pixels)"),
+    "huge style image": (["--style-scale", "100", "--max-pixels", "100000"],
+                         "the style image would be 3200x3200 = 10.2 Mpx, above the 100000 px limit (--max-pixels)"),
+    "output is the mask": (["-o", "mask.png", "--style-masks", "mask.png", "--overwrite"], "output 'mask.png' is also an input"),
+    "masks miscounted": (["--style-masks", "mask.png,mask.png"], "--style-masks has 2 masks but there is 1 style image"),
+    "weights miscounted": (["--style-layer-weights", "1"], "--style-layer-weights has 1 value but there are 2 style layers"),
+    "option typo": (["--style-wieght", "3"], "unrecognized arguments: --style-wieght 3; did you mean --style-weight?"),
+    "unfinished run": (["-o", "left.png"], "left.png.ckpt holds an unfinished run of this output; go on with: nst resume"),
+    "folder format for a file": (["--output-format", "jpg"], "--output-format applies to a folder of contents"),
+    "init file missing": (["--init", "nothere.png"], "init image 'nothere.png' does not exist"),
+    "init not an image": (["--init", "random"], "--init must be one of content, noise, gray, or an image file"),
+}
+
+# name: (extra arguments, (width, height) of the result): odd settings that must simply work (in this process).
+ODD_OPTIONS = {
+    # The issue's case: relu5_1 needs 16 px, and a 0.01 style scale asks for a 1 px style image.
+    "tiny style scale": (["--size", "64", "--min-size", "64", "--style-scale", "0.01", "--content-layers", "relu4_2",
+                          "--style-layers", "relu1_1,relu2_1,relu3_1,relu4_1,relu5_1"], (64, 48)),
+    "layers with spaces": (["--style-layers", " relu1_1 , relu2_1 "], (32, 24)),
+    "init from a file": (["--init", "style.png"], (32, 24)),
+    "absolute style size": (["--style-size", "20"], (32, 24)),
+}
+
+
+def _option_folder(folder):
+    Image.fromarray(_rgb(24, 32, 8)).save(folder / "content.png")
+    Image.fromarray(_rgb(32, 32, 9)).save(folder / "style.png")
+    Image.fromarray(_rgb(24, 32, 7)[..., 0]).save(folder / "mask.png")
+    (folder / "taken.png").write_bytes(b"the user's earlier result")
+    (folder / "left.png.ckpt").write_bytes(b"an interrupted run's state")
+    return folder
+
+
+def _main(args, folder, monkeypatch, capsys):
+    """``nst ARGS`` in this process, from ``folder``: ``(exit status, stdout, stderr)``."""
+    from engine.cli import main
+
+    monkeypatch.chdir(folder)
+    try:
+        code = main(list(args))
+    except SystemExit as exc:  # argparse's own errors
+        code = exc.code
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out, err)
 
 
 @pytest.fixture(scope="module")
@@ -108,10 +158,7 @@ def corpus(tmp_path_factory):
             (folder / case).write_bytes(data)
         jobs[case] = (["stylize", case, "style.png", "-o", "out.png", *TINY], folder)
     for case, (extra, _) in OPTIONS.items():
-        folder = tmp_path_factory.mktemp("option")
-        Image.fromarray(_rgb(24, 32, 8)).save(folder / "content.png")
-        Image.fromarray(_rgb(32, 32, 9)).save(folder / "style.png")
-        (folder / "taken.png").write_bytes(b"the user's earlier result")
+        folder = _option_folder(tmp_path_factory.mktemp("option"))
         output = [] if "-o" in extra else ["-o", "out.png"]
         jobs[case] = (["stylize", "content.png", "style.png", *TINY, *output, *extra], folder)
     for case, (_, folder) in jobs.items():
@@ -146,3 +193,29 @@ def test_option_corpus(corpus, case):
     assert OPTIONS[case][1] in one_error_line(r)
     assert after == before
     assert before["taken.png"] == hashlib.sha256(b"the user's earlier result").hexdigest()
+
+
+@pytest.mark.parametrize("case", list(OPTIONS_IN_PROCESS))
+def test_option_corpus_in_process(case, tmp_path, monkeypatch, capsys):
+    extra, message = OPTIONS_IN_PROCESS[case]
+    folder = _option_folder(tmp_path)
+    before = tree(folder)
+    output = [] if "-o" in extra else ["-o", "out.png"]
+    r = _main(["stylize", "content.png", "style.png", *TINY, *output, *extra], folder, monkeypatch, capsys)
+    assert r.returncode == 2 and r.stdout == "", (r.stdout, r.stderr)
+    assert message in one_error_line(r)
+    assert tree(folder) == before
+
+
+@pytest.mark.parametrize("case", list(ODD_OPTIONS))
+def test_odd_option_corpus(case, tmp_path, monkeypatch, capsys):
+    folder = _option_folder(tmp_path)
+    before = tree(folder)
+    r = _main(["stylize", "content.png", "style.png", *TINY, "-o", "out.png", *ODD_OPTIONS[case][0]], folder,
+              monkeypatch, capsys)
+    assert r.returncode == 0, r.stderr
+    after = tree(folder)
+    assert "Traceback" not in r.stderr + r.stdout
+    with Image.open(folder / "out.png") as img:
+        assert img.size == ODD_OPTIONS[case][1]
+    assert {k: v for k, v in after.items() if k != "out.png"} == before

@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from engine import Config, stylize
+from engine import Config, UserError, stylize
 from engine.api import build_extractor
 from export import artifact, onnx_export, torchscript
 from export.ort import OrtExtractor, choose_providers
@@ -246,7 +246,7 @@ def test_validate_on_cuda(tmp_path):
 
 def test_validate_passes_and_reports_every_layer(eager, onnx_file):
     images = [picture(50, 70, seed=6)[0], picture(64, 48, seed=7)[0]]
-    report = validate(images, Config(**SMALL), sizes=["64", "37x29"], onnx_path=onnx_file, repeats=1)
+    report = validate(images, Config(**SMALL), sizes=["64", "29x37"], onnx_path=onnx_file, repeats=1)
     assert report.passed, report.format()
     # 2 images x 2 sizes x 2 backends x 4 layers
     assert len(report.checks) == 32
@@ -282,6 +282,9 @@ def perturbed_runs(eager, onnx_file, tmp_path_factory):
         "bad onnx": ([*common, "--onnx", "bad.onnx", "--backends", "onnxruntime"], folder),
         "missing layer": ([*common[:6], "--style-layers", "relu1_1,relu4_1", "--torchscript", "good.pt",
                            "--backends", "torchscript"], folder),
+        # No layer flags: the model, pooling and layers come from the artifacts' own descriptions.
+        "described": ([*common[:6], "--device", "cpu", "--torchscript", good_ts, "--onnx", onnx_file], folder),
+        "size too small": ([*common[:2], "--sizes", "2", *layers, "--onnx", onnx_file], folder),
     }, env={"NST_CACHE_DIR": str(folder / "cache")})
 
 
@@ -307,6 +310,29 @@ def test_validate_cli_fails_on_perturbed_artifact(perturbed_runs, case, layer):
 
 
 @pytest.mark.slow
+def test_validate_cli_reads_the_artifacts_description(perturbed_runs):
+    r = perturbed_runs["described"]
+    assert r.returncode == 0, r.stderr
+    assert "PASS: all 8 layer errors within tolerance" in r.stdout and "relu3_1" in r.stdout
+    assert " 40x52 " in r.stdout  # --sizes 40x52 is width x height, and the table prints it the same way
+
+
+@pytest.mark.slow
+def test_validate_cli_checks_sizes_before_any_work(perturbed_runs):
+    r = perturbed_runs["size too small"]
+    assert r.returncode == 2 and r.stdout == ""
+    assert ("pic.png at size 2 would be 2x2 px, but the chosen layers (down to relu3_1) need at least 4 px on "
+            "each side; use larger --sizes or shallower layers") in one_error_line(r)
+
+
+def test_validate_api_checks_sizes_in_python_words(onnx_file):
+    with pytest.raises(UserError, match=r"image 1 at size 3 would be 3x3 px, .* use larger sizes or shallower layers"):
+        validate([picture(30, 30)[0]], Config(**SMALL), sizes=["3"], onnx_path=onnx_file)
+    with pytest.raises(UserError, match=r"above the 100 px limit \(max_pixels\)"):
+        validate([picture(30, 30)[0]], Config(**SMALL, max_pixels=100), sizes=["30x30"], onnx_path=onnx_file)
+
+
+@pytest.mark.slow
 def test_validate_cli_refuses_artifact_without_a_layer(perturbed_runs):
     r = perturbed_runs["missing layer"]
     assert r.returncode == 2
@@ -328,6 +354,7 @@ def export_runs(tmp_path_factory):
         "unknown extension": (["export", "out.txt", *tiny], folder),
         "external data for torchscript": (["export", "other.pt", "--external-data", *tiny], folder),
         "help": (["validate", "--help"], folder),
+        "format against extension": (["export", "x.onnx", "--format", "torchscript", *tiny], folder),
     })
     return results, folder
 
@@ -353,6 +380,7 @@ def test_export_cli_writes_both_formats(export_runs):
     ("taken", "artifact 'taken.pt' already exists; pass --overwrite to replace it"),
     ("unknown extension", "cannot tell the format of 'out.txt' from its extension"),
     ("external data for torchscript", "--external-data applies to ONNX files only"),
+    ("format against extension", "--format torchscript does not match the extension of 'x.onnx' (onnx); name the file x.pt"),
 ])
 def test_export_cli_errors(export_runs, case, message):
     results, folder = export_runs

@@ -65,6 +65,7 @@ def test_periodic_checkpoints_hold_the_complete_state(pair, tmp_path):
     def spy(path, state):
         seen.append((state["scale"], state["step"]))
         real_save(path, state)
+        real_save(tmp_path / "copy.ckpt", state)  # the plan's own file is deleted once the job is done
 
     ckpt.save = spy
     try:
@@ -72,7 +73,8 @@ def test_periodic_checkpoints_hold_the_complete_state(pair, tmp_path):
     finally:
         ckpt.save = real_save
     assert seen == [(0, 4), (1, 2)]  # total steps 4 and 8
-    state = ckpt.load(tmp_path / "run.ckpt")
+    assert not (tmp_path / "run.ckpt").exists()  # as the README says: deleted once the job is done
+    state = ckpt.load(tmp_path / "copy.ckpt")
     assert set(state) >= {"image", "optimizer", "ema", "scale", "step", "config", "inputs", "history", "generators"}
     assert state["config"] == ckpt.config_state(Config(**SMALL))
     assert state["optimizer"]["state"][0]["exp_avg"].shape == state["image"].shape
@@ -162,7 +164,18 @@ def test_signal_writes_image_and_checkpoint_then_resume_finishes(tmp_path, refer
         assert img.size[0] in (34, 48)  # the current scale's size
     state = ckpt.load(tmp_path / "out.png.ckpt")
     assert state["cli"]["output"] == str(tmp_path / "out.png")
-    r = run_together({"resume": (["resume", "out.png.ckpt", "-q"], tmp_path)})["resume"]
+    if sig == signal.SIGTERM:
+        # The same command again would start afresh and replace the saved progress: refused, pointing at resume.
+        (tmp_path / "out.png").write_bytes(b"appeared meanwhile")
+        again = run_together({"again": ([*CLI_ARGS, "-o", "out.png", "--checkpoint-every", "5"], tmp_path),
+                              "resume": (["resume", "out.png.ckpt", "-q"], tmp_path)})
+        assert "out.png.ckpt holds an unfinished run of this output; go on with: nst resume out.png.ckpt" in \
+            one_error_line(again["again"])
+        assert "out.png' already exists; pass --overwrite" in one_error_line(again["resume"])
+        assert (tmp_path / "out.png").read_bytes() == b"appeared meanwhile"
+        r = run_together({"resume": (["resume", "out.png.ckpt", "-q", "--overwrite"], tmp_path)})["resume"]
+    else:
+        r = run_together({"resume": (["resume", "out.png.ckpt", "-q"], tmp_path)})["resume"]
     assert r.returncode == 0, r.stderr
     np.testing.assert_array_equal(pixels(tmp_path / "out.png"), reference)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.png", "out.png", "s.png"]  # checkpoint and partial gone
@@ -181,9 +194,10 @@ def test_sigkill_leaves_no_partial_output_and_last_checkpoint_resumes(tmp_path, 
     assert all(name.startswith(".out.png.ckpt.") for name in leftovers)  # at most a hidden temp of the checkpoint
     state = ckpt.load(tmp_path / "out.png.ckpt")  # the last complete one: never half written
     assert state["step"] > 0
-    r = run_together({"resume": (["stylize", *CLI_ARGS[1:], "-o", "out.png", "--resume", "out.png.ckpt"], tmp_path)})
+    r = run_together({"resume": (["stylize", *CLI_ARGS[1:], "-o", "other.png", "--resume", "out.png.ckpt"], tmp_path)})
     assert r["resume"].returncode == 0, r["resume"].stderr
-    np.testing.assert_array_equal(pixels(tmp_path / "out.png"), reference)
+    np.testing.assert_array_equal(pixels(tmp_path / "other.png"), reference)
+    assert not (tmp_path / "out.png.ckpt").exists()  # the job is done, under another name: its checkpoint goes
 
 
 @pytest.mark.slow

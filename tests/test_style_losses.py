@@ -221,7 +221,7 @@ def test_style_tied_to_one_half_changes_that_half_most(tmp_path):
 def test_masks_need_one_per_style_and_the_gram_loss(tmp_path):
     with pytest.raises(UserError, match="style_masks work with the gram style loss only"):
         Config(style_loss="ot", style_masks=("a.png",))
-    with pytest.raises(UserError, match="style_masks has 1 masks but there are 2 style images"):
+    with pytest.raises(UserError, match="style_masks has 1 mask but there are 2 style images"):
         stylize(picture(32, 32, 1), [picture(32, 32, 2), picture(32, 32, 3)],
                 Config(device="cpu", size=32, min_size=32, steps=1, style_masks=("a.png",)))
 

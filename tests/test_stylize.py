@@ -85,7 +85,7 @@ def test_blend_weights_select_styles(images):
 
 
 def test_blend_weights_must_match_styles(images):
-    with pytest.raises(UserError, match="2 values but there are 1 style images"):
+    with pytest.raises(UserError, match="style_blend_weights has 2 values but there is 1 style image"):
         stylize(images[0], [images[1]], Config(style_blend_weights=(1.0, 2.0), size=32, min_size=32, steps=1))
 
 
