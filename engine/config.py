@@ -208,7 +208,9 @@ def _check_tile(config: "Config") -> None:
         object.__setattr__(config, "tile", value)  # the CLI gives strings; one type either way
     if isinstance(value, str) and (value in TILE_MODES or (value.isdigit() and 0 < int(value) <= MAX_SIZE)):
         return
-    raise UserError(f"tile must be auto, off, checkpoint or a tile size in pixels from 1 to {MAX_SIZE}, not {value!r}")
+    raise UserError(
+        f"{option('tile')} must be auto, off, checkpoint or a tile size in pixels from 1 to {MAX_SIZE}, not {value!r}"
+    )
 
 
 def _sequence(name: str, value, item: type):
