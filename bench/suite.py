@@ -217,7 +217,7 @@ def cli_step_samples(lever: Lever, size: int, device: torch.device, warmup: int,
     """Seconds per step of ``stylize`` with the command line's own callback (its bar drawn to /dev/null).
 
     One scale of ``warmup + repeats`` steps, timed on the host between the loss reads that end the
-    callback's groups (every step on a CPU, whose steps take more than 0.1 s; every 16 on a GPU): each
+    callback's groups (every step where a step takes 0.1 s or more; else every 16 steps): each
     read waits for the device, so all the work between two reads is counted, syncs included. One
     sample per group: its time divided by its steps.
     """

@@ -311,7 +311,11 @@ def test_bench_prints_the_table_and_writes_json(bench_runs):
         # The ratio is what the columns say it is: time per image-step against the baseline's.
         assert row["speedup"] == pytest.approx(base["ms_per_step"] / (row["ms_per_step"] / row["batch"]))
         assert row["tflops"] == pytest.approx(row["flops_per_step"] / row["ms_per_step"] / 1e9)
-        assert len(row["samples_ms"]) == 2 and row["ms_ci95"][0] <= row["ms_per_step"] <= row["ms_ci95"][1]
+        # The cli row takes one sample per group of steps between loss reads: every step when a step takes
+        # 0.1 s or more, every 16 when the machine is fast enough; the other rows one per repeat.
+        count = len(row["samples_ms"])
+        assert (count == 2) if row["config"] != "cli" else (1 <= count <= 2)
+        assert row["ms_ci95"][0] <= row["ms_per_step"] <= row["ms_ci95"][1]
         # The CPU's peak memory is measured: at least the image, its gradient and Adam's two moments.
         assert row["peak_mib"] > 4 * row["batch"] * 3 * 32 * 32 * 4 / MIB
     assert data["rows"][2]["peak_mib"] > data["rows"][0]["peak_mib"]  # two images need more than one
