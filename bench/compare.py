@@ -89,7 +89,7 @@ def load(path: Path) -> Timings:
     raise UserError(f"{path} is neither an `nst bench --json` file nor a pytest-benchmark JSON file")
 
 
-def compare(old: Timings, new: Timings, noise: float = 0.05) -> Comparison:
+def compare(old: Timings, new: Timings, noise: float = 0.20) -> Comparison:
     changes = []
     for key in (k for k in old.rows if k in new.rows):
         (old_ms, old_samples), (new_ms, new_samples) = old.rows[key], new.rows[key]
