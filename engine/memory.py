@@ -67,12 +67,6 @@ def activation_bytes_per_pixel(model: str, layers, element: int = 4, mode: str =
     return kept + max(blocks) + transient
 
 
-def forward_bytes_per_pixel(model: str, layers, element: int = 4) -> float:
-    """A forward pass without gradients: a layer's input and output alive at once, at most."""
-    values = list(layer_bytes(model, layers, element).values())
-    return max(a + b for a, b in zip(values, values[1:] + [0.0]))
-
-
 def state_bytes_per_pixel(config) -> float:
     """Per output pixel, what the run holds outside the network whatever the mode (float32)."""
     content_targets = sum(layer_bytes(config.model, config.feature_layers, 4)[n] for n in config.content_layers)

@@ -43,7 +43,7 @@ from typing import Callable, ContextManager, Mapping, Optional, Sequence
 import torch
 
 from .errors import UserError
-from .losses import ContentLoss, GramStyleLoss, MaskedGramStyleLoss, Moments, StyleTransferLoss, at_least_float32
+from .losses import GramStyleLoss, MaskedGramStyleLoss, Moments, StyleTransferLoss, at_least_float32
 from .style_losses import GaussianW2StyleLoss, SlicedOTStyleLoss
 from .vgg import truncated_names
 
