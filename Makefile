@@ -24,8 +24,11 @@ demo: $(VENV)/.installed
 	@mkdir -p out
 	$(BIN)/nst stylize examples/tubingen.jpg examples/starry_night.jpg -o $(DEMO) --size 384 --steps 80 --overwrite
 
-# Installs the test extra, then runs the whole test suite (CPU; CUDA tests skip without a GPU).
+# Installs the test extra, lints and checks the formatting (ruff, configured in pyproject.toml),
+# then runs the whole test suite (CPU; CUDA tests skip without a GPU).
 test: $(VENV)/.installed-test
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest
 
 # The speed matrix on this machine (see README, "Speed"); results also as JSON under out/.

@@ -9,64 +9,105 @@ from typing import Optional
 
 def register(sub) -> None:
     p = sub.add_parser(
-        "bench", help="time the optimisation step under each speed lever (a table of ratios to a baseline)",
+        "bench",
+        help="time the optimisation step under each speed lever (a table of ratios to a baseline)",
         description="Time one optimisation step of the engine under each speed lever (precision, channels-last, "
-                    "CUDA graphs, TorchScript, batches), at several sizes, against an eager fp32 baseline measured "
-                    "in the same run. See bench/suite.py for what each column means.",
+        "CUDA graphs, TorchScript, batches), at several sizes, against an eager fp32 baseline measured "
+        "in the same run. See bench/suite.py for what each column means.",
     )
     which = p.add_mutually_exclusive_group()
-    which.add_argument("--sizes", type=_sizes, metavar="A,B,...", help="square sizes (default: 256,512,1024,2048 "
-                       "on CUDA, 128,256 on the CPU)")
-    which.add_argument("--sweep", type=_sweep, metavar="LOW:HIGH[:N]",
-                       help="N sizes from LOW to HIGH in a geometric progression (default N: a factor of about "
-                            "sqrt(2)), for the baseline only unless --only adds configurations; fits each one's "
-                            "cost, fixed + per pixel")
-    p.add_argument("--only", type=lambda t: [x for x in t.split(",") if x], metavar="A,B",
-                   help="run only these configurations (and the baseline)")
+    which.add_argument(
+        "--sizes",
+        type=_sizes,
+        metavar="A,B,...",
+        help="square sizes (default: 256,512,1024,2048 on CUDA, 128,256 on the CPU)",
+    )
+    which.add_argument(
+        "--sweep",
+        type=_sweep,
+        metavar="LOW:HIGH[:N]",
+        help="N sizes from LOW to HIGH in a geometric progression (default N: a factor of about "
+        "sqrt(2)), for the baseline only unless --only adds configurations; fits each one's "
+        "cost, fixed + per pixel",
+    )
+    p.add_argument(
+        "--only",
+        type=lambda t: [x for x in t.split(",") if x],
+        metavar="A,B",
+        help="run only these configurations (and the baseline)",
+    )
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="(default: auto)")
     p.add_argument("--warmup", type=_positive, default=5, help="untimed steps first (default: 5)")
-    p.add_argument("--repeats", type=_positive, default=20,
-                   help="timed steps; the median is reported with its 95%% interval, narrower with more repeats "
-                        "(default: 20)")
+    p.add_argument(
+        "--repeats",
+        type=_positive,
+        default=20,
+        help="timed steps; the median is reported with its 95%% interval, narrower with more repeats (default: 20)",
+    )
     p.add_argument("--batch", type=_positive, default=4, help="jobs per step in the batch rows (default: 4)")
     p.add_argument("--json", type=Path, metavar="PATH", help="also write the results, with machine and commit, as JSON")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
-    p.add_argument("--plot", type=Path, metavar="DIR",
-                   help="also write PNG charts (time, memory, speedup, peak) into DIR, replacing those there")
-    p.add_argument("--profile", type=Path, metavar="PATH",
-                   help="instead of the table, write a torch.profiler trace of the 'all' configuration")
+    p.add_argument(
+        "--plot",
+        type=Path,
+        metavar="DIR",
+        help="also write PNG charts (time, memory, speedup, peak) into DIR, replacing those there",
+    )
+    p.add_argument(
+        "--profile",
+        type=Path,
+        metavar="PATH",
+        help="instead of the table, write a torch.profiler trace of the 'all' configuration",
+    )
     p.set_defaults(run=run)
 
     sub_bench = p.add_subparsers(dest="bench_command", metavar="{compare,highres}", required=False)
     c = sub_bench.add_parser(
-        "compare", help="compare two recorded runs: NEW/OLD per row, marked only outside the noise",
+        "compare",
+        help="compare two recorded runs: NEW/OLD per row, marked only outside the noise",
         description="Compare two runs recorded with `nst bench --json` (or pytest-benchmark JSON): per row of both, "
-                    "the ratio of the median times NEW/OLD with its bootstrap 95% interval, marked slower or "
-                    "faster only outside the noise. Rows in only one file are listed.",
+        "the ratio of the median times NEW/OLD with its bootstrap 95% interval, marked slower or "
+        "faster only outside the noise. Rows in only one file are listed.",
     )
     c.add_argument("old", type=Path, metavar="OLD.json")
     c.add_argument("new", type=Path, metavar="NEW.json")
-    c.add_argument("--noise", type=_percent, default=20.0, metavar="PCT",
-                   help="changes smaller than this are never marked: the drift between two runs that one run's "
-                        "repeats cannot show (default: 20, measured between consecutive runs on a quiet 2-core CPU: up to 17%%)")
-    c.add_argument("--fail-slower", type=_percent, metavar="PCT",
-                   help="exit with status 1 if a row is marked slower by more than PCT percent")
+    c.add_argument(
+        "--noise",
+        type=_percent,
+        default=20.0,
+        metavar="PCT",
+        help="changes smaller than this are never marked: the drift between two runs that one run's "
+        "repeats cannot show (default: 20, measured between consecutive runs on a quiet 2-core CPU: up to 17%%)",
+    )
+    c.add_argument(
+        "--fail-slower",
+        type=_percent,
+        metavar="PCT",
+        help="exit with status 1 if a row is marked slower by more than PCT percent",
+    )
     c.set_defaults(run=run_compare)
     h = sub_bench.add_parser(
-        "highres", help="one step's time and peak memory per size and memory mode (untiled, checkpoint, tiles)",
+        "highres",
+        help="one step's time and peak memory per size and memory mode (untiled, checkpoint, tiles)",
         description="Time one optimisation step and measure its peak memory at large sizes, for each --tile mode, "
-                    "each row in a fresh process; the overhead column is the ratio to the untiled row of the same "
-                    "size in the same run. See bench/highres.py.",
+        "each row in a fresh process; the overhead column is the ratio to the untiled row of the same "
+        "size in the same run. See bench/highres.py.",
     )
     h.add_argument("--sizes", default="1024,2048", metavar="A,WxH,...", help="sizes (default: 1024,2048)")
-    h.add_argument("--modes", default="off,checkpoint,1024", metavar="A,B,...",
-                   help="--tile values, off first for the overhead column (default: off,checkpoint,1024)")
+    h.add_argument(
+        "--modes",
+        default="off,checkpoint,1024",
+        metavar="A,B,...",
+        help="--tile values, off first for the overhead column (default: off,checkpoint,1024)",
+    )
     h.add_argument("--steps", type=int, default=2, help="timed steps after an untimed one; 0 times a single step")
     h.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="(default: auto)")
     h.add_argument("--json", type=Path, metavar="PATH", help="also write the rows as JSON (never over a file)")
-    h.add_argument("--interleave", action="store_true",
-                   help="time ratios only, the modes' steps taken in turn in one process per size (robust on a busy "
-                        "machine)")
+    h.add_argument(
+        "--interleave",
+        action="store_true",
+        help="time ratios only, the modes' steps taken in turn in one process per size (robust on a busy machine)",
+    )
     h.set_defaults(run=run_highres)
 
 
@@ -139,8 +180,9 @@ def run(args: argparse.Namespace) -> int:
 def run_highres(args: argparse.Namespace) -> int:
     from . import highres
 
-    return highres.table(args.sizes.split(","), args.modes.split(","), args.steps, args.device, args.json,
-                         args.interleave)
+    return highres.table(
+        args.sizes.split(","), args.modes.split(","), args.steps, args.device, args.json, args.interleave
+    )
 
 
 def run_compare(args: argparse.Namespace) -> int:
@@ -154,7 +196,9 @@ def run_compare(args: argparse.Namespace) -> int:
     if args.fail_slower is not None:
         failed = compare.too_slow(result, args.fail_slower)
         if failed:
-            print(f"FAIL: {len(failed)} row(s) slower by more than {args.fail_slower:g}%: "
-                  + ", ".join(compare._name(c.key) for c in failed))
+            print(
+                f"FAIL: {len(failed)} row(s) slower by more than {args.fail_slower:g}%: "
+                + ", ".join(compare._name(c.key) for c in failed)
+            )
             return 1
     return 0

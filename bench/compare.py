@@ -72,8 +72,10 @@ def load(path: Path) -> Timings:
         for row in data["rows"]:
             if "error" not in row:
                 rows[row["config"], row["size"]] = (row["ms_per_step"], row.get("samples_ms"))
-        label = (f"{meta.get('device')}, {meta.get('threads')} threads, torch {meta.get('torch')}, "
-                 f"commit {str(meta.get('commit'))[:12]}, {meta.get('date')}")
+        label = (
+            f"{meta.get('device')}, {meta.get('threads')} threads, torch {meta.get('torch')}, "
+            f"commit {str(meta.get('commit'))[:12]}, {meta.get('date')}"
+        )
         return Timings(label, rows)
     if isinstance(data, dict) and isinstance(data.get("benchmarks"), list):
         rows = {}
@@ -83,8 +85,10 @@ def load(path: Path) -> Timings:
             rows[bench["name"], None] = (stats["median"] * 1e3, samples)
         machine = data.get("machine_info", {})
         commit = data.get("commit_info", {}).get("id") or "unknown"
-        label = (f"pytest-benchmark, {machine.get('cpu', {}).get('brand_raw', machine.get('node', '?'))}, "
-                 f"commit {str(commit)[:12]}, {data.get('datetime')}")
+        label = (
+            f"pytest-benchmark, {machine.get('cpu', {}).get('brand_raw', machine.get('node', '?'))}, "
+            f"commit {str(commit)[:12]}, {data.get('datetime')}"
+        )
         return Timings(label, rows)
     raise UserError(f"{path} is neither an `nst bench --json` file nor a pytest-benchmark JSON file")
 
@@ -96,8 +100,7 @@ def compare(old: Timings, new: Timings, noise: float = 0.20) -> Comparison:
         if old_samples and new_samples:
             ratio, low, high = ratio_interval(old_samples, new_samples)
             interval = (low, high)
-            verdict = ("slower" if low > 1 and ratio > 1 + noise else
-                       "faster" if high < 1 and ratio < 1 - noise else "~")
+            verdict = "slower" if low > 1 and ratio > 1 + noise else "faster" if high < 1 and ratio < 1 - noise else "~"
         else:
             ratio, interval, verdict = new_ms / old_ms, None, "?"
         changes.append(Change(key, old_ms, new_ms, ratio, interval, verdict))
@@ -109,21 +112,27 @@ def _name(key: Key) -> str:
 
 
 def report(result: Comparison, old: Timings, new: Timings, noise: float) -> list[str]:
-    lines = [f"old: {old.label}", f"new: {new.label}",
-             f"marked: the 95% interval of NEW/OLD excludes 1 and the change exceeds the {100 * noise:.0f}% "
-             f"run-to-run floor (--noise)",
-             f"{'config':<28} {'old ms':>9} {'new ms':>9} {'new/old':>8} {'95% interval':>15}  verdict"]
+    lines = [
+        f"old: {old.label}",
+        f"new: {new.label}",
+        f"marked: the 95% interval of NEW/OLD excludes 1 and the change exceeds the {100 * noise:.0f}% "
+        f"run-to-run floor (--noise)",
+        f"{'config':<28} {'old ms':>9} {'new ms':>9} {'new/old':>8} {'95% interval':>15}  verdict",
+    ]
     for change in result.changes:
-        interval = (f"{change.interval[0]:.2f}-{change.interval[1]:.2f}x" if change.interval
-                    else "no repeats")
-        lines.append(f"{_name(change.key):<28} {change.old_ms:>9.1f} {change.new_ms:>9.1f} {change.ratio:>7.2f}x "
-                     f"{interval:>15}  {change.verdict}")
+        interval = f"{change.interval[0]:.2f}-{change.interval[1]:.2f}x" if change.interval else "no repeats"
+        lines.append(
+            f"{_name(change.key):<28} {change.old_ms:>9.1f} {change.new_ms:>9.1f} {change.ratio:>7.2f}x "
+            f"{interval:>15}  {change.verdict}"
+        )
     for label, keys in (("old", result.only_old), ("new", result.only_new)):
         if keys:
             lines.append(f"only in {label}: " + ", ".join(map(_name, keys)))
     counts = {v: sum(c.verdict == v for c in result.changes) for v in ("slower", "faster", "~", "?")}
-    summary = (f"{len(result.changes)} rows compared: {counts['slower']} slower, {counts['faster']} faster, "
-               f"{counts['~']} within the noise")
+    summary = (
+        f"{len(result.changes)} rows compared: {counts['slower']} slower, {counts['faster']} faster, "
+        f"{counts['~']} within the noise"
+    )
     if counts["?"]:
         summary += f", {counts['?']} not judged (a file kept no repeats)"
     lines.append(summary)

@@ -33,8 +33,9 @@ def layer_sizes(model: str, layers, height: int, width: int) -> dict[str, tuple[
     return sizes
 
 
-def step_flops(model: str, feature_layers, style_layers, height: int, width: int, batch: int = 1,
-               style_loss: str = "gram") -> dict[str, float]:
+def step_flops(
+    model: str, feature_layers, style_layers, height: int, width: int, batch: int = 1, style_loss: str = "gram"
+) -> dict[str, float]:
     """``{"conv": ..., "gram": ..., "total": ...}`` FLOPs of one step on ``batch`` images.
 
     For the OT and W2 losses only the convolutions are counted (their own
@@ -42,8 +43,11 @@ def step_flops(model: str, feature_layers, style_layers, height: int, width: int
     """
     sizes = layer_sizes(model, feature_layers, height, width)
     shapes = conv_shapes(model)
-    conv = sum(2 * c_in * c_out * 9 * sizes[name][0] * sizes[name][1]
-               for name, (c_out, c_in) in shapes.items() if name in sizes)
+    conv = sum(
+        2 * c_in * c_out * 9 * sizes[name][0] * sizes[name][1]
+        for name, (c_out, c_in) in shapes.items()
+        if name in sizes
+    )
     gram = 0
     for name in style_layers if style_loss == "gram" else ():
         block = int(name[4:].split("_")[0]) if name.startswith(("relu", "conv")) else int(name[4:])

@@ -102,9 +102,17 @@ def measure(height: int, width: int, tile: str, steps: int, device: str) -> dict
     else:
         peak = int(re.search(r"VmHWM:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) * 1024
     tiles = len(memory.tiling.grid(height, width).tiles) if memory.tiling else 1
-    return {"size": f"{width}x{height}", "mode": memory.mode, "tile": memory.tiling.tile if memory.tiling else None,
-            "tiles": tiles, "s_per_step": statistics.median(times), "targets_s": targets,
-            "peak_gib": peak / GiB, "estimate_gib": memory.estimate / GiB, "device": runtime.device.type}
+    return {
+        "size": f"{width}x{height}",
+        "mode": memory.mode,
+        "tile": memory.tiling.tile if memory.tiling else None,
+        "tiles": tiles,
+        "s_per_step": statistics.median(times),
+        "targets_s": targets,
+        "peak_gib": peak / GiB,
+        "estimate_gib": memory.estimate / GiB,
+        "device": runtime.device.type,
+    }
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -115,8 +123,9 @@ def _size(text: str) -> tuple[int, int]:
     return (int(h or w), int(w))
 
 
-def table(sizes: list[str], modes: list[str], steps: int, device: str, json_path: Optional[Path],
-          interleave: bool = False) -> int:
+def table(
+    sizes: list[str], modes: list[str], steps: int, device: str, json_path: Optional[Path], interleave: bool = False
+) -> int:
     """The rows of ``sizes`` x ``modes``, each in a fresh process (``--row``), printed as they come.
 
     With ``interleave``, one process per size takes the modes' steps in turn and prints their time ratios.
@@ -131,13 +140,20 @@ def table(sizes: list[str], modes: list[str], steps: int, device: str, json_path
     if interleave:
         return _interleaved_table(sizes, modes, steps, device)
     rows = []
-    print(f"{'size':>11} {'mode':>10} {'tile':>5} {'tiles':>5} {'s/step':>8} {'peak GiB':>9} {'model GiB':>9} "
-          f"{'overhead':>8}", flush=True)
+    print(
+        f"{'size':>11} {'mode':>10} {'tile':>5} {'tiles':>5} {'s/step':>8} {'peak GiB':>9} {'model GiB':>9} "
+        f"{'overhead':>8}",
+        flush=True,
+    )
     for size in sizes:
         base = None
         for mode in modes:
-            done = subprocess.run([sys.executable, "-m", "bench.highres", "--row", size, mode, "--steps",
-                                   str(steps), "--device", device], capture_output=True, text=True, cwd=ROOT)
+            done = subprocess.run(
+                [sys.executable, "-m", "bench.highres", "--row", size, mode, "--steps", str(steps), "--device", device],
+                capture_output=True,
+                text=True,
+                cwd=ROOT,
+            )
             if done.returncode != 0:
                 reason = (done.stderr.strip().splitlines() or ["failed"])[-1]
                 print(f"{size:>11} {mode:>10}  failed: {reason}", flush=True)
@@ -147,21 +163,39 @@ def table(sizes: list[str], modes: list[str], steps: int, device: str, json_path
             row["overhead"] = row["s_per_step"] / base if base else None
             rows.append(row)
             overhead = f"{row['overhead']:.2f}x" if row["overhead"] else "-"
-            print(f"{row['size']:>11} {row['mode']:>10} {row['tile'] or '-':>5} {row['tiles']:>5} "
-                  f"{row['s_per_step']:>8.2f} {row['peak_gib']:>9.2f} {row['estimate_gib']:>9.2f} {overhead:>8}",
-                  flush=True)
+            print(
+                f"{row['size']:>11} {row['mode']:>10} {row['tile'] or '-':>5} {row['tiles']:>5} "
+                f"{row['s_per_step']:>8.2f} {row['peak_gib']:>9.2f} {row['estimate_gib']:>9.2f} {overhead:>8}",
+                flush=True,
+            )
     if json_path is not None:
-        write_atomically(json_path, lambda fh: fh.write(json.dumps(rows, indent=1).encode()), overwrite=False,
-                         what="results")
+        write_atomically(
+            json_path, lambda fh: fh.write(json.dumps(rows, indent=1).encode()), overwrite=False, what="results"
+        )
     return 0
 
 
 def _interleaved_table(sizes, modes, steps, device) -> int:
     print(f"{'size':>11} " + " ".join(f"{m:>10}" for m in modes) + "   (time per step over untiled, median of rounds)")
     for size in sizes:
-        done = subprocess.run([sys.executable, "-m", "bench.highres", "--row", size, ",".join(modes), "--steps",
-                               str(max(steps, 1)), "--device", device, "--interleave"], capture_output=True, text=True,
-                              cwd=ROOT)
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "bench.highres",
+                "--row",
+                size,
+                ",".join(modes),
+                "--steps",
+                str(max(steps, 1)),
+                "--device",
+                device,
+                "--interleave",
+            ],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+        )
         if done.returncode != 0:
             print(f"{size:>11}  failed: {(done.stderr.strip().splitlines() or ['failed'])[-1]}", flush=True)
             continue

@@ -41,6 +41,7 @@ def charts(results: dict) -> dict:
     matplotlib.use("Agg")  # files only; never a window
     import matplotlib.pyplot as plt
     from matplotlib.ticker import LogFormatter
+
     rows, meta, fits = results["rows"], results["meta"], results.get("fits", {})
     title = f"{meta['device']}, {meta['threads']} threads, torch {meta['torch']}"
     figures = {}
@@ -71,16 +72,20 @@ def charts(results: dict) -> dict:
         if name in fits:
             fit = fits[name]
             grid = np.geomspace(min(xs), max(xs), 50)
-            ax.plot(grid, fit["fixed_ms"] + fit["ms_per_mpx"] * grid, linestyle="--", linewidth=1,
-                    color=drawn[0].get_color(), label=f"{name}: {fit['fixed_ms']:.0f} ms + "
-                                                        f"{fit['ms_per_mpx']:.0f} ms/Mpx")
+            ax.plot(
+                grid,
+                fit["fixed_ms"] + fit["ms_per_mpx"] * grid,
+                linestyle="--",
+                linewidth=1,
+                color=drawn[0].get_color(),
+                label=f"{name}: {fit['fixed_ms']:.0f} ms + {fit['ms_per_mpx']:.0f} ms/Mpx",
+            )
 
     ax = figure("memory", "peak MiB above the level before the row", log_y=True)
     for name, (xs, ys) in _series(rows, lambda r: r["peak_mib"] if r.get("peak_mib") else None).items():
         ax.plot(xs, ys, marker="o", label=name)
 
-    ax = figure("speedup", "speed-up per image over the baseline", log_y=False,
-                xlabel="megapixels per image (side²)")
+    ax = figure("speedup", "speed-up per image over the baseline", log_y=False, xlabel="megapixels per image (side²)")
     ax.axhline(1.0, color="grey", linewidth=1)
     for name, (xs, ys) in _series(rows, lambda r: r.get("speedup"), per_image=True).items():
         ax.plot(xs, ys, marker="o", label=name)

@@ -64,8 +64,10 @@ class CostModel:
         return self.fixed_s + self.per_pixel_s * pixels
 
     def describe(self) -> str:
-        return (f"{self.fixed_s * 1e3:.1f} ms + {self.per_pixel_s * 1e9:.1f} ms per Mpx "
-                f"(fits every size within {100 * self.worst_residual:.1f}%)")
+        return (
+            f"{self.fixed_s * 1e3:.1f} ms + {self.per_pixel_s * 1e9:.1f} ms per Mpx "
+            f"(fits every size within {100 * self.worst_residual:.1f}%)"
+        )
 
 
 def fit_cost(pixels: Sequence[float], seconds: Sequence[float]) -> CostModel:

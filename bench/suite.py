@@ -61,8 +61,15 @@ MATMUL_N = {"cuda": 8192, "cpu": 2048}  # large enough to reach the peak, small 
 
 
 # What every row starts from; a Lever changes some of these (or any other Config field).
-BASELINE = {"precision": "fp32", "memory_format": "contiguous", "cuda_graphs": "off", "batch_size": 1,
-            "backend": "eager", "style_loss": "gram", "tile": "off"}
+BASELINE = {
+    "precision": "fp32",
+    "memory_format": "contiguous",
+    "cuda_graphs": "off",
+    "batch_size": 1,
+    "backend": "eager",
+    "style_loss": "gram",
+    "tile": "off",
+}
 # The tiled row's tile: one tile up to this size, so at the matrix's sizes the row shows the price of the
 # second pass; python -m bench.highres measures tiles at the sizes that need them.
 TILE = 1024
@@ -151,7 +158,7 @@ def measure_matmul_peak(device: torch.device, precisions, repeats: int = 10) -> 
         a = torch.randn(n, n, device=device, dtype=dtypes[precision])
         b = torch.randn(n, n, device=device, dtype=dtypes[precision])
         with _tf32(device, precision == "tf32"):
-            seconds = median_time(lambda: torch.mm(a, b), device, warmup=3, repeats=repeats)
+            seconds = median_time(lambda a=a, b=b: torch.mm(a, b), device, warmup=3, repeats=repeats)
         peaks[precision] = 2 * n**3 / seconds / 1e12
     return peaks
 
@@ -212,8 +219,9 @@ def build_step(lever: Lever, size: int, device: torch.device, base: Optional[Con
     return make_step(image, objective, "adam", config.lr, runtime), config
 
 
-def cli_step_samples(lever: Lever, size: int, device: torch.device, warmup: int,
-                     repeats: int) -> tuple[list[float], Config]:
+def cli_step_samples(
+    lever: Lever, size: int, device: torch.device, warmup: int, repeats: int
+) -> tuple[list[float], Config]:
     """Seconds per step of ``stylize`` with the command line's own callback (its bar drawn to /dev/null).
 
     One scale of ``warmup + repeats`` steps, timed on the host between the loss reads that end the
@@ -225,8 +233,15 @@ def cli_step_samples(lever: Lever, size: int, device: torch.device, warmup: int,
     from engine.cli_run import Progress
 
     warmup = max(warmup, 1)  # the timed span starts on a read, after at least one step
-    config = dataclasses.replace(Config(), device=device.type, optimizer="adam", **lever.settings,
-                                 size=size, min_size=size, steps=warmup + repeats)
+    config = dataclasses.replace(
+        Config(),
+        device=device.type,
+        optimizer="adam",
+        **lever.settings,
+        size=size,
+        min_size=size,
+        steps=warmup + repeats,
+    )
     content = resize(load_image(EXAMPLES / "tubingen.jpg"), (size, size))
     style = load_image(EXAMPLES / "starry_night.jpg")
     reads = []
@@ -240,9 +255,17 @@ def cli_step_samples(lever: Lever, size: int, device: torch.device, warmup: int,
                 reads.append((info.total_step, time.perf_counter()))
 
         # One more read, at the end of the warm-up, so that the timed span starts on one.
-        stylize(content, style, config, callback=Callback(
-            timed, every=cli.every, seconds=cli.seconds, image_due=lambda step: step == warmup or cli.image_due(step),
-        ))
+        stylize(
+            content,
+            style,
+            config,
+            callback=Callback(
+                timed,
+                every=cli.every,
+                seconds=cli.seconds,
+                image_due=lambda step: step == warmup or cli.image_due(step),
+            ),
+        )
         bar.close()
     return [(t1 - t0) / (s1 - s0) for (s0, t0), (s1, t1) in zip(reads, reads[1:])], config
 
@@ -251,9 +274,11 @@ def cli_step_samples(lever: Lever, size: int, device: torch.device, warmup: int,
 StepBuilder = Callable[[Lever, int, torch.device], tuple[Callable, Config]]
 
 
-def run_row(lever: Lever, size: int, device: torch.device, warmup: int, repeats: int,
-            build: StepBuilder = build_step) -> dict:
+def run_row(
+    lever: Lever, size: int, device: torch.device, warmup: int, repeats: int, build: StepBuilder = build_step
+) -> dict:
     """Time one configuration at one size; its memory is that of the whole row (building included)."""
+
     def work():
         if lever.cli:
             return cli_step_samples(lever, size, device, warmup, repeats)
@@ -265,15 +290,21 @@ def run_row(lever: Lever, size: int, device: torch.device, warmup: int, repeats:
     (samples, config), peak = peak_memory(work, device)
     spread = summary(samples)
     seconds = spread["median"]
-    flops = step_flops(config.model, config.feature_layers, config.style_layers, size, size, lever.batch,
-                       config.style_loss)
+    flops = step_flops(
+        config.model, config.feature_layers, config.style_layers, size, size, lever.batch, config.style_loss
+    )
     return {
-        "config": lever.name, **_fields(lever), "size": size, "ms_per_step": seconds * 1e3,
+        "config": lever.name,
+        **_fields(lever),
+        "size": size,
+        "ms_per_step": seconds * 1e3,
         "ms_ci95": [spread["ci_low"] * 1e3, spread["ci_high"] * 1e3],
-        "ms_iqr": [spread["q1"] * 1e3, spread["q3"] * 1e3], "samples_ms": [t * 1e3 for t in samples],
+        "ms_iqr": [spread["q1"] * 1e3, spread["q3"] * 1e3],
+        "samples_ms": [t * 1e3 for t in samples],
         "mpx_steps_per_s": lever.batch * size * size / 1e6 / seconds,
         "peak_mib": peak / 2**20 if peak is not None else None,
-        "flops_per_step": flops["total"], "tflops": flops["total"] / seconds / 1e12,
+        "flops_per_step": flops["total"],
+        "tflops": flops["total"] / seconds / 1e12,
     }
 
 
@@ -295,14 +326,23 @@ def select(levers: list[Lever], only: Optional[list[str]]) -> list[Lever]:
         return levers
     unknown = [name for name in only if name not in {lv.name for lv in levers}]
     if unknown:
-        raise UserError(f"configuration {unknown[0]!r} is not in the matrix here; "
-                        f"available: {', '.join(lv.name for lv in levers)}")
+        raise UserError(
+            f"configuration {unknown[0]!r} is not in the matrix here; available: {', '.join(lv.name for lv in levers)}"
+        )
     return [lv for lv in levers if lv.name == "baseline" or lv.name in only]
 
 
-def run(sizes=None, device_name: str = "auto", warmup: int = 5, repeats: int = 20, batch: int = 4,
-        only: Optional[list[str]] = None, log: Callable[[str], None] = print,
-        levers: Optional[list[Lever]] = None, build: StepBuilder = build_step) -> dict:
+def run(
+    sizes=None,
+    device_name: str = "auto",
+    warmup: int = 5,
+    repeats: int = 20,
+    batch: int = 4,
+    only: Optional[list[str]] = None,
+    log: Callable[[str], None] = print,
+    levers: Optional[list[Lever]] = None,
+    build: StepBuilder = build_step,
+) -> dict:
     """The matrix (or ``levers``) at every size; returns ``{"meta", "rows", "fits"}`` and logs the table as it goes.
 
     ``fits`` holds a cost model per configuration measured at two sizes or more.
@@ -315,16 +355,23 @@ def run(sizes=None, device_name: str = "auto", warmup: int = 5, repeats: int = 2
     sizes = sizes or DEFAULT_SIZES[device.type]
     peaks = measure_matmul_peak(device, [lv.precision for lv in levers])
     meta = describe_machine(device)
-    meta.update(matmul_peak_tflops=peaks, warmup=warmup, repeats=repeats, skipped=skipped,
-                flop_count="bench/flops.py: convolutions forward + input-gradient backward, Gram forward + backward",
-                peak_memory=PEAK_MEMORY[device.type])
+    meta.update(
+        matmul_peak_tflops=peaks,
+        warmup=warmup,
+        repeats=repeats,
+        skipped=skipped,
+        flop_count="bench/flops.py: convolutions forward + input-gradient backward, Gram forward + backward",
+        peak_memory=PEAK_MEMORY[device.type],
+    )
     log(f"device: {meta['device']}, torch {meta['torch']}, commit {meta['commit'][:12]}")
     log(f"host: {meta['cpu']}, {meta['threads']} threads; CUDA {meta['cuda']}, cuDNN {meta['cudnn']}")
     log("matmul peak measured now: " + ", ".join(f"{k} {v:.2f} TFLOP/s" for k, v in peaks.items()))
     for line in skipped:
         log(f"skipped {line}")
-    log(f"ms/step: median of {repeats} steps after {warmup}, with the bootstrap 95% interval of the median; "
-        f"peak MiB: {meta['peak_memory']}")
+    log(
+        f"ms/step: median of {repeats} steps after {warmup}, with the bootstrap 95% interval of the median; "
+        f"peak MiB: {meta['peak_memory']}"
+    )
     # Loads the weights into their cache once, so that no row's memory includes reading them.
     build(levers[0], min(sizes), device)
     log(HEADER)
@@ -371,15 +418,22 @@ def fit_levers(rows: list[dict]) -> dict[str, dict]:
     for name, measured in by_name.items():
         if len({row["size"] for row in measured}) < 2:
             continue
-        model = fit_cost([row["batch"] * row["size"] ** 2 for row in measured],
-                         [row["ms_per_step"] / 1e3 for row in measured])
-        fits[name] = {"fixed_ms": model.fixed_s * 1e3, "ms_per_mpx": model.per_pixel_s * 1e9,
-                      "worst_residual": model.worst_residual, "text": model.describe()}
+        model = fit_cost(
+            [row["batch"] * row["size"] ** 2 for row in measured], [row["ms_per_step"] / 1e3 for row in measured]
+        )
+        fits[name] = {
+            "fixed_ms": model.fixed_s * 1e3,
+            "ms_per_mpx": model.per_pixel_s * 1e9,
+            "worst_residual": model.worst_residual,
+            "text": model.describe(),
+        }
     return fits
 
 
-HEADER = (f"{'config':<16} {'size':>5} {'batch':>5} {'ms/step':>9} {'95% interval':>17} {'Mpx-steps/s':>11} "
-          f"{'peak MiB':>9} {'TFLOP/s':>8} {'% peak':>7} {'speed-up':>8}")
+HEADER = (
+    f"{'config':<16} {'size':>5} {'batch':>5} {'ms/step':>9} {'95% interval':>17} {'Mpx-steps/s':>11} "
+    f"{'peak MiB':>9} {'TFLOP/s':>8} {'% peak':>7} {'speed-up':>8}"
+)
 
 
 def format_row(row: dict) -> str:
@@ -390,24 +444,41 @@ def format_row(row: dict) -> str:
     speedup = f"{row['speedup']:>7.2f}x" if row.get("speedup") else f"{'-':>8}"
     low, high = row["ms_ci95"]
     interval = f"{low:.1f}-{high:.1f}"
-    return (f"{head} {row['ms_per_step']:>9.1f} {interval:>17} {row['mpx_steps_per_s']:>11.3f} {peak} "
-            f"{row['tflops']:>8.3f} {row['pct_matmul_peak']:>6.1f}% {speedup}")
+    return (
+        f"{head} {row['ms_per_step']:>9.1f} {interval:>17} {row['mpx_steps_per_s']:>11.3f} {peak} "
+        f"{row['tflops']:>8.3f} {row['pct_matmul_peak']:>6.1f}% {speedup}"
+    )
 
 
 def describe_machine(device: torch.device) -> dict:
     cpu = _cpu_model() or platform.processor() or platform.machine() or "cpu"
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                                timeout=10).stdout.strip() or "unknown"
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        commit = (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10
+            ).stdout.strip()
+            or "unknown"
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit, dirty = "unknown", ""
     return {
-        "device": name, "device_type": device.type, "cpu": cpu, "cpu_count": os.cpu_count(),
-        "torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
-        "threads": torch.get_num_threads(), "commit": commit + ("+dirty" if dirty else ""),
+        "device": name,
+        "device_type": device.type,
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version(),
+        "threads": torch.get_num_threads(),
+        "commit": commit + ("+dirty" if dirty else ""),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "python": platform.python_version(),
     }
@@ -425,7 +496,8 @@ def _cpu_model() -> str:
 
 def profile(lever_name: str, size: int, device_name: str, path: Path, steps: int = 5) -> Path:
     """A torch.profiler trace (Chrome/Perfetto JSON) of ``steps`` steps of one configuration."""
-    from torch.profiler import ProfilerActivity, profile as torch_profile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
 
     device = resolve_device(device_name)
     levers = {lv.name: lv for lv in matrix(device)[0]}

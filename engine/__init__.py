@@ -1,8 +1,8 @@
 """nst-engine: optimisation-based neural style transfer (Gatys et al.) on PyTorch.
 
-    from engine import Config, stylize
-    result = stylize("photo.jpg", ["painting.jpg"], Config(size=512))
-    result.save("out.png")
+from engine import Config, stylize
+result = stylize("photo.jpg", ["painting.jpg"], Config(size=512))
+result.save("out.png")
 """
 
 from .api import Result, build_extractor, stylize, stylize_batch

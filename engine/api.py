@@ -14,18 +14,19 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-from .config import INITS, Config
-from .errors import UserError, option, plural
-from .images import ImageLike, fit_long_side, load_image, resize, save_image, to_pil
 from . import checkpoint as ckpt
 from . import color
 from .checkpoint import CheckpointPlan
+from .config import INITS, Config
 from .criterion import build_criterion
+from .errors import UserError, option, plural
+from .images import ImageLike, fit_long_side, load_image, resize, save_image, to_pil
 from .memory import MemoryPlan, plan_scale
 from .optimize import SYNC_EVERY, Callback, Objective, StepInfo, optimize_scale
 from .runtime import Runtime, resolve_device, resolve_runtime
 from .schedule import build_schedule
-from .sizes import check_size, min_side as network_min_side, style_size
+from .sizes import check_size, style_size
+from .sizes import min_side as network_min_side
 from .style_losses import SlicedOTStyleLoss
 from .tiling import TiledObjective
 from .vgg import BlockCheckpointed, VGGFeatures, conv_shapes, truncated_names
@@ -141,11 +142,19 @@ def stylize_batch(
     results: list[Optional[Result]] = [None] * len(decoded)
     for schedule, members in groups.items():
         for start in range(0, len(members), per_batch):
-            chunk = members[start:start + per_batch]
+            chunk = members[start : start + per_batch]
             started = time.perf_counter()
             images, history = _run_batch(
-                [decoded[i] for i in chunk], list(schedule), config, runtime, extractor, min_side, callback,
-                tuple(chunk), masks, saving,
+                [decoded[i] for i in chunk],
+                list(schedule),
+                config,
+                runtime,
+                extractor,
+                min_side,
+                callback,
+                tuple(chunk),
+                masks,
+                saving,
             )
             seconds = time.perf_counter() - started
             for i, image in zip(chunk, images):
@@ -188,11 +197,15 @@ def _decode_jobs(jobs: Sequence[Job], config: Config) -> list[_Job]:
             raise UserError("at least one style image is needed")
         blend = config.style_blend_weights or (1.0,) * len(style_list)
         if len(blend) != len(style_list):
-            raise UserError(f"{option('style_blend_weights')} has {plural(len(blend), 'value')} but there "
-                            f"{'is' if len(style_list) == 1 else 'are'} {plural(len(style_list), 'style image')}")
+            raise UserError(
+                f"{option('style_blend_weights')} has {plural(len(blend), 'value')} but there "
+                f"{'is' if len(style_list) == 1 else 'are'} {plural(len(style_list), 'style image')}"
+            )
         if config.style_masks is not None and len(config.style_masks) != len(style_list):
-            raise UserError(f"{option('style_masks')} has {plural(len(config.style_masks), 'mask')} but there "
-                            f"{'is' if len(style_list) == 1 else 'are'} {plural(len(style_list), 'style image')}")
+            raise UserError(
+                f"{option('style_masks')} has {plural(len(config.style_masks), 'mask')} but there "
+                f"{'is' if len(style_list) == 1 else 'are'} {plural(len(style_list), 'style image')}"
+            )
         content_t = load(content, "content image")
         check_size(config, *fit_long_side(*content_t.shape[-2:], config.size), "the output")
         if max(content_t.shape[-2:]) > config.size:
@@ -204,8 +217,12 @@ def _decode_jobs(jobs: Sequence[Job], config: Config) -> list[_Job]:
         for number, style in enumerate(job.styles, start=1):
             # The largest a style image gets: at the last scale, whose long side is config.size.
             hw = style_size(*style.shape[-2:], round(config.style_ratio * config.size), need)
-            check_size(config, *hw, f"style image {number}" if len(job.styles) > 1 else "the style image",
-                       advice=f"use a larger {option('style_scale')} or {option('style_size')}")
+            check_size(
+                config,
+                *hw,
+                f"style image {number}" if len(job.styles) > 1 else "the style image",
+                advice=f"use a larger {option('style_scale')} or {option('style_size')}",
+            )
         if config.preserve_colors == "histogram":
             job.styles = [color.match_colours(s, job.content) for s in job.styles]
         elif config.preserve_colors == "luminance":
@@ -243,15 +260,17 @@ def _run_batch(jobs: list[_Job], schedule, config, runtime, extractor, min_side,
         if scale_resume is not None:
             image = runtime.layout(resume["image"])
         elif image is None:
-            image = runtime.layout(torch.cat([_initial_image(config, c[None], job.init)
-                                              for c, job in zip(content.cpu(), jobs)]))
+            image = runtime.layout(
+                torch.cat([_initial_image(config, c[None], job.init) for c, job in zip(content.cpu(), jobs)])
+            )
         else:
             image = runtime.layout(resize(image, size))
         scale_masks = None if masks is None else resize(masks, size).to(runtime.device)
         styles = [(job.styles, job.blend) for job in jobs]
         memory = plan_scale(config, runtime, *size, len(jobs), checkpointable=isinstance(extractor, VGGFeatures))
-        criterion = build_criterion(config, extractor, content, styles, min_side, runtime, scale_masks,
-                                    tiling=memory.tiling)
+        criterion = build_criterion(
+            config, extractor, content, styles, min_side, runtime, scale_masks, tiling=memory.tiling
+        )
         objective = scale_objective(memory, extractor, criterion, runtime, size)
         generators = [m.generator for m in criterion.style.values() if isinstance(m, SlicedOTStyleLoss)]
         if scale_resume is not None:
@@ -261,24 +280,52 @@ def _run_batch(jobs: list[_Job], schedule, config, runtime, extractor, min_side,
             record = {"scale": scale.index, "step": i, "loss": loss, **parts}
             history.append(record)
             if callback is not None:
-                callback(StepInfo(
-                    scale.index, len(schedule), scale.height, scale.width, i, scale.steps,
-                    len(history), total_steps, loss, dict(parts), current, indices,
-                ))
+                callback(
+                    StepInfo(
+                        scale.index,
+                        len(schedule),
+                        scale.height,
+                        scale.width,
+                        i,
+                        scale.steps,
+                        len(history),
+                        total_steps,
+                        loss,
+                        dict(parts),
+                        current,
+                        indices,
+                    )
+                )
 
         def save_state(state, scale=scale, generators=generators):
-            ckpt.save(plan.path, {
-                **state, "scale": scale.index, "config": ckpt.config_state(config), "inputs": inputs,
-                "history": [dict(h) for h in history], "generators": [g.get_state() for g in generators],
-                "generator_device": runtime.device.type,
-                "cli": plan.extra,
-            })
+            ckpt.save(
+                plan.path,
+                {
+                    **state,
+                    "scale": scale.index,
+                    "config": ckpt.config_state(config),
+                    "inputs": inputs,
+                    "history": [dict(h) for h in history],
+                    "generators": [g.get_state() for g in generators],
+                    "generator_device": runtime.device.type,
+                    "cli": plan.extra,
+                },
+            )
 
         image = optimize_scale(
-            image, objective, scale.steps, config.optimizer, config.lr, on_step, runtime=runtime,
-            sync_every=every, sync_seconds=seconds, ema_decay=config.ema_decay,
+            image,
+            objective,
+            scale.steps,
+            config.optimizer,
+            config.lr,
+            on_step,
+            runtime=runtime,
+            sync_every=every,
+            sync_seconds=seconds,
+            ema_decay=config.ema_decay,
             report_due=lambda i, done=done: image_due(done + i),
-            resume=scale_resume, checkpoint=save_state if plan is not None else None,
+            resume=scale_resume,
+            checkpoint=save_state if plan is not None else None,
             checkpoint_due=lambda i, done=done: bool(plan.every) and (done + i) % plan.every == 0,
             should_stop=plan.should_stop if plan is not None else (lambda: False),
         )

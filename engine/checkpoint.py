@@ -91,15 +91,22 @@ def check_compatible(state: dict, config: Config, inputs: dict, path: os.PathLik
     """Refuse a checkpoint made with other settings or other input images."""
     saved = state["config"]
     ours = config_state(config)
-    differences = [f"{k} {saved.get(k)!r} in the checkpoint, {v!r} now" for k, v in ours.items()
-                   if saved.get(k) != v and k not in PORTABLE]
+    differences = [
+        f"{k} {saved.get(k)!r} in the checkpoint, {v!r} now"
+        for k, v in ours.items()
+        if saved.get(k) != v and k not in PORTABLE
+    ]
     if differences:
-        raise UserError(f"checkpoint {os.fspath(path)!r} was made with other settings ({differences[0]}); "
-                        "resume with the same settings, or start afresh")
+        raise UserError(
+            f"checkpoint {os.fspath(path)!r} was made with other settings ({differences[0]}); "
+            "resume with the same settings, or start afresh"
+        )
     for name, value in inputs.items():
         if state["inputs"].get(name) != value:
-            raise UserError(f"checkpoint {os.fspath(path)!r} was made from another {name.replace('_', ' ')}; "
-                            "resume with the same images, or start afresh")
+            raise UserError(
+                f"checkpoint {os.fspath(path)!r} was made from another {name.replace('_', ' ')}; "
+                "resume with the same images, or start afresh"
+            )
 
 
 def restore_generators(generators: list[torch.Generator], state: dict) -> None:

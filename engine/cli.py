@@ -79,40 +79,63 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     st = sub.add_parser(
-        "stylize", help="repaint a photo in the style of one or more images",
+        "stylize",
+        help="repaint a photo in the style of one or more images",
         description="Repaint CONTENT in the style of STYLE (several styles are blended).",
     )
     st.add_argument("content", metavar="CONTENT", help="content image, or a folder of them (then OUTPUT is a folder)")
     st.add_argument("styles", metavar="STYLE", nargs="+", help="style image(s)")
     st.add_argument("-o", "--output", required=True, help="output file; format from the extension")
     st.add_argument("--overwrite", action="store_true", help="replace an existing output file")
-    st.add_argument("--bit-depth", type=int, choices=(8, 16), default=8, help="bits per channel; 16 needs .png or .tif (default: 8)")
-    st.add_argument("--snapshot-every", type=int, default=0, metavar="N",
-                    help="also write the image every N steps into OUTPUT_STEM_snapshots/ (0: never)")
-    st.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
-                    help="save the run's state to OUTPUT.ckpt every N steps (0: only when interrupted)")
-    st.add_argument("--resume", metavar="CHECKPOINT", help="go on from a checkpoint made with the same settings and images")
-    st.add_argument("--output-format", metavar="EXT",
-                    help="with a folder of contents: the results' format, e.g. jpg or tif (default: png)")
+    st.add_argument(
+        "--bit-depth", type=int, choices=(8, 16), default=8, help="bits per channel; 16 needs .png or .tif (default: 8)"
+    )
+    st.add_argument(
+        "--snapshot-every",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also write the image every N steps into OUTPUT_STEM_snapshots/ (0: never)",
+    )
+    st.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=0,
+        metavar="N",
+        help="save the run's state to OUTPUT.ckpt every N steps (0: only when interrupted)",
+    )
+    st.add_argument(
+        "--resume", metavar="CHECKPOINT", help="go on from a checkpoint made with the same settings and images"
+    )
+    st.add_argument(
+        "--output-format",
+        metavar="EXT",
+        help="with a folder of contents: the results' format, e.g. jpg or tif (default: png)",
+    )
     st.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     add_config_options(st)
     st.set_defaults(run=lambda args: _run("run_stylize", args))
 
     rs = sub.add_parser(
-        "resume", help="go on with an interrupted nst stylize run from its checkpoint",
+        "resume",
+        help="go on with an interrupted nst stylize run from its checkpoint",
         description="Finish the job saved in CHECKPOINT (written by nst stylize on SIGINT/SIGTERM or with "
-                    "--checkpoint-every), with its settings, inputs and output; the result equals an uninterrupted run.",
+        "--checkpoint-every), with its settings, inputs and output; the result equals an uninterrupted run.",
     )
     rs.add_argument("checkpoint", metavar="CHECKPOINT", help="the .ckpt file")
-    rs.add_argument("--overwrite", action="store_true",
-                    help="replace an existing output file (also allowed when the original command had --overwrite)")
+    rs.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing output file (also allowed when the original command had --overwrite)",
+    )
     rs.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     rs.set_defaults(run=lambda args: _run("run_resume", args))
 
     ex = sub.add_parser(
-        "export", help="write the feature extractor as a TorchScript or ONNX file",
+        "export",
+        help="write the feature extractor as a TorchScript or ONNX file",
         description="Write the truncated VGG (preprocessing included) for the chosen model, weights and layers "
-                    "as a TorchScript (.pt) or ONNX (.onnx) file. See README, 'Exported artifacts'.",
+        "as a TorchScript (.pt) or ONNX (.onnx) file. See README, 'Exported artifacts'.",
     )
     ex.add_argument("output", metavar="OUTPUT", help="artifact file: .pt (TorchScript) or .onnx")
     ex.add_argument("--format", choices=EXPORT_FORMATS, help="artifact format (default: from the extension)")
@@ -124,38 +147,70 @@ def build_parser() -> argparse.ArgumentParser:
     from export.validate import BACKENDS, DEFAULT_SIZES, TOLERANCE
 
     va = sub.add_parser(
-        "validate", help="check the TorchScript and ONNX Runtime extractors against eager PyTorch",
+        "validate",
+        help="check the TorchScript and ONNX Runtime extractors against eager PyTorch",
         description="Run the eager, TorchScript and ONNX Runtime extractors on IMAGEs at several sizes, print "
-                    "each layer's error against eager and each backend's forward time; exit 1 if an error "
-                    "exceeds the tolerance.",
+        "each layer's error against eager and each backend's forward time; exit 1 if an error "
+        "exceeds the tolerance.",
     )
     va.add_argument("images", metavar="IMAGE", nargs="+", help="images to run the extractors on")
-    va.add_argument("--sizes", type=_list_of(str), default=DEFAULT_SIZES, metavar="A,B,...",
-                    help="long sides (256) or WIDTHxHEIGHT (131x97) (default: %s)" % ",".join(DEFAULT_SIZES))
-    va.add_argument("--backends", type=_list_of(str), default=BACKENDS, metavar="A,B",
-                    help="backends to check (default: %s)" % ",".join(BACKENDS))
-    va.add_argument("--torchscript", metavar="PATH", help="check this TorchScript file (default: the loop's cached "
-                    "graph); its model, pooling and layers are read from its description unless given")
-    va.add_argument("--onnx", metavar="PATH", help="check this ONNX file (default: a fresh export); its model, "
-                    "pooling and layers are read from its description unless given")
+    va.add_argument(
+        "--sizes",
+        type=_list_of(str),
+        default=DEFAULT_SIZES,
+        metavar="A,B,...",
+        help="long sides (256) or WIDTHxHEIGHT (131x97) (default: %s)" % ",".join(DEFAULT_SIZES),
+    )
+    va.add_argument(
+        "--backends",
+        type=_list_of(str),
+        default=BACKENDS,
+        metavar="A,B",
+        help="backends to check (default: %s)" % ",".join(BACKENDS),
+    )
+    va.add_argument(
+        "--torchscript",
+        metavar="PATH",
+        help="check this TorchScript file (default: the loop's cached "
+        "graph); its model, pooling and layers are read from its description unless given",
+    )
+    va.add_argument(
+        "--onnx",
+        metavar="PATH",
+        help="check this ONNX file (default: a fresh export); its model, "
+        "pooling and layers are read from its description unless given",
+    )
     va.add_argument("--repeats", type=int, default=3, help="timed forward passes per backend and size (default: 3)")
-    va.add_argument("--tolerance", type=float, help="largest allowed error (default: %s)" % ", ".join(f"{v:g} on {k}" for k, v in TOLERANCE.items()))
+    va.add_argument(
+        "--tolerance",
+        type=float,
+        help="largest allowed error (default: %s)" % ", ".join(f"{v:g} on {k}" for k, v in TOLERANCE.items()),
+    )
     add_config_options(va, only=EXTRACTOR_FIELDS)
     va.set_defaults(run=run_validate)
 
     cp = sub.add_parser(
-        "compare", help="run several style losses or settings and write one labelled comparison sheet",
+        "compare",
+        help="run several style losses or settings and write one labelled comparison sheet",
         description="Stylise CONTENT with each loss in --losses (crossed with each value of --vary) and write one "
-                    "picture: content, style, and every result with its label and wall time.",
+        "picture: content, style, and every result with its label and wall time.",
     )
     cp.add_argument("content", metavar="CONTENT", help="content image")
     cp.add_argument("styles", metavar="STYLE", nargs="+", help="style image(s)")
     cp.add_argument("-o", "--output", required=True, help="the sheet; format from the extension")
-    cp.add_argument("--losses", type=_list_of(str), default=("gram", "ot", "w2"), metavar="A,B,...",
-                    help="style losses, one column each (default: gram,ot,w2)")
-    cp.add_argument("--vary", metavar="FIELD=A,B,...", action="append",
-                    help="also vary a setting, e.g. style_weight=1,4,16 (tuple values joined with +); "
-                         "several --vary are crossed")
+    cp.add_argument(
+        "--losses",
+        type=_list_of(str),
+        default=("gram", "ot", "w2"),
+        metavar="A,B,...",
+        help="style losses, one column each (default: gram,ot,w2)",
+    )
+    cp.add_argument(
+        "--vary",
+        metavar="FIELD=A,B,...",
+        action="append",
+        help="also vary a setting, e.g. style_weight=1,4,16 (tuple values joined with +); several --vary are crossed",
+    )
     cp.add_argument("--overwrite", action="store_true", help="replace an existing sheet")
     cp.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     add_config_options(cp, only=[f.name for f in dataclasses.fields(Config) if f.name != "style_loss"])
@@ -251,8 +306,10 @@ def run_compare(args: argparse.Namespace) -> int:
         bar.close()
     sheet, _ = make_sheet(columns)
     write_atomically(output, lambda fh: sheet.save(fh, format=FORMATS[output.suffix.lower()]), args.overwrite)
-    print(f"wrote {output} ({sheet.width}x{sheet.height}, {plural(len(runs), 'run')}) in "
-          f"{time.perf_counter() - started:.1f} s")
+    print(
+        f"wrote {output} ({sheet.width}x{sheet.height}, {plural(len(runs), 'run')}) in "
+        f"{time.perf_counter() - started:.1f} s"
+    )
     return 0
 
 
@@ -262,12 +319,16 @@ def run_export(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     implied = FORMAT_OF_SUFFIX.get(Path(args.output).suffix.lower())
     if args.format and implied and args.format != implied:
-        raise UserError(f"--format {args.format} does not match the extension of {args.output!r} ({implied}); "
-                        f"name the file {Path(args.output).stem}{'.onnx' if args.format == 'onnx' else '.pt'}")
+        raise UserError(
+            f"--format {args.format} does not match the extension of {args.output!r} ({implied}); "
+            f"name the file {Path(args.output).stem}{'.onnx' if args.format == 'onnx' else '.pt'}"
+        )
     fmt = args.format or implied
     if fmt is None:
-        raise UserError(f"cannot tell the format of {args.output!r} from its extension; "
-                        "name it .pt or .onnx, or pass --format torchscript|onnx")
+        raise UserError(
+            f"cannot tell the format of {args.output!r} from its extension; "
+            "name it .pt or .onnx, or pass --format torchscript|onnx"
+        )
     if args.external_data and fmt != "onnx":
         raise UserError("--external-data applies to ONNX files only")
     output = check_writable(args.output, args.overwrite, what="artifact")
@@ -284,8 +345,10 @@ def run_export(args: argparse.Namespace) -> int:
         from export import torchscript
 
         torchscript.export(extractor, output, overwrite=args.overwrite)
-    print(f"wrote {output} ({fmt}, {config.model}, outputs {', '.join(extractor.output_names)}) "
-          f"in {time.perf_counter() - started:.1f} s")
+    print(
+        f"wrote {output} ({fmt}, {config.model}, outputs {', '.join(extractor.output_names)}) "
+        f"in {time.perf_counter() - started:.1f} s"
+    )
     return 0
 
 
@@ -297,8 +360,14 @@ def run_validate(args: argparse.Namespace) -> int:
         given = [name for name in (*DESCRIBED, "weights") if hasattr(args, name)]
         config = config_from_artifact(config, args.torchscript, args.onnx, given)
     report = validate(
-        args.images, config, sizes=args.sizes, backends=args.backends,
-        torchscript_path=args.torchscript, onnx_path=args.onnx, repeats=args.repeats, tolerance=args.tolerance,
+        args.images,
+        config,
+        sizes=args.sizes,
+        backends=args.backends,
+        torchscript_path=args.torchscript,
+        onnx_path=args.onnx,
+        repeats=args.repeats,
+        tolerance=args.tolerance,
     )
     print(report.format())
     return 0 if report.passed else EXIT_FAILED_CHECK

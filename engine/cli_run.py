@@ -16,6 +16,7 @@ from pathlib import Path
 
 from .errors import UserError, plural
 
+
 class Progress:
     """A tqdm bar made at the first step, so that a run failing before it leaves no empty bar behind.
 
@@ -50,15 +51,23 @@ class Progress:
         if self.plain:
             every = max(1, info.total_steps // self.LOG_LINES)
             if info.total_step % every == 0 or info.total_step == info.total_steps:
-                print(f"{description}: step {info.total_step}/{info.total_steps}, loss {loss:.4g}",
-                      file=self.file or sys.stderr)
+                print(
+                    f"{description}: step {info.total_step}/{info.total_steps}, loss {loss:.4g}",
+                    file=self.file or sys.stderr,
+                )
             return
         if self.bar is None:
             from tqdm import tqdm
 
             # A resumed run starts where it stopped, not at 0.
-            self.bar = tqdm(total=info.total_steps, initial=info.total_step - 1, desc=description, unit="step",
-                            dynamic_ncols=True, file=self.file or sys.stderr)
+            self.bar = tqdm(
+                total=info.total_steps,
+                initial=info.total_step - 1,
+                desc=description,
+                unit="step",
+                dynamic_ncols=True,
+                file=self.file or sys.stderr,
+            )
         elif info.step == 1:
             # Label first: reset() redraws, and must not show the last batch's label and loss at 0%.
             self.bar.set_description(description, refresh=False)
@@ -89,8 +98,9 @@ def run_stylize(args: argparse.Namespace) -> int:
             raise UserError("--checkpoint-every and --resume work with one content image, not a folder")
         return run_folder(args, config)
     if args.output_format:
-        raise UserError("--output-format applies to a folder of contents; a single output takes its format "
-                        "from its extension")
+        raise UserError(
+            "--output-format applies to a folder of contents; a single output takes its format from its extension"
+        )
     resume = None
     if args.resume:
         from . import checkpoint
@@ -100,11 +110,18 @@ def run_stylize(args: argparse.Namespace) -> int:
         left = Path(args.output).with_name(Path(args.output).name + ".ckpt")
         if left.exists() and not args.overwrite:
             # The same command again after Ctrl-C: starting afresh would replace the saved progress.
-            raise UserError(f"{_shown(left)} holds an unfinished run of this output; go on with: nst resume "
-                            f"{_shown(left)} (or pass --overwrite to start afresh and replace it)")
+            raise UserError(
+                f"{_shown(left)} holds an unfinished run of this output; go on with: nst resume "
+                f"{_shown(left)} (or pass --overwrite to start afresh and replace it)"
+            )
     job = {
-        "content": args.content, "styles": list(args.styles), "output": args.output, "overwrite": args.overwrite,
-        "bit_depth": args.bit_depth, "snapshot_every": args.snapshot_every, "checkpoint_every": args.checkpoint_every,
+        "content": args.content,
+        "styles": list(args.styles),
+        "output": args.output,
+        "overwrite": args.overwrite,
+        "bit_depth": args.bit_depth,
+        "snapshot_every": args.snapshot_every,
+        "checkpoint_every": args.checkpoint_every,
     }
     return run_job(job, config, args.quiet, resume, fresh_output=resume is None)
 
@@ -112,8 +129,12 @@ def run_stylize(args: argparse.Namespace) -> int:
 def _absolute(job: dict) -> dict:
     """The job with absolute paths, as stored in checkpoints (so that ``nst resume`` works from anywhere)."""
     absolute = lambda p: str(Path(p).resolve()) if Path(p).exists() or p == job["output"] else p  # noqa: E731
-    return dict(job, content=absolute(job["content"]), styles=[absolute(p) for p in job["styles"]],
-                output=absolute(job["output"]))
+    return dict(
+        job,
+        content=absolute(job["content"]),
+        styles=[absolute(p) for p in job["styles"]],
+        output=absolute(job["output"]),
+    )
 
 
 def run_resume(args: argparse.Namespace) -> int:
@@ -124,8 +145,10 @@ def run_resume(args: argparse.Namespace) -> int:
     state["path"] = args.checkpoint
     job = state.get("cli") or {}
     if not job.get("output"):
-        raise UserError(f"checkpoint {args.checkpoint!r} was written from Python, not by nst stylize; "
-                        "resume it with engine.stylize(..., resume=...)")
+        raise UserError(
+            f"checkpoint {args.checkpoint!r} was written from Python, not by nst stylize; "
+            "resume it with engine.stylize(..., resume=...)"
+        )
     job = dict(job, overwrite=job["overwrite"] or args.overwrite)
     return run_job(job, checkpoint.config_from_state(state["config"]), args.quiet, state, fresh_output=False)
 
@@ -146,7 +169,13 @@ def run_job(job: dict, config, quiet: bool, resume, fresh_output: bool) -> int:
         if job[name] < 0:
             raise UserError(f"--{name.replace('_', '-')} must be 0 or more, not {job[name]}")
     snapshots = output.with_name(output.stem + "_snapshots")
-    if fresh_output and job["snapshot_every"] and snapshots.exists() and any(snapshots.iterdir()) and not job["overwrite"]:
+    if (
+        fresh_output
+        and job["snapshot_every"]
+        and snapshots.exists()
+        and any(snapshots.iterdir())
+        and not job["overwrite"]
+    ):
         raise UserError(f"snapshot directory {str(snapshots)!r} is not empty; pass --overwrite or move it")
     ckpt_path = output.with_name(output.name + ".ckpt")
     partial = output.with_name(f"{output.stem}_interrupted{output.suffix}")
@@ -166,8 +195,11 @@ def run_job(job: dict, config, quiet: bool, resume, fresh_output: bool) -> int:
             name = snapshots / f"step{info.total_step:05d}_scale{info.scale + 1}{output.suffix}"
             save_image(info.image[0], name, overwrite=True, bit_depth=job["bit_depth"])
 
-    callback = bar.callback(lambda info: f"scale {info.scale + 1}/{info.scales} {info.width}x{info.height}",
-                            then=after_step, image_every=job["snapshot_every"])
+    callback = bar.callback(
+        lambda info: f"scale {info.scale + 1}/{info.scales} {info.width}x{info.height}",
+        then=after_step,
+        image_every=job["snapshot_every"],
+    )
 
     stop = StopOnSignal()
     plan = checkpoint.CheckpointPlan(str(ckpt_path), job["checkpoint_every"], extra=_absolute(job), should_stop=stop)
@@ -179,17 +211,23 @@ def run_job(job: dict, config, quiet: bool, resume, fresh_output: bool) -> int:
         save_image(exc.image[0], partial, overwrite=True, bit_depth=job["bit_depth"])
         info = seen.get("info")
         where = f"step {info.total_step}/{info.total_steps}" if info else "the first step"
-        print(f"nst: stopped by {stop.name} after {where}; wrote the current image to {_shown(partial)} and a "
-              f"checkpoint to {_shown(ckpt_path)}; go on with: nst resume {_shown(ckpt_path)}", file=sys.stderr)
+        print(
+            f"nst: stopped by {stop.name} after {where}; wrote the current image to {_shown(partial)} and a "
+            f"checkpoint to {_shown(ckpt_path)}; go on with: nst resume {_shown(ckpt_path)}",
+            file=sys.stderr,
+        )
         return 128 + stop.signum
     except Exception as exc:
         if not _is_out_of_memory(exc):
             raise
         info = seen.get("info")
-        where = f"{info.width}x{info.height} (scale {info.scale + 1}/{info.scales})" if info else f"--size {config.size}"
+        where = (
+            f"{info.width}x{info.height} (scale {info.scale + 1}/{info.scales})" if info else f"--size {config.size}"
+        )
         kept = f"; the last checkpoint is kept at {_shown(ckpt_path)}" if ckpt_path.exists() else ""
-        raise UserError(f"ran out of memory at {where}; try a smaller --size, --precision bf16, "
-                        f"or fewer --style-layers{kept}") from None
+        raise UserError(
+            f"ran out of memory at {where}; try a smaller --size, --precision bf16, or fewer --style-layers{kept}"
+        ) from None
     finally:
         bar.close()
     written = result.save(output, overwrite=job["overwrite"], bit_depth=job["bit_depth"])
@@ -278,28 +316,35 @@ def run_folder(args: argparse.Namespace, config) -> int:
         raise UserError(f"output {args.output!r} must be a folder when CONTENT is a folder")
     if not outdir.exists():
         if outdir.suffix.lower() in FORMATS:
-            raise UserError(f"output {args.output!r} looks like a file name, but CONTENT is a folder; "
-                            "give a folder for the results (it is created)")
+            raise UserError(
+                f"output {args.output!r} looks like a file name, but CONTENT is a folder; "
+                "give a folder for the results (it is created)"
+            )
         check_writable(outdir, overwrite=False, what="output folder")  # its parent exists and is writable
     ext = "." + (args.output_format or "png").lower().lstrip(".")
-    inputs = {p.resolve() for p in contents} | {Path(s).resolve() for s in [*args.styles, *(config.style_masks or ())]
-                                                if Path(s).exists()}
+    inputs = {p.resolve() for p in contents} | {
+        Path(s).resolve() for s in [*args.styles, *(config.style_masks or ())] if Path(s).exists()
+    }
     outputs = [outdir / (p.stem + ext) for p in contents]
     if ext not in FORMATS:
         raise UserError(f"--output-format {args.output_format!r} is not one of {', '.join(f[1:] for f in FORMATS)}")
     if args.bit_depth == 16 and ext not in SIXTEEN_BIT:
         raise UserError(f"--bit-depth 16 needs --output-format png or tif, not {ext[1:]}")
     if len({o.name for o in outputs}) < len(outputs):
-        raise UserError(f"content folder {str(folder)!r} has images that differ only in extension; "
-                        "their results would share a name")
+        raise UserError(
+            f"content folder {str(folder)!r} has images that differ only in extension; their results would share a name"
+        )
     for out in outputs:
         if out.resolve() in inputs:
             raise UserError(f"output {str(out)!r} would replace an input; choose another output folder")
     todo = [i for i, out in enumerate(outputs) if args.overwrite or not out.exists()]
     if len(todo) < len(outputs):
         skipped = len(outputs) - len(todo)
-        print(f"nst: skipping {plural(skipped, 'image')} whose result is already in {_shown(outdir)} "
-              "(--overwrite redoes them)", file=sys.stderr)
+        print(
+            f"nst: skipping {plural(skipped, 'image')} whose result is already in {_shown(outdir)} "
+            "(--overwrite redoes them)",
+            file=sys.stderr,
+        )
     outdir.mkdir(exist_ok=True)
     started = time.perf_counter()
     bar = Progress(args.quiet)
@@ -327,8 +372,11 @@ def run_folder(args: argparse.Namespace, config) -> int:
                 stylize_batch([(contents[i], args.styles) for i in todo], config, callback=callback, on_result=save)
     except _Stopped:
         bar.close()
-        print(f"nst: stopped by {stop.name}; {plural(len(written), 'image')} of {len(todo)} written to "
-              f"{_shown(outdir)}; run the same command again to do the rest", file=sys.stderr)
+        print(
+            f"nst: stopped by {stop.name}; {plural(len(written), 'image')} of {len(todo)} written to "
+            f"{_shown(outdir)}; run the same command again to do the rest",
+            file=sys.stderr,
+        )
         return 128 + stop.signum
     finally:
         bar.close()

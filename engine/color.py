@@ -22,7 +22,9 @@ from .style_losses import sym_power
 
 MODES = ("none", "luminance", "histogram")
 # NTSC YIQ (the transform the paper uses); rows give Y, I, Q from R, G, B.
-_RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], dtype=torch.float64)
+_RGB_TO_YIQ = torch.tensor(
+    [[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], dtype=torch.float64
+)
 
 
 def rgb_to_yiq(image: torch.Tensor) -> torch.Tensor:
@@ -64,4 +66,3 @@ def match_colours(style: torch.Tensor, content: torch.Tensor) -> torch.Tensor:
     transform = sym_power(cov_c, 0.5, EPS) @ sym_power(cov_s, -0.5, EPS)
     out = transform @ (s - mu_s) + mu_c
     return out.reshape(style.shape).to(style.dtype).clamp(0, 1)
-

@@ -50,8 +50,10 @@ def variants(config: Config, losses: Sequence[str], vary: Union[None, Vary, Sequ
     names = [name for name, _ in vary]
     for name in names:
         if name not in fields or name == "style_loss":
-            raise UserError(f"--vary names {name!r}, which is not a setting to vary; use a field of engine.Config "
-                            "such as style_weight or lr")
+            raise UserError(
+                f"--vary names {name!r}, which is not a setting to vary; use a field of engine.Config "
+                "such as style_weight or lr"
+            )
     if len(set(names)) < len(names):
         raise UserError(f"--vary names {names[0]!r} twice; give all its values in one --vary")
     out = []
@@ -81,8 +83,11 @@ def _parse(field, text: str):
 
 
 def run_comparison(
-    content: ImageLike, styles: Sequence[ImageLike], runs: Sequence[tuple[str, Config]],
-    on_run: Optional[Callable[[str, float], None]] = None, callback=None,
+    content: ImageLike,
+    styles: Sequence[ImageLike],
+    runs: Sequence[tuple[str, Config]],
+    on_run: Optional[Callable[[str, float], None]] = None,
+    callback=None,
 ) -> list[Column]:
     """Run every ``(label, config)`` and return the sheet's columns (content, style, results)."""
     if not runs:

@@ -61,26 +61,33 @@ class Config:
     )
     style_loss: str = field(
         default="gram",
-        metadata={"help": "style loss: gram (Gatys), ot (sliced optimal transport) or w2 (Gaussian Wasserstein-2)",
-                  "choices": STYLE_LOSSES},
+        metadata={
+            "help": "style loss: gram (Gatys), ot (sliced optimal transport) or w2 (Gaussian Wasserstein-2)",
+            "choices": STYLE_LOSSES,
+        },
     )
-    ot_projections: int = field(default=64, metadata={"help": "random directions per layer and step for --style-loss ot"})
+    ot_projections: int = field(
+        default=64, metadata={"help": "random directions per layer and step for --style-loss ot"}
+    )
     preserve_colors: str = field(
         default="none",
-        metadata={"help": "keep the content's colours: 'luminance' (transfer on luminance only) or 'histogram' "
-                          "(style colours matched to the content first)", "choices": COLOR_MODES},
+        metadata={
+            "help": "keep the content's colours: 'luminance' (transfer on luminance only) or 'histogram' "
+            "(style colours matched to the content first)",
+            "choices": COLOR_MODES,
+        },
     )
     style_masks: Optional[tuple[str, ...]] = field(
         default=None,
         metadata={"help": "one mask image per style: style i is painted where mask i is white (gram loss only)"},
     )
-    style_scale: float = field(
-        default=1.0, metadata={"help": "style image size relative to the output's long side"}
-    )
+    style_scale: float = field(default=1.0, metadata={"help": "style image size relative to the output's long side"})
     style_size: Optional[int] = field(
         default=None,
-        metadata={"help": "long side of the style images in pixels at the output size, instead of --style-scale "
-                          "(coarser scales shrink it alike)"},
+        metadata={
+            "help": "long side of the style images in pixels at the output size, instead of --style-scale "
+            "(coarser scales shrink it alike)"
+        },
     )
     # How to optimise.
     size: int = field(default=512, metadata={"help": "long side of the output in pixels"})
@@ -94,7 +101,9 @@ class Config:
     lr: float = field(default=0.02, metadata={"help": "Adam learning rate in pixel units (L-BFGS uses 1)"})
     ema_decay: float = field(
         default=0.9,
-        metadata={"help": "the output is an exponential moving average of the image with this decay (0: the last step)"},
+        metadata={
+            "help": "the output is an exponential moving average of the image with this decay (0: the last step)"
+        },
     )
     init: str = field(
         default="content",
@@ -103,32 +112,44 @@ class Config:
     seed: int = field(default=0, metadata={"help": "random seed"})
     max_pixels: int = field(
         default=DEFAULT_MAX_PIXELS,
-        metadata={"help": "refuse outputs (and scaled style images) with more pixels than this: a guard against "
-                          "typos; raise it for very large prints"},
+        metadata={
+            "help": "refuse outputs (and scaled style images) with more pixels than this: a guard against "
+            "typos; raise it for very large prints"
+        },
     )
     device: str = field(default="auto", metadata={"help": "'auto' picks CUDA when present", "choices": DEVICES})
     precision: str = field(
         default="auto",
-        metadata={"help": "math precision: fp32, tf32 (CUDA), bf16 or fp16 (autocast; image, optimiser and losses "
-                          "stay float32); 'auto' is tf32 on CUDA, fp32 on the CPU", "choices": PRECISIONS},
+        metadata={
+            "help": "math precision: fp32, tf32 (CUDA), bf16 or fp16 (autocast; image, optimiser and losses "
+            "stay float32); 'auto' is tf32 on CUDA, fp32 on the CPU",
+            "choices": PRECISIONS,
+        },
     )
     memory_format: str = field(
         default="auto",
-        metadata={"help": "tensor layout of the image and the network; 'auto' is channels_last with adam, contiguous with lbfgs",
-                  "choices": MEMORY_FORMATS},
+        metadata={
+            "help": "tensor layout of the image and the network; 'auto' is channels_last with adam, "
+            "contiguous with lbfgs",
+            "choices": MEMORY_FORMATS,
+        },
     )
     cuda_graphs: str = field(
         default="auto",
-        metadata={"help": "capture each scale's Adam step as a CUDA graph and replay it; 'auto' is on for CUDA + adam",
-                  "choices": SWITCHES},
+        metadata={
+            "help": "capture each scale's Adam step as a CUDA graph and replay it; 'auto' is on for CUDA + adam",
+            "choices": SWITCHES,
+        },
     )
     batch_size: int = field(
         default=4, metadata={"help": "jobs of the same size run through one extractor call (folder inputs)"}
     )
     tile: str = field(
         default="auto",
-        metadata={"help": "memory mode of each scale: 'off' (whole image), 'checkpoint' (recompute VGG blocks), a "
-                          "tile size in pixels (exact tiling), or 'auto' (the fastest that fits the memory budget)"},
+        metadata={
+            "help": "memory mode of each scale: 'off' (whole image), 'checkpoint' (recompute VGG blocks), a "
+            "tile size in pixels (exact tiling), or 'auto' (the fastest that fits the memory budget)"
+        },
     )
     memory_budget: float = field(
         default=0.0,
@@ -136,8 +157,10 @@ class Config:
     )
     backend: str = field(
         default="eager",
-        metadata={"help": "what runs the extractor: eager PyTorch or its frozen TorchScript graph (cached on disk)",
-                  "choices": BACKENDS},
+        metadata={
+            "help": "what runs the extractor: eager PyTorch or its frozen TorchScript graph (cached on disk)",
+            "choices": BACKENDS,
+        },
     )
 
     def __post_init__(self) -> None:
@@ -168,14 +191,19 @@ class Config:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise UserError(f"{option(name)} must be a positive whole number, not {value!r}")
         if self.style_size is not None and (
-            isinstance(self.style_size, bool) or not isinstance(self.style_size, int) or not 0 < self.style_size <= MAX_SIZE
+            isinstance(self.style_size, bool)
+            or not isinstance(self.style_size, int)
+            or not 0 < self.style_size <= MAX_SIZE
         ):
-            raise UserError(f"{option('style_size')} must be a whole number from 1 to {MAX_SIZE}, not {self.style_size!r}")
+            raise UserError(
+                f"{option('style_size')} must be a whole number from 1 to {MAX_SIZE}, not {self.style_size!r}"
+            )
         if self.size > MAX_SIZE:
             raise UserError(f"{option('size')} {self.size} is larger than the {MAX_SIZE} px this engine accepts")
         if self.style_scale * self.size > MAX_SIZE:
             raise UserError(
-                f"{option('style_scale')} {self.style_scale} makes the style images {self.style_scale * self.size:.0f} px, "
+                f"{option('style_scale')} {self.style_scale} makes the style images "
+                f"{self.style_scale * self.size:.0f} px, "
                 f"larger than the {MAX_SIZE} px this engine accepts"
             )
         _check_tile(self)
@@ -243,8 +271,10 @@ def _check_weights(name: str, weights, count: Optional[int], what: str) -> None:
     if weights is None:
         return
     if count is not None and len(weights) != count:
-        raise UserError(f"{option(name)} has {plural(len(weights), 'value')} but there "
-                        f"{'is' if count == 1 else 'are'} {plural(count, what)}")
+        raise UserError(
+            f"{option(name)} has {plural(len(weights), 'value')} but there "
+            f"{'is' if count == 1 else 'are'} {plural(count, what)}"
+        )
     for w in weights:
         _check_number(name, w, allow_zero=True)
     if sum(weights) <= 0:

@@ -24,8 +24,14 @@ StyleJob = tuple[Sequence[torch.Tensor], Sequence[float]]  # a job's style image
 
 @torch.no_grad()
 def build_criterion(
-    config, extractor, content: torch.Tensor, styles: Sequence[StyleJob], min_side: int,
-    runtime=None, masks: Optional[torch.Tensor] = None, tiling: Optional[Tiling] = None,
+    config,
+    extractor,
+    content: torch.Tensor,
+    styles: Sequence[StyleJob],
+    min_side: int,
+    runtime=None,
+    masks: Optional[torch.Tensor] = None,
+    tiling: Optional[Tiling] = None,
 ) -> StyleTransferLoss:
     """The loss with this scale's targets, one per job.
 
@@ -40,8 +46,9 @@ def build_criterion(
         with autocast():
             content_feats = extractor(content)
     else:
-        content_feats = feature_maps(extractor, content, tiling.grid(*content.shape[-2:]), config.content_layers,
-                                     autocast)
+        content_feats = feature_maps(
+            extractor, content, tiling.grid(*content.shape[-2:]), config.content_layers, autocast
+        )
     long_side = round(config.style_ratio * max(content.shape[-2:]))
     cache: dict[int, dict[str, torch.Tensor | Moments]] = {}
 
@@ -56,14 +63,18 @@ def build_criterion(
                 with autocast():
                     maps = extractor(image)
                 keep = config.style_loss == "ot"  # masks go with the gram loss only
-                cache[id(style)] = {name: maps[name] if keep else Moments.of(maps[name]) for name in config.style_layers}
+                cache[id(style)] = {
+                    name: maps[name] if keep else Moments.of(maps[name]) for name in config.style_layers
+                }
         return cache[id(style)]
 
     style = {}
     for name in config.style_layers:
         # Masked styles keep zero-weight entries so that style i still lines up with mask i.
-        per_job = [[(features_of(s)[name], w) for s, w in zip(imgs, blend) if w != 0 or masks is not None]
-                   for imgs, blend in styles]
+        per_job = [
+            [(features_of(s)[name], w) for s, w in zip(imgs, blend) if w != 0 or masks is not None]
+            for imgs, blend in styles
+        ]
         style[name] = _style_loss(config, name, per_job, masks, [blend for _, blend in styles])
     return StyleTransferLoss(
         content={name: ContentLoss(content_feats[name]) for name in config.content_layers},

@@ -23,8 +23,15 @@ from .files import check_writable, write_atomically
 
 ImageLike = Union[str, os.PathLike, Image.Image, torch.Tensor, np.ndarray]
 
-FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".tif": "TIFF", ".tiff": "TIFF",
-           ".webp": "WEBP", ".bmp": "BMP"}
+FORMATS = {
+    ".png": "PNG",
+    ".jpg": "JPEG",
+    ".jpeg": "JPEG",
+    ".tif": "TIFF",
+    ".tiff": "TIFF",
+    ".webp": "WEBP",
+    ".bmp": "BMP",
+}
 SIXTEEN_BIT = (".png", ".tif", ".tiff")
 # Pillow's default guard against decompression bombs is 89 Mpx with a warning and
 # 179 Mpx with an error; we turn the warning into a refusal at our own limit.
@@ -57,7 +64,9 @@ def load_image(source: ImageLike, what: str = "image") -> torch.Tensor:
                 img.load()
                 return pil_to_tensor(img)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise UserError(f"{what} {str(path)!r} declares more than {MAX_INPUT_PIXELS} pixels; refusing to decode it") from None
+        raise UserError(
+            f"{what} {str(path)!r} declares more than {MAX_INPUT_PIXELS} pixels; refusing to decode it"
+        ) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         # Pillow reports truncated or corrupt data as OSError/SyntaxError/ValueError.
         detail = str(exc).split("\n")[0][:100]
@@ -101,16 +110,19 @@ def _tensor_image(t: torch.Tensor, what: str, kind: str = "tensor") -> torch.Ten
     elif t.dtype == torch.uint16:  # 16-bit images as imageio, OpenCV and tifffile give them
         t = t.float() / 65535.0
     elif t.dtype == torch.bool or not t.dtype.is_floating_point:
-        raise UserError(f"{what} {kind} has dtype {str(t.dtype).removeprefix('torch.')}; use uint8 (0-255), "
-                        "uint16 (0-65535) or floats in [0, 1]")
+        raise UserError(
+            f"{what} {kind} has dtype {str(t.dtype).removeprefix('torch.')}; use uint8 (0-255), "
+            "uint16 (0-65535) or floats in [0, 1]"
+        )
     t = t.float()
     if not torch.isfinite(t).all():
         raise UserError(f"{what} {kind} has NaN or infinite values")
     # Clamping would turn a 0-255 float picture into a near-white one; a small overshoot (resampling) is fine.
     top = t.max().item() if t.numel() else 0.0
     if top > 1.5:
-        raise UserError(f"{what} {kind} has float values up to {top:g}; floats must be in [0, 1] "
-                        "(divide by 255), or pass uint8")
+        raise UserError(
+            f"{what} {kind} has float values up to {top:g}; floats must be in [0, 1] (divide by 255), or pass uint8"
+        )
     return t.expand(3, -1, -1).clamp(0, 1).contiguous()
 
 

@@ -222,11 +222,13 @@ class TotalVariationLoss(nn.Module):
         height, width = size
         c = crop.shape[-3]
         ye, xe = min(y1, crop.shape[-2] - 1), min(x1, crop.shape[-1] - 1)
-        dy = crop[..., y0 + 1:ye + 1, x0:x1] - crop[..., y0:ye, x0:x1]
-        dx = crop[..., y0:y1, x0 + 1:xe + 1] - crop[..., y0:y1, x0:xe]
+        dy = crop[..., y0 + 1 : ye + 1, x0:x1] - crop[..., y0:ye, x0:x1]
+        dx = crop[..., y0:y1, x0 + 1 : xe + 1] - crop[..., y0:y1, x0:xe]
         per_image = (-3, -2, -1)
-        return (dy.pow(2).sum(per_image) / (c * (height - 1) * width)
-                + dx.pow(2).sum(per_image) / (c * height * (width - 1))).sum()
+        return (
+            dy.pow(2).sum(per_image) / (c * (height - 1) * width)
+            + dx.pow(2).sum(per_image) / (c * height * (width - 1))
+        ).sum()
 
 
 class StyleTransferLoss(nn.Module):

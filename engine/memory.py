@@ -44,8 +44,10 @@ def layer_bytes(model: str, layers, element: int) -> dict[str, float]:
     """Bytes per input pixel of each layer's output in the truncated network."""
     geometry = Geometry.of(model, layers)
     # "conv3_2", "relu3_2", "pool3": the fifth character is the block, which sets the channels.
-    return {name: CHANNELS[int(name[4]) - 1] * element / geometry.factors[name] ** 2
-            for name in truncated_names(model, layers)}
+    return {
+        name: CHANNELS[int(name[4]) - 1] * element / geometry.factors[name] ** 2
+        for name in truncated_names(model, layers)
+    }
 
 
 def activation_bytes_per_pixel(model: str, layers, element: int = 4, mode: str = "untiled") -> float:
@@ -105,8 +107,15 @@ def element_bytes(runtime) -> int:
     return 2 if runtime is not None and runtime.autocast_dtype is not None else 4
 
 
-def plan_scale(config, runtime, height: int, width: int, batch: int = 1,
-               budget: Optional[float] = None, checkpointable: bool = True) -> MemoryPlan:
+def plan_scale(
+    config,
+    runtime,
+    height: int,
+    width: int,
+    batch: int = 1,
+    budget: Optional[float] = None,
+    checkpointable: bool = True,
+) -> MemoryPlan:
     """Pick the mode for a ``batch`` of ``height x width`` images from ``config.tile`` and the memory budget.
 
     ``auto`` takes the first mode whose estimate fits the budget: untiled

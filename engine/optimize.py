@@ -136,8 +136,9 @@ class Objective:
 
     capturable = True  # one forward and backward of fixed shapes: a CUDA graph can record it
 
-    def __init__(self, extractor: Callable, criterion: Callable,
-                 autocast: Callable[[], ContextManager] = contextlib.nullcontext):
+    def __init__(
+        self, extractor: Callable, criterion: Callable, autocast: Callable[[], ContextManager] = contextlib.nullcontext
+    ):
         self.extractor, self.criterion, self.autocast = extractor, criterion, autocast
 
     def __call__(self, image: torch.Tensor, scale: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict]:
@@ -159,8 +160,15 @@ class StepFunction:
     see ``LossScale``.
     """
 
-    def __init__(self, image: torch.Tensor, objective: Callable, optimizer: str, lr: float, capturable: bool = False,
-                 loss_scale: Optional[LossScale] = None):
+    def __init__(
+        self,
+        image: torch.Tensor,
+        objective: Callable,
+        optimizer: str,
+        lr: float,
+        capturable: bool = False,
+        loss_scale: Optional[LossScale] = None,
+    ):
         self.image = image
         self.objective = objective
         self.kind = optimizer
@@ -174,8 +182,12 @@ class StepFunction:
                 self.optimizer.found_inf = loss_scale.found_inf  # read by every fused step; updated in place
         else:
             self.optimizer = torch.optim.LBFGS(
-                [image], lr=1.0, max_iter=1, max_eval=LBFGS_MAX_EVALS,
-                history_size=LBFGS_HISTORY, line_search_fn="strong_wolfe",
+                [image],
+                lr=1.0,
+                max_iter=1,
+                max_eval=LBFGS_MAX_EVALS,
+                history_size=LBFGS_HISTORY,
+                line_search_fn="strong_wolfe",
             )
         self._memo: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]] = None
 
@@ -387,11 +399,15 @@ def optimize_scale(
             image.expire()
             pending, last_read = [], time.perf_counter()
         if save:
-            checkpoint({
-                "step": i, "image": param.detach().cpu().clone(), "optimizer": _to_cpu(step.optimizer.state_dict()),
-                "ema": None if average is None else average.cpu().clone(),
-                "loss_scale": None if step.loss_scale is None else step.loss_scale.state_dict(),
-            })
+            checkpoint(
+                {
+                    "step": i,
+                    "image": param.detach().cpu().clone(),
+                    "optimizer": _to_cpu(step.optimizer.state_dict()),
+                    "ema": None if average is None else average.cpu().clone(),
+                    "loss_scale": None if step.loss_scale is None else step.loss_scale.state_dict(),
+                }
+            )
         if stop:
             raise Interrupted(current(i).detach().clone(), i)
     result = step.finish()

@@ -100,7 +100,8 @@ def resolve_runtime(config, device: Optional[torch.device] = None) -> Runtime:
         raise UserError(f"{option('precision')} 'tf32' needs a CUDA GPU; use fp32 on the CPU")
     if precision in _AUTOCAST and not cuda and not cpu_supports(precision):
         raise UserError(
-            f"{option('precision')} {precision!r} is emulated on this CPU (about 150 times slower than fp32); use fp32, "
+            f"{option('precision')} {precision!r} is emulated on this CPU (about 150 times slower than fp32); "
+            "use fp32, "
             "or a CUDA GPU for reduced precision"
         )
     if precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
@@ -109,8 +110,12 @@ def resolve_runtime(config, device: Optional[torch.device] = None) -> Runtime:
     # in `nst bench` here; on CUDA it is what tensor-core convolutions want.
     # torch's L-BFGS flattens the image with .view(-1), which a channels-last tensor does not allow.
     if config.memory_format == "channels_last" and config.optimizer != "adam":
-        raise UserError(f"{option('memory_format')} 'channels_last' works with the adam optimizer only, not {config.optimizer!r}")
-    channels_last = config.memory_format == "channels_last" or (config.memory_format == "auto" and config.optimizer == "adam")
+        raise UserError(
+            f"{option('memory_format')} 'channels_last' works with the adam optimizer only, not {config.optimizer!r}"
+        )
+    channels_last = config.memory_format == "channels_last" or (
+        config.memory_format == "auto" and config.optimizer == "adam"
+    )
     graphs = config.cuda_graphs
     if graphs == "on" and not cuda:
         raise UserError(f"{option('cuda_graphs')} 'on' needs a CUDA GPU; use auto or off")
@@ -119,8 +124,12 @@ def resolve_runtime(config, device: Optional[torch.device] = None) -> Runtime:
     # The OT loss draws fresh random directions each step from its own generator, which a graph replay
     # would freeze; it runs uncaptured.
     if graphs == "on" and config.style_loss == "ot":
-        raise UserError(f"{option('cuda_graphs')} 'on' cannot capture the ot style loss (it draws new directions every step)")
-    use_graphs = graphs == "on" or (graphs == "auto" and cuda and config.optimizer == "adam" and config.style_loss != "ot")
+        raise UserError(
+            f"{option('cuda_graphs')} 'on' cannot capture the ot style loss (it draws new directions every step)"
+        )
+    use_graphs = graphs == "on" or (
+        graphs == "auto" and cuda and config.optimizer == "adam" and config.style_loss != "ot"
+    )
     if cuda:
         # Process-wide flags: the one place they are set.
         tf32 = precision != "fp32"

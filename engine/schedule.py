@@ -51,6 +51,4 @@ def build_schedule(height: int, width: int, size: int, min_size: int, steps: int
             f"at size {size} the content becomes {w}x{h} px, but the chosen layers need at least "
             f"{min_side} px on each side; use a larger {option('size')} or shallower layers"
         )
-    return [
-        Scale(i, h, w, max(1, round(steps / FACTOR**i))) for i, (h, w) in enumerate(scales)
-    ]
+    return [Scale(i, h, w, max(1, round(steps / FACTOR**i))) for i, (h, w) in enumerate(scales)]

@@ -37,7 +37,13 @@ def _network(source) -> tuple[str, tuple[str, ...], Optional[int]]:
 
 
 def check_size(
-    source, height: int, width: int, what: str, *, max_pixels: Optional[int] = None, advice: str = "",
+    source,
+    height: int,
+    width: int,
+    what: str,
+    *,
+    max_pixels: Optional[int] = None,
+    advice: str = "",
 ) -> None:
     """Refuse ``height x width`` for the network of ``source`` (a Config, an extractor or ``(model, layers)``).
 
@@ -61,8 +67,10 @@ def check_size(
             from .memory import GiB, state_bytes_per_pixel  # memory builds on the network, as this module does
 
             state = state_bytes_per_pixel(source)
-            need = f"; the image and its optimiser state alone would take {state * height * width / GiB:.1f} GiB " \
-                   f"({state:.0f} bytes per pixel)"
+            need = (
+                f"; the image and its optimiser state alone would take {state * height * width / GiB:.1f} GiB "
+                f"({state:.0f} bytes per pixel)"
+            )
         raise UserError(
             f"{what} would be {width}x{height} = {pixels(height * width)}, above the {pixels(limit)} limit "
             f"({option('max_pixels')}){need}; use a smaller size, or raise the limit if you mean it"

@@ -148,7 +148,7 @@ class GaussianW2StyleLoss(nn.Module):
 
     def loss_from_stats(self, mean: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
         cross = self.cov_sqrt @ cov @ self.cov_sqrt  # S_s^1/2 S_x S_s^1/2, SPD
-        w2 = ((mean - self.mean).pow(2).sum(1) + _trace(cov) + self.cov_trace - 2 * trace_sqrtm(cross))
+        w2 = (mean - self.mean).pow(2).sum(1) + _trace(cov) + self.cov_trace - 2 * trace_sqrtm(cross)
         return (w2.clamp_min(0) / self.scale.clamp_min(EPS)).sum()
 
 

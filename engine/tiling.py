@@ -161,8 +161,13 @@ def check_tileable(style_loss: str) -> None:
 
 
 @torch.no_grad()
-def feature_maps(extractor: Callable, image: torch.Tensor, grid: TileGrid, layers: Sequence[str],
-                 autocast: Callable[[], ContextManager]) -> dict[str, torch.Tensor]:
+def feature_maps(
+    extractor: Callable,
+    image: torch.Tensor,
+    grid: TileGrid,
+    layers: Sequence[str],
+    autocast: Callable[[], ContextManager],
+) -> dict[str, torch.Tensor]:
     """The whole image's feature maps of ``layers`` (float32), put together from the tiles' own regions."""
     maps: dict[str, torch.Tensor] = {}
     for tile in grid.tiles:
@@ -178,8 +183,13 @@ def feature_maps(extractor: Callable, image: torch.Tensor, grid: TileGrid, layer
 
 
 @torch.no_grad()
-def feature_moments(extractor: Callable, image: torch.Tensor, grid: TileGrid, layers: Sequence[str],
-                    autocast: Callable[[], ContextManager]) -> dict[str, Moments]:
+def feature_moments(
+    extractor: Callable,
+    image: torch.Tensor,
+    grid: TileGrid,
+    layers: Sequence[str],
+    autocast: Callable[[], ContextManager],
+) -> dict[str, Moments]:
     """The ``Moments`` of the whole image's feature vectors at ``layers``, summed from the tiles."""
     moments: dict[str, Moments] = {}
     for tile in grid.tiles:
@@ -296,8 +306,9 @@ class TiledObjective:
 
     capturable = False  # a Python loop over tiles with statistics in between; see optimize.make_step
 
-    def __init__(self, extractor: Callable, criterion: StyleTransferLoss, grid: TileGrid,
-                 autocast: Callable[[], ContextManager]):
+    def __init__(
+        self, extractor: Callable, criterion: StyleTransferLoss, grid: TileGrid, autocast: Callable[[], ContextManager]
+    ):
         for module in criterion.style.values():
             if isinstance(module, SlicedOTStyleLoss):
                 check_tileable("ot")
@@ -322,12 +333,16 @@ class TiledObjective:
                 features = self.extractor(crop)
             own = {name: tile.in_crop(features[name], factors[name]) for name in features}
             tile_content = sum(
-                (w * loss.partial(own[name], tile.in_image(factors[name]))
-                 for (name, loss), w in zip(criterion.content.items(), criterion.content_layer_weights)),
+                (
+                    w * loss.partial(own[name], tile.in_image(factors[name]))
+                    for (name, loss), w in zip(criterion.content.items(), criterion.content_layer_weights)
+                ),
                 image.new_zeros(()),
             )
-            tile_style = sum(w * terms[name].surrogate(own[name], tile, factors[name])
-                             for name, w in zip(terms, criterion.style_layer_weights))
+            tile_style = sum(
+                w * terms[name].surrogate(own[name], tile, factors[name])
+                for name, w in zip(terms, criterion.style_layer_weights)
+            )
             tile_tv = criterion.tv.partial(crop, tile.own_in_crop(), (grid.height, grid.width))
             surrogate = weights["content"] * tile_content + weights["style"] * tile_style + weights["tv"] * tile_tv
             (surrogate if scale is None else surrogate * scale).backward()  # fp16's loss scale: see LossScale

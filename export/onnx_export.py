@@ -49,8 +49,13 @@ def export(extractor: torch.nn.Module, path: os.PathLike, overwrite: bool = Fals
         # The exporter warns about its own internals (e.g. specialising the batch dimension); not ours to act on.
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
-            extractor.eval(), (example,), dynamo=True, input_names=[INPUT_NAME],
-            output_names=list(extractor.output_names), dynamic_shapes={"x": dims}, verbose=False,
+            extractor.eval(),
+            (example,),
+            dynamo=True,
+            input_names=[INPUT_NAME],
+            output_names=list(extractor.output_names),
+            dynamic_shapes={"x": dims},
+            verbose=False,
         )
     program.model.metadata_props[META_KEY] = json.dumps(describe(extractor), sort_keys=True)
     # Saved whole into a private folder beside the destination, checked, then renamed into place,

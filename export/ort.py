@@ -35,7 +35,9 @@ def choose_providers(device: str = "auto") -> list[str]:
 
     cuda_ok = torch.cuda.is_available() and CUDA_PROVIDER in ort.get_available_providers()
     if device == "cuda" and not cuda_ok:
-        raise UserError("device 'cuda' was asked for but ONNX Runtime cannot use a CUDA GPU here; use --device cpu or auto")
+        raise UserError(
+            "device 'cuda' was asked for but ONNX Runtime cannot use a CUDA GPU here; use --device cpu or auto"
+        )
     if device in ("auto", "cuda") and cuda_ok:
         return [CUDA_PROVIDER, CPU_PROVIDER]
     return [CPU_PROVIDER]

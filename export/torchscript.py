@@ -122,8 +122,9 @@ def cached(extractor: torch.nn.Module, cache_dir: Optional[os.PathLike] = None) 
     try:
         folder.mkdir(parents=True, exist_ok=True)
         write_atomically(path, lambda fh: fh.write(data), overwrite=True, what="cache entry")
-        write_atomically(sidecar, lambda fh: fh.write(hashlib.sha256(data).hexdigest().encode()), overwrite=True,
-                         what="cache entry")
+        write_atomically(
+            sidecar, lambda fh: fh.write(hashlib.sha256(data).hexdigest().encode()), overwrite=True, what="cache entry"
+        )
     except (OSError, UserError) as exc:  # write_atomically reports write failures as UserError
         # A read-only or full cache must not stop a run: the graph is in memory already.
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc

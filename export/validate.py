@@ -23,8 +23,7 @@ import torch
 
 from engine.api import build_extractor, resolve_device
 from engine.config import Config
-from engine.errors import UserError
-from engine.errors import option
+from engine.errors import UserError, option
 from engine.images import ImageLike, fit_long_side, load_image, resize
 from engine.sizes import check_size
 
@@ -94,8 +93,9 @@ class Report:
         if failed:
             worst = max(failed, key=lambda c: c.error)
             lines.append(
-                f"FAIL: {len(failed)} of {len(self.checks)} layer errors exceed their tolerance; worst: {worst.backend} "
-                f"{worst.layer} at {worst.width}x{worst.height} ({worst.image}): {worst.error:.2e} > {worst.tolerance:.0e}"
+                f"FAIL: {len(failed)} of {len(self.checks)} layer errors exceed their tolerance; "
+                f"worst: {worst.backend} {worst.layer} at {worst.width}x{worst.height} ({worst.image}): "
+                f"{worst.error:.2e} > {worst.tolerance:.0e}"
             )
         else:
             lines.append(f"PASS: all {len(self.checks)} layer errors within tolerance")
@@ -164,8 +164,12 @@ def validate(
     for name, picture in pictures:
         for size in sizes:
             hw = size if isinstance(size, tuple) else fit_long_side(*picture.shape[-2:], size)
-            check_size(config, *hw, f"{name} at size {size if isinstance(size, int) else f'{hw[1]}x{hw[0]}'}",
-                       advice=f"use larger {option('sizes')} or shallower layers")
+            check_size(
+                config,
+                *hw,
+                f"{name} at size {size if isinstance(size, int) else f'{hw[1]}x{hw[0]}'}",
+                advice=f"use larger {option('sizes')} or shallower layers",
+            )
             shapes.append((name, picture, hw))
     device = resolve_device(config.device)
     tol = TOLERANCE[device.type] if tolerance is None else tolerance
@@ -191,8 +195,10 @@ def validate(
         for name, picture, hw in shapes:
             batch = resize(picture, hw).unsqueeze(0).to(device)
             _compare(report, name, batch, runners, eager.output_names, tol, repeats)
-    report.notes.append(f"tolerance {tol:.0e} ({str(next(eager.parameters()).dtype).removeprefix('torch.')} on {device.type}); "
-                        "error = max|backend - eager| / max|eager| per layer")
+    report.notes.append(
+        f"tolerance {tol:.0e} ({str(next(eager.parameters()).dtype).removeprefix('torch.')} on {device.type}); "
+        "error = max|backend - eager| / max|eager| per layer"
+    )
     return report
 
 
@@ -210,8 +216,12 @@ def config_from_artifact(config: Config, torchscript_path=None, onnx_path=None, 
         meta = onnx_export.read_meta(onnx_path)
     if not meta.get("model") or not meta.get("outputs"):
         return config
-    changes = {"model": meta["model"], "pooling": meta.get("pooling", config.pooling),
-               "content_layers": (), "style_layers": tuple(meta["outputs"])}
+    changes = {
+        "model": meta["model"],
+        "pooling": meta.get("pooling", config.pooling),
+        "content_layers": (),
+        "style_layers": tuple(meta["outputs"]),
+    }
     changes = {k: v for k, v in changes.items() if k not in given}
     if "content_layers" in given or "style_layers" in given:  # the caller chose the layers: keep both lists
         changes.pop("content_layers", None)
@@ -248,7 +258,9 @@ def _compare(report: Report, name: str, batch: torch.Tensor, runners: dict, laye
                 raise UserError(f"the {backend} extractor has no output {layer!r}; it offers {', '.join(out)}")
             e, f = reference[layer].float(), out[layer].float()
             if e.shape != f.shape:
-                raise UserError(f"the {backend} extractor gives {layer} of shape {tuple(f.shape)}, eager {tuple(e.shape)}")
+                raise UserError(
+                    f"the {backend} extractor gives {layer} of shape {tuple(f.shape)}, eager {tuple(e.shape)}"
+                )
             scale = e.abs().max().item() or 1.0
             error = (f - e).abs().max().item() / scale
             error = error if error == error else float("inf")  # NaN counts as a failure

@@ -18,8 +18,12 @@ def run_together(jobs, env=None):
     try:
         for key, (args, cwd) in jobs.items():
             procs[key] = subprocess.Popen(
-                [sys.executable, "-m", "engine", *map(str, args)], cwd=cwd, env={**ENV, **(env or {})},
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                [sys.executable, "-m", "engine", *map(str, args)],
+                cwd=cwd,
+                env={**ENV, **(env or {})},
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
             )
         results = {}
         for key, proc in procs.items():
@@ -39,9 +43,7 @@ def sha(path):
 
 def tree(folder):
     """Every file and folder under ``folder``, with a hash of each file's bytes."""
-    return {
-        str(p.relative_to(folder)): ("<dir>" if p.is_dir() else sha(p)) for p in sorted(Path(folder).rglob("*"))
-    }
+    return {str(p.relative_to(folder)): ("<dir>" if p.is_dir() else sha(p)) for p in sorted(Path(folder).rglob("*"))}
 
 
 def one_error_line(result):

@@ -8,6 +8,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from helpers import one_error_line, run_together
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -20,7 +21,6 @@ from bench.stats import fit_cost, ratio_interval, summary
 from bench.suite import Lever, build_step
 from engine import Config
 from engine.cli import main
-from helpers import one_error_line, run_together
 
 MIB = 2**20
 
@@ -141,9 +141,19 @@ def test_sweep_recovers_the_cost_of_an_injected_step():
 def _recorded(rows: dict, commit: str) -> dict:
     """A file as `nst bench --json` writes it, with ``rows`` as ``{(config, size): repeats in ms}``."""
     meta = {"device": "test CPU", "threads": 2, "torch": torch.__version__, "commit": commit, "date": "today"}
-    return {"meta": meta, "rows": [
-        {"config": config, "size": size, "batch": 1, "ms_per_step": float(np.median(samples)),
-         "samples_ms": list(samples)} for (config, size), samples in rows.items()]}
+    return {
+        "meta": meta,
+        "rows": [
+            {
+                "config": config,
+                "size": size,
+                "batch": 1,
+                "ms_per_step": float(np.median(samples)),
+                "samples_ms": list(samples),
+            }
+            for (config, size), samples in rows.items()
+        ],
+    }
 
 
 def _noisy(median_ms: float, seed: int, n: int = 9) -> list[float]:
@@ -155,8 +165,11 @@ def _noisy(median_ms: float, seed: int, n: int = 9) -> list[float]:
 def recorded_pair(tmp_path_factory):
     folder = tmp_path_factory.mktemp("compare")
     old = {("baseline", 128): _noisy(100, 1), ("channels_last", 128): _noisy(80, 2), ("loss_w2", 128): _noisy(900, 3)}
-    new = {("baseline", 128): [t * 1.30 for t in _noisy(100, 4)], ("channels_last", 128): [t * 1.03 for t in _noisy(80, 5)],
-           ("loss_ot", 128): _noisy(250, 6)}
+    new = {
+        ("baseline", 128): [t * 1.30 for t in _noisy(100, 4)],
+        ("channels_last", 128): [t * 1.03 for t in _noisy(80, 5)],
+        ("loss_ot", 128): _noisy(250, 6),
+    }
     paths = {}
     for name, rows in (("old", old), ("new", new), ("new_small", {k: v for k, v in new.items() if k[0] != "baseline"})):
         paths[name] = folder / f"{name}.json"
@@ -172,7 +185,9 @@ def test_compare_marks_a_30_percent_slowdown_and_not_a_3_percent_change(recorded
     slow, small = by_key["baseline", 128], by_key["channels_last", 128]
     assert slow.verdict == "slower" and slow.interval[0] > 1.15
     assert small.verdict == "~" and small.interval[0] < 1 < small.interval[1]
-    assert slow.ratio == pytest.approx(np.median(new.rows["baseline", 128][1]) / np.median(old.rows["baseline", 128][1]))
+    assert slow.ratio == pytest.approx(
+        np.median(new.rows["baseline", 128][1]) / np.median(old.rows["baseline", 128][1])
+    )
     assert result.only_old == [("loss_w2", 128)] and result.only_new == [("loss_ot", 128)]
 
 
@@ -200,10 +215,18 @@ def test_ratio_interval_covers_the_true_ratio_of_two_noisy_runs():
 
 def test_compare_reads_pytest_benchmark_json(tmp_path):
     def saved(scale):
-        return {"machine_info": {"cpu": {"brand_raw": "test CPU"}}, "commit_info": {"id": "abc"}, "datetime": "now",
-                "benchmarks": [{"name": "test_step[baseline-128px]",
-                                "stats": {"median": 0.1 * scale, "data": [t * scale / 1e3 for t in _noisy(100, 9)]}},
-                               {"name": "test_step[all-128px]", "stats": {"median": 0.09}}]}
+        return {
+            "machine_info": {"cpu": {"brand_raw": "test CPU"}},
+            "commit_info": {"id": "abc"},
+            "datetime": "now",
+            "benchmarks": [
+                {
+                    "name": "test_step[baseline-128px]",
+                    "stats": {"median": 0.1 * scale, "data": [t * scale / 1e3 for t in _noisy(100, 9)]},
+                },
+                {"name": "test_step[all-128px]", "stats": {"median": 0.09}},
+            ],
+        }
 
     (tmp_path / "a.json").write_text(json.dumps(saved(1.0)))
     (tmp_path / "b.json").write_text(json.dumps(saved(1.5)))
@@ -219,12 +242,23 @@ def test_compare_reads_pytest_benchmark_json(tmp_path):
 def _synthetic_results() -> dict:
     rows = []
     for size in (64, 128, 256):
-        for name, batch, factor, peak in (("baseline", 1, 1.0, 0.01), ("channels_last", 1, 0.8, 0.012),
-                                          ("batch2", 2, 1.7, 0.02)):
+        for name, batch, factor, peak in (
+            ("baseline", 1, 1.0, 0.01),
+            ("channels_last", 1, 0.8, 0.012),
+            ("batch2", 2, 1.7, 0.02),
+        ):
             ms = factor * (20 + 0.01 * batch * size * size)
-            rows.append({"config": name, "size": size, "batch": batch, "ms_per_step": ms,
-                         "ms_ci95": [0.9 * ms, 1.2 * ms], "peak_mib": 50 + peak * batch * size * size,
-                         "pct_matmul_peak": 40 + size / 10 + 10 * factor})
+            rows.append(
+                {
+                    "config": name,
+                    "size": size,
+                    "batch": batch,
+                    "ms_per_step": ms,
+                    "ms_ci95": [0.9 * ms, 1.2 * ms],
+                    "peak_mib": 50 + peak * batch * size * size,
+                    "pct_matmul_peak": 40 + size / 10 + 10 * factor,
+                }
+            )
     for row in rows:
         base = next(r for r in rows if r["config"] == "baseline" and r["size"] == row["size"])
         row["speedup"] = base["ms_per_step"] / (row["ms_per_step"] / row["batch"])
@@ -281,13 +315,18 @@ def bench_runs(tmp_path_factory):
     (folder / "out").mkdir()  # --json writes into an existing folder only
     common = ["bench", "--device", "cpu", "--sizes", "32", "--warmup", "1", "--repeats", "2"]
     sweep = ["bench", "--device", "cpu", "--sweep", "32:48:2", "--warmup", "1", "--repeats", "2"]
-    return run_together({
-        "table": ([*common, "--only", "channels_last,cli,batch2", "--batch", "2", "--json", "out/bench.json"], folder),
-        "sweep": ([*sweep, "--plot", "charts", "--json", "sweep.json"], folder),
-        "profile": ([*common, "--only", "baseline", "--profile", "trace.json"], folder),
-        "unknown": ([*common, "--only", "warp_drive"], folder),
-        "bad_sweep": (["bench", "--sweep", "256:128"], folder),
-    }), folder
+    return run_together(
+        {
+            "table": (
+                [*common, "--only", "channels_last,cli,batch2", "--batch", "2", "--json", "out/bench.json"],
+                folder,
+            ),
+            "sweep": ([*sweep, "--plot", "charts", "--json", "sweep.json"], folder),
+            "profile": ([*common, "--only", "baseline", "--profile", "trace.json"], folder),
+            "unknown": ([*common, "--only", "warp_drive"], folder),
+            "bad_sweep": (["bench", "--sweep", "256:128"], folder),
+        }
+    ), folder
 
 
 @pytest.mark.slow
@@ -299,11 +338,13 @@ def test_bench_prints_the_table_and_writes_json(bench_runs):
     assert lines[0].startswith("device: ") and lines[1].startswith("host: ")
     assert "matmul peak measured now: fp32" in lines[2]
     header = next(i for i, line in enumerate(lines) if line.startswith("config"))
-    rows = [line.split() for line in lines[header + 1:] if line and not line.startswith("wrote")]
+    rows = [line.split() for line in lines[header + 1 :] if line and not line.startswith("wrote")]
     assert [row[0] for row in rows] == ["baseline", "channels_last", "cli", "batch2"]
     assert rows[0][-1] == "1.00x" and rows[3][2] == "2"
     data = json.loads((folder / "out" / "bench.json").read_text())
-    assert {"device", "cpu", "threads", "torch", "cuda", "cudnn", "commit", "matmul_peak_tflops", "date"} <= set(data["meta"])
+    assert {"device", "cpu", "threads", "torch", "cuda", "cudnn", "commit", "matmul_peak_tflops", "date"} <= set(
+        data["meta"]
+    )
     base, *others = data["rows"]
     assert base["speedup"] == 1.0 and base["precision"] == "fp32" and base["memory_format"] == "contiguous"
     for row in data["rows"]:
@@ -329,7 +370,12 @@ def test_bench_sweep_fits_the_cost_and_writes_charts(bench_runs):
     data = json.loads((folder / "sweep.json").read_text())
     assert [(row["config"], row["size"]) for row in data["rows"]] == [("baseline", 32), ("baseline", 48)]
     assert f"cost model baseline: {data['fits']['baseline']['text']}" in r.stdout
-    assert sorted(p.name for p in (folder / "charts").iterdir()) == ["memory.png", "peak.png", "speedup.png", "time.png"]
+    assert sorted(p.name for p in (folder / "charts").iterdir()) == [
+        "memory.png",
+        "peak.png",
+        "speedup.png",
+        "time.png",
+    ]
 
 
 @pytest.mark.slow
@@ -351,12 +397,22 @@ def test_bench_unknown_configuration_or_sweep_is_one_sentence(bench_runs):
     assert "'256:128' must go from a smaller size to a larger one" in one_error_line(r)
 
 
-@pytest.mark.parametrize("case,args,message", [
-    ("json exists", ["--json", "taken.json"], "--json file 'taken.json' already exists; pass --overwrite to replace it"),
-    ("json folder missing", ["--json", "nowhere/x.json"], "--json file directory 'nowhere' does not exist"),
-    ("size too small", ["--sizes", "8"],
-     "--sizes 8 would be 8x8 px, but the chosen layers (down to relu5_1) need at least 16 px"),
-])
+@pytest.mark.parametrize(
+    "case,args,message",
+    [
+        (
+            "json exists",
+            ["--json", "taken.json"],
+            "--json file 'taken.json' already exists; pass --overwrite to replace it",
+        ),
+        ("json folder missing", ["--json", "nowhere/x.json"], "--json file directory 'nowhere' does not exist"),
+        (
+            "size too small",
+            ["--sizes", "8"],
+            "--sizes 8 would be 8x8 px, but the chosen layers (down to relu5_1) need at least 16 px",
+        ),
+    ],
+)
 def test_bench_refuses_before_timing_and_touches_nothing(tmp_path, monkeypatch, capsys, case, args, message):
     from engine.cli import main
 

@@ -12,10 +12,10 @@ import re
 
 import numpy as np
 import pytest
+from helpers import one_error_line, run_together, tree
 from PIL import Image
 
 from engine import Config
-from helpers import one_error_line, run_together, tree
 
 TINY = ["--size", "48", "--min-size", "48", "--steps", "3", "--quiet"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -47,11 +47,15 @@ def good_runs(tmp_path_factory):
     fresh = make_pics(tmp_path_factory.mktemp("fresh"))
     again = make_pics(tmp_path_factory.mktemp("overwrite"))
     (again / "out.jpg").write_bytes(b"the user's earlier result")
-    results = run_together({
-        "fresh": (["stylize", "content.png", "style.png", "-o", "out.png", "--snapshot-every", "1", *TINY], fresh),
-        "overwrite": (["stylize", "content.png", "style.png", "-o", "out.jpg", "--overwrite",
-                       "--snapshot-every", "2", *TINY], again),
-    })
+    results = run_together(
+        {
+            "fresh": (["stylize", "content.png", "style.png", "-o", "out.png", "--snapshot-every", "1", *TINY], fresh),
+            "overwrite": (
+                ["stylize", "content.png", "style.png", "-o", "out.jpg", "--overwrite", "--snapshot-every", "2", *TINY],
+                again,
+            ),
+        }
+    )
     return {"fresh": (results["fresh"], fresh), "overwrite": (results["overwrite"], again)}
 
 
@@ -69,8 +73,13 @@ def test_run_writes_output(good_runs):
     # Three Adam steps moved the pixels, but not far from the content they started from.
     diff = np.abs(pixels(out) - pixels(folder / "content.png"))
     assert diff.max() > 0 and diff.mean() < 40
-    assert sorted(tree(folder)) == ["content.png", "out.png", "out_snapshots", *[
-        f"out_snapshots/step0000{i}_scale1.png" for i in (1, 2, 3)], "style.png"]  # and no .part file anywhere
+    assert sorted(tree(folder)) == [
+        "content.png",
+        "out.png",
+        "out_snapshots",
+        *[f"out_snapshots/step0000{i}_scale1.png" for i in (1, 2, 3)],
+        "style.png",
+    ]  # and no .part file anywhere
 
 
 @pytest.mark.slow
@@ -98,7 +107,12 @@ def test_overwrite_replaces_existing_output(good_runs):
         assert img.size == (48, 40) and img.format == "JPEG"
     # Every second step, in the output's format.
     assert sorted(tree(folder)) == [
-        "content.png", "out.jpg", "out_snapshots", "out_snapshots/step00002_scale1.jpg", "style.png"]
+        "content.png",
+        "out.jpg",
+        "out_snapshots",
+        "out_snapshots/step00002_scale1.jpg",
+        "style.png",
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -110,12 +124,21 @@ BAD = {
     "missing input": (["nope.png", "style.png"], [], ["content image 'nope.png' does not exist"]),
     "unreadable image": (["notes.jpg", "style.png"], [], ["content image 'notes.jpg' could not be read as an image"]),
     "unknown layer": (["content.png", "style.png"], ["--style-layers", "relu1_1,relu9_9"], ["unknown layer 'relu9_9'"]),
-    "negative weight": (["content.png", "style.png"], ["--style-weight", "-1"],
-                        ["--style-weight must be a finite number zero or more, not -1.0"]),
-    "nan weight": (["content.png", "style.png"], ["--content-weight", "nan"],
-                   ["--content-weight must be a finite number zero or more, not nan"]),
-    "output is an input": (["content.png", "style.png"], ["-o", "content.png", "--overwrite"],
-                           ["output 'content.png' is also an input"]),
+    "negative weight": (
+        ["content.png", "style.png"],
+        ["--style-weight", "-1"],
+        ["--style-weight must be a finite number zero or more, not -1.0"],
+    ),
+    "nan weight": (
+        ["content.png", "style.png"],
+        ["--content-weight", "nan"],
+        ["--content-weight must be a finite number zero or more, not nan"],
+    ),
+    "output is an input": (
+        ["content.png", "style.png"],
+        ["-o", "content.png", "--overwrite"],
+        ["output 'content.png' is also an input"],
+    ),
     "existing output": (["content.png", "style.png"], [], ["output 'out.png' already exists", "--overwrite"]),
 }
 
@@ -211,13 +234,15 @@ def folder_runs(tmp_path_factory):
     (taken / "p1.jpg").write_bytes(b"the user's earlier result")
     (root / "afile").write_text("x")
     args = ["stylize", "photos", "style.png", *TINY, "--batch-size", "2"]
-    return run_together({
-        "ok": ([*args, "-o", "results"], root),
-        "taken": ([*args, "-o", "taken", "--output-format", "jpg"], root),
-        "file as folder": ([*args, "-o", "afile"], root),
-        "file name as folder": ([*args, "-o", "folderout.png"], root),
-        "16 bits in jpg": ([*args, "-o", "deep", "--output-format", "jpg", "--bit-depth", "16"], root),
-    }), root
+    return run_together(
+        {
+            "ok": ([*args, "-o", "results"], root),
+            "taken": ([*args, "-o", "taken", "--output-format", "jpg"], root),
+            "file as folder": ([*args, "-o", "afile"], root),
+            "file name as folder": ([*args, "-o", "folderout.png"], root),
+            "16 bits in jpg": ([*args, "-o", "deep", "--output-format", "jpg", "--bit-depth", "16"], root),
+        }
+    ), root
 
 
 @pytest.mark.slow
@@ -245,11 +270,14 @@ def test_folder_skips_results_that_exist_and_takes_a_format(folder_runs):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case,message", [
-    ("file as folder", "output 'afile' must be a folder when CONTENT is a folder"),
-    ("file name as folder", "output 'folderout.png' looks like a file name, but CONTENT is a folder"),
-    ("16 bits in jpg", "--bit-depth 16 needs --output-format png or tif, not jpg"),
-])
+@pytest.mark.parametrize(
+    "case,message",
+    [
+        ("file as folder", "output 'afile' must be a folder when CONTENT is a folder"),
+        ("file name as folder", "output 'folderout.png' looks like a file name, but CONTENT is a folder"),
+        ("16 bits in jpg", "--bit-depth 16 needs --output-format png or tif, not jpg"),
+    ],
+)
 def test_folder_errors_touch_nothing(folder_runs, case, message):
     results, root = folder_runs
     r = results[case]
@@ -272,8 +300,26 @@ def test_folder_run_stops_on_sigterm_and_the_same_command_does_the_rest(tmp_path
     photos.mkdir()
     for i, (w, h) in enumerate([(48, 40), (40, 48), (48, 36)]):  # three sizes: three batches, one after another
         Image.fromarray(np.full((h, w, 3), 60 * i + 20, np.uint8)).save(photos / f"p{i}.png")
-    args = [sys.executable, "-m", "engine", "stylize", "photos", "style.png", "-o", "results", "--size", "48",
-            "--min-size", "48", "--steps", "150", "--content-layers", "relu1_2", "--style-layers", "relu1_1"]
+    args = [
+        sys.executable,
+        "-m",
+        "engine",
+        "stylize",
+        "photos",
+        "style.png",
+        "-o",
+        "results",
+        "--size",
+        "48",
+        "--min-size",
+        "48",
+        "--steps",
+        "150",
+        "--content-layers",
+        "relu1_2",
+        "--style-layers",
+        "relu1_1",
+    ]
     proc = subprocess.Popen(args, cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while not (tmp_path / "results" / "p0.png").exists():

@@ -5,11 +5,11 @@ import re
 import numpy as np
 import pytest
 import torch
+from helpers import one_error_line, run_together
 from PIL import Image
 
 from engine import Config, UserError
 from engine.compare import PAD, Column, make_sheet, variants
-from helpers import one_error_line, run_together
 
 
 def flat(h, w, value):
@@ -17,8 +17,12 @@ def flat(h, w, value):
 
 
 def test_sheet_has_one_column_per_picture_at_a_common_height():
-    columns = [Column("content", flat(40, 60, 0.2)), Column("style", flat(80, 80, 0.4)),
-               Column("gram  1.0 s", flat(20, 30, 0.6)), Column("ot  1.0 s", flat(20, 30, 0.8))]
+    columns = [
+        Column("content", flat(40, 60, 0.2)),
+        Column("style", flat(80, 80, 0.4)),
+        Column("gram  1.0 s", flat(20, 30, 0.6)),
+        Column("ot  1.0 s", flat(20, 30, 0.8)),
+    ]
     sheet, spans = make_sheet(columns)
     assert len(spans) == 4
     # Every tile scaled to the results' height (20): widths 30, 20, 30, 30, with padding between.
@@ -40,9 +44,18 @@ def test_long_labels_are_shortened_to_their_column():
 
 def test_variants_cross_losses_with_a_varied_setting():
     runs = variants(Config(), ["gram", "w2"], ("style_weight", ["1", "10"]))
-    assert [label for label, _ in runs] == ["gram\nstyle_weight=1", "gram\nstyle_weight=10",
-                                            "w2\nstyle_weight=1", "w2\nstyle_weight=10"]
-    assert [(c.style_loss, c.style_weight) for _, c in runs] == [("gram", 1.0), ("gram", 10.0), ("w2", 1.0), ("w2", 10.0)]
+    assert [label for label, _ in runs] == [
+        "gram\nstyle_weight=1",
+        "gram\nstyle_weight=10",
+        "w2\nstyle_weight=1",
+        "w2\nstyle_weight=10",
+    ]
+    assert [(c.style_loss, c.style_weight) for _, c in runs] == [
+        ("gram", 1.0),
+        ("gram", 10.0),
+        ("w2", 1.0),
+        ("w2", 10.0),
+    ]
     with pytest.raises(UserError, match="not a setting to vary"):
         variants(Config(), ["gram"], ("warp", ["1"]))
     with pytest.raises(UserError, match="not a valid style_weight"):
@@ -52,8 +65,11 @@ def test_variants_cross_losses_with_a_varied_setting():
 def test_several_varied_settings_are_crossed_and_each_gets_a_label_line():
     runs = variants(Config(), ["gram"], [("style_weight", ["1", "4"]), ("tv_weight", ["0", "2"])])
     assert [label for label, _ in runs] == [
-        "gram\nstyle_weight=1\ntv_weight=0", "gram\nstyle_weight=1\ntv_weight=2",
-        "gram\nstyle_weight=4\ntv_weight=0", "gram\nstyle_weight=4\ntv_weight=2"]
+        "gram\nstyle_weight=1\ntv_weight=0",
+        "gram\nstyle_weight=1\ntv_weight=2",
+        "gram\nstyle_weight=4\ntv_weight=0",
+        "gram\nstyle_weight=4\ntv_weight=2",
+    ]
     assert [(c.style_weight, c.tv_weight) for _, c in runs] == [(1, 0), (1, 2), (4, 0), (4, 2)]
     with pytest.raises(UserError, match="names 'tv_weight' twice"):
         variants(Config(), ["gram"], [("tv_weight", ["0"]), ("tv_weight", ["1"])])
@@ -72,15 +88,46 @@ def compare_runs(tmp_path_factory):
     Image.fromarray(np.stack([xx * 6, yy * 7, (xx + yy) * 3], -1).astype(np.uint8)).save(folder / "c.png")
     Image.fromarray(np.stack([(xx % 5) * 50, yy * 3, 255 - xx * 6], -1).astype(np.uint8)).save(folder / "s.png")
     (folder / "taken.png").write_bytes(b"the user's sheet")
-    tiny = ["--size", "40", "--min-size", "40", "--steps", "2", "-q", "--device", "cpu",
-            "--content-layers", "relu2_2", "--style-layers", "relu1_1,relu2_1"]
-    return run_together({
-        "ok": (["compare", "c.png", "s.png", "-o", "sheet.png", "--losses", "gram,ot,w2", *tiny], folder),
-        "vary": (["compare", "c.png", "s.png", "c.png", "-o", "vary.png", "--losses", "gram", "--vary", "tv_weight=0,10",
-                  "--vary", "lr=0.02", *tiny], folder),
-        "taken": (["compare", "c.png", "s.png", "-o", "taken.png", *tiny], folder),
-        "bad loss": (["compare", "c.png", "s.png", "-o", "x.png", "--losses", "gram,fourier", *tiny], folder),
-    }), folder
+    tiny = [
+        "--size",
+        "40",
+        "--min-size",
+        "40",
+        "--steps",
+        "2",
+        "-q",
+        "--device",
+        "cpu",
+        "--content-layers",
+        "relu2_2",
+        "--style-layers",
+        "relu1_1,relu2_1",
+    ]
+    return run_together(
+        {
+            "ok": (["compare", "c.png", "s.png", "-o", "sheet.png", "--losses", "gram,ot,w2", *tiny], folder),
+            "vary": (
+                [
+                    "compare",
+                    "c.png",
+                    "s.png",
+                    "c.png",
+                    "-o",
+                    "vary.png",
+                    "--losses",
+                    "gram",
+                    "--vary",
+                    "tv_weight=0,10",
+                    "--vary",
+                    "lr=0.02",
+                    *tiny,
+                ],
+                folder,
+            ),
+            "taken": (["compare", "c.png", "s.png", "-o", "taken.png", *tiny], folder),
+            "bad loss": (["compare", "c.png", "s.png", "-o", "x.png", "--losses", "gram,fourier", *tiny], folder),
+        }
+    ), folder
 
 
 @pytest.mark.slow
@@ -100,10 +147,13 @@ def test_compare_writes_the_sheet(compare_runs):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case,message", [
-    ("taken", "output 'taken.png' already exists"),
-    ("bad loss", "--losses must be among gram, ot, w2, not 'fourier'"),
-])
+@pytest.mark.parametrize(
+    "case,message",
+    [
+        ("taken", "output 'taken.png' already exists"),
+        ("bad loss", "--losses must be among gram, ot, w2, not 'fourier'"),
+    ],
+)
 def test_compare_errors(compare_runs, case, message):
     results, folder = compare_runs
     assert results[case].returncode == 2 and message in one_error_line(results[case])

@@ -10,12 +10,24 @@ import subprocess
 
 import numpy as np
 import pytest
+from helpers import one_error_line, run_together, tree
 from PIL import Image
 
-from helpers import one_error_line, run_together, tree
-
-TINY = ["--size", "32", "--min-size", "32", "--steps", "1", "-q", "--device", "cpu",
-        "--content-layers", "relu1_2", "--style-layers", "relu1_1,relu2_1"]
+TINY = [
+    "--size",
+    "32",
+    "--min-size",
+    "32",
+    "--steps",
+    "1",
+    "-q",
+    "--device",
+    "cpu",
+    "--content-layers",
+    "relu1_2",
+    "--style-layers",
+    "relu1_1,relu2_1",
+]
 
 
 def _rgb(h, w, seed=0):
@@ -67,11 +79,16 @@ IMAGES = {
     # A directory as CONTENT means "every image in it" (see nst stylize FOLDER); this one has none.
     "folder.png": (None, ("error", "content folder 'folder.png' has no images")),
     "one-pixel.png": (_png_bytes(Image.fromarray(_rgb(1, 1))), ("ok", (32, 32))),
-    "sliver.png": (_png_bytes(Image.fromarray(_rgb(1, 10000))), ("error", "the output would be 32x1 px, but the chosen layers (down to relu2_1) need at least 2 px")),
+    "sliver.png": (
+        _png_bytes(Image.fromarray(_rgb(1, 10000))),
+        ("error", "the output would be 32x1 px, but the chosen layers (down to relu2_1) need at least 2 px"),
+    ),
     "bomb.png": (_bomb(), ("error", "refusing to decode it")),
     "cmyk.jpg": (_jpeg_bytes(Image.fromarray(_rgb(24, 32)).convert("CMYK")), ("ok", (32, 24))),
-    "16bit.png": (_png_bytes(Image.fromarray((np.arange(24 * 32).reshape(24, 32) * 80).astype(np.uint16))),
-                  ("ok", (32, 24))),
+    "16bit.png": (
+        _png_bytes(Image.fromarray((np.arange(24 * 32).reshape(24, 32) * 80).astype(np.uint16))),
+        ("ok", (32, 24)),
+    ),
     "palette-alpha.png": (_palette_transparent(), ("ok", (32, 27))),
     "exif-rotated.jpg": (_exif_rotated(), ("ok", (19, 32))),
     "animated.gif": (_animated_gif(), ("ok", (32, 32))),
@@ -85,7 +102,10 @@ OPTIONS = {
     "nan weight": (["--tv-weight", "nan"], "--tv-weight must be a finite number zero or more, not nan"),
     "size 0": (["--size", "0"], "--size must be a positive whole number, not 0"),
     "absurd size": (["--size", "200000"], "size 200000 is larger than the 16384 px"),
-    "too many pixels": (["--size", "9000", "--max-pixels", "16000000"], "above the 16.0 Mpx limit (--max-pixels); the image"),
+    "too many pixels": (
+        ["--size", "9000", "--max-pixels", "16000000"],
+        "above the 16.0 Mpx limit (--max-pixels); the image",
+    ),
     "bad tile": (["--tile", "huge"], "--tile must be auto, off, checkpoint or a tile size in pixels"),
     "unknown optimizer": (["--optimizer", "sgd"], "argument --optimizer: invalid choice: 'sgd'"),
     "unknown loss": (["--style-loss", "fourier"], "argument --style-loss: invalid choice: 'fourier'"),
@@ -100,14 +120,31 @@ OPTIONS = {
 # machine is shared): the same contract, one line and exit 2, nothing touched.
 OPTIONS_IN_PROCESS = {
     # Every size that reaches the network is checked in one place (engine/sizes.py), the limit included.
-    "tiny pixel limit": (["--max-pixels", "10"], "the output would be 32x24 = 768 px, above the 10 px limit (--max-pixels)"),
-    "huge style image": (["--style-scale", "100", "--max-pixels", "100000"],
-                         "the style image would be 3200x3200 = 10.2 Mpx, above the 100000 px limit (--max-pixels)"),
-    "output is the mask": (["-o", "mask.png", "--style-masks", "mask.png", "--overwrite"], "output 'mask.png' is also an input"),
-    "masks miscounted": (["--style-masks", "mask.png,mask.png"], "--style-masks has 2 masks but there is 1 style image"),
-    "weights miscounted": (["--style-layer-weights", "1"], "--style-layer-weights has 1 value but there are 2 style layers"),
+    "tiny pixel limit": (
+        ["--max-pixels", "10"],
+        "the output would be 32x24 = 768 px, above the 10 px limit (--max-pixels)",
+    ),
+    "huge style image": (
+        ["--style-scale", "100", "--max-pixels", "100000"],
+        "the style image would be 3200x3200 = 10.2 Mpx, above the 100000 px limit (--max-pixels)",
+    ),
+    "output is the mask": (
+        ["-o", "mask.png", "--style-masks", "mask.png", "--overwrite"],
+        "output 'mask.png' is also an input",
+    ),
+    "masks miscounted": (
+        ["--style-masks", "mask.png,mask.png"],
+        "--style-masks has 2 masks but there is 1 style image",
+    ),
+    "weights miscounted": (
+        ["--style-layer-weights", "1"],
+        "--style-layer-weights has 1 value but there are 2 style layers",
+    ),
     "option typo": (["--style-wieght", "3"], "unrecognized arguments: --style-wieght 3; did you mean --style-weight?"),
-    "unfinished run": (["-o", "left.png"], "left.png.ckpt holds an unfinished run of this output; go on with: nst resume"),
+    "unfinished run": (
+        ["-o", "left.png"],
+        "left.png.ckpt holds an unfinished run of this output; go on with: nst resume",
+    ),
     "folder format for a file": (["--output-format", "jpg"], "--output-format applies to a folder of contents"),
     "init file missing": (["--init", "nothere.png"], "init image 'nothere.png' does not exist"),
     "init not an image": (["--init", "random"], "--init must be one of content, noise, gray, or an image file"),
@@ -116,8 +153,21 @@ OPTIONS_IN_PROCESS = {
 # name: (extra arguments, (width, height) of the result): odd settings that must simply work (in this process).
 ODD_OPTIONS = {
     # The case: relu5_1 needs 16 px, and a 0.01 style scale asks for a 1 px style image.
-    "tiny style scale": (["--size", "64", "--min-size", "64", "--style-scale", "0.01", "--content-layers", "relu4_2",
-                          "--style-layers", "relu1_1,relu2_1,relu3_1,relu4_1,relu5_1"], (64, 48)),
+    "tiny style scale": (
+        [
+            "--size",
+            "64",
+            "--min-size",
+            "64",
+            "--style-scale",
+            "0.01",
+            "--content-layers",
+            "relu4_2",
+            "--style-layers",
+            "relu1_1,relu2_1,relu3_1,relu4_1,relu5_1",
+        ],
+        (64, 48),
+    ),
     "layers with spaces": (["--style-layers", " relu1_1 , relu2_1 "], (32, 24)),
     "init from a file": (["--init", "style.png"], (32, 24)),
     "absolute style size": (["--style-size", "20"], (32, 24)),
@@ -211,8 +261,12 @@ def test_option_corpus_in_process(case, tmp_path, monkeypatch, capsys):
 def test_odd_option_corpus(case, tmp_path, monkeypatch, capsys):
     folder = _option_folder(tmp_path)
     before = tree(folder)
-    r = _main(["stylize", "content.png", "style.png", *TINY, "-o", "out.png", *ODD_OPTIONS[case][0]], folder,
-              monkeypatch, capsys)
+    r = _main(
+        ["stylize", "content.png", "style.png", *TINY, "-o", "out.png", *ODD_OPTIONS[case][0]],
+        folder,
+        monkeypatch,
+        capsys,
+    )
     assert r.returncode == 0, r.stderr
     after = tree(folder)
     assert "Traceback" not in r.stderr + r.stdout

@@ -15,6 +15,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from helpers import one_error_line, run_together
 from PIL import Image
 
 from engine import Config, UserError, stylize
@@ -22,7 +23,6 @@ from engine.api import build_extractor
 from export import artifact, onnx_export, torchscript
 from export.ort import OrtExtractor, choose_providers
 from export.validate import TOLERANCE, validate
-from helpers import one_error_line, run_together
 
 SMALL = dict(content_layers=("relu2_2",), style_layers=("relu1_1", "relu2_1", "relu3_1"), device="cpu")
 ORT_TOL = TOLERANCE["cpu"]
@@ -175,8 +175,14 @@ def test_artifact_loads_with_plain_torch_in_another_process(eager, tmp_path):
     x = picture(45, 61)
     torch.save(x, tmp_path / "x.pt")
     env = {"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}  # no PYTHONPATH: the project is not importable
-    r = subprocess.run([sys.executable, "-c", EMBED, str(path), str(tmp_path / "x.pt"), str(tmp_path / "out.pt")],
-                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-c", EMBED, str(path), str(tmp_path / "x.pt"), str(tmp_path / "out.pt")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     info = json.loads(r.stdout.strip().splitlines()[-1])
     assert info["names"] == ["relu1_1", "relu2_1", "relu2_2", "relu3_1"] and info["project"] == []
@@ -276,16 +282,29 @@ def perturbed_runs(eager, onnx_file, tmp_path_factory):
     onnx.save(model, str(folder / "bad.onnx"))
     layers = ["--content-layers", "relu2_2", "--style-layers", "relu1_1,relu2_1,relu3_1", "--device", "cpu"]
     common = ["validate", "pic.png", "--sizes", "40x52", "--repeats", "1", *layers]
-    return run_together({
-        "good": ([*common, "--torchscript", good_ts, "--onnx", onnx_file], folder),
-        "bad torchscript": ([*common, "--torchscript", "bad.pt", "--backends", "torchscript"], folder),
-        "bad onnx": ([*common, "--onnx", "bad.onnx", "--backends", "onnxruntime"], folder),
-        "missing layer": ([*common[:6], "--style-layers", "relu1_1,relu4_1", "--torchscript", "good.pt",
-                           "--backends", "torchscript"], folder),
-        # No layer flags: the model, pooling and layers come from the artifacts' own descriptions.
-        "described": ([*common[:6], "--device", "cpu", "--torchscript", good_ts, "--onnx", onnx_file], folder),
-        "size too small": ([*common[:2], "--sizes", "2", *layers, "--onnx", onnx_file], folder),
-    }, env={"NST_CACHE_DIR": str(folder / "cache")})
+    return run_together(
+        {
+            "good": ([*common, "--torchscript", good_ts, "--onnx", onnx_file], folder),
+            "bad torchscript": ([*common, "--torchscript", "bad.pt", "--backends", "torchscript"], folder),
+            "bad onnx": ([*common, "--onnx", "bad.onnx", "--backends", "onnxruntime"], folder),
+            "missing layer": (
+                [
+                    *common[:6],
+                    "--style-layers",
+                    "relu1_1,relu4_1",
+                    "--torchscript",
+                    "good.pt",
+                    "--backends",
+                    "torchscript",
+                ],
+                folder,
+            ),
+            # No layer flags: the model, pooling and layers come from the artifacts' own descriptions.
+            "described": ([*common[:6], "--device", "cpu", "--torchscript", good_ts, "--onnx", onnx_file], folder),
+            "size too small": ([*common[:2], "--sizes", "2", *layers, "--onnx", onnx_file], folder),
+        },
+        env={"NST_CACHE_DIR": str(folder / "cache")},
+    )
 
 
 @pytest.mark.slow
@@ -321,8 +340,10 @@ def test_validate_cli_reads_the_artifacts_description(perturbed_runs):
 def test_validate_cli_checks_sizes_before_any_work(perturbed_runs):
     r = perturbed_runs["size too small"]
     assert r.returncode == 2 and r.stdout == ""
-    assert ("pic.png at size 2 would be 2x2 px, but the chosen layers (down to relu3_1) need at least 4 px on "
-            "each side; use larger --sizes or shallower layers") in one_error_line(r)
+    assert (
+        "pic.png at size 2 would be 2x2 px, but the chosen layers (down to relu3_1) need at least 4 px on "
+        "each side; use larger --sizes or shallower layers"
+    ) in one_error_line(r)
 
 
 def test_validate_api_checks_sizes_in_python_words(onnx_file):
@@ -347,15 +368,17 @@ def export_runs(tmp_path_factory):
     folder = tmp_path_factory.mktemp("export_cli")
     (folder / "taken.pt").write_bytes(b"the user's file")
     tiny = ["--content-layers", "relu1_2", "--style-layers", "relu1_1", "--device", "cpu"]
-    results = run_together({
-        "onnx": (["export", "out.onnx", *tiny], folder),
-        "torchscript": (["export", "out.ts", *tiny], folder),
-        "taken": (["export", "taken.pt", *tiny], folder),
-        "unknown extension": (["export", "out.txt", *tiny], folder),
-        "external data for torchscript": (["export", "other.pt", "--external-data", *tiny], folder),
-        "help": (["validate", "--help"], folder),
-        "format against extension": (["export", "x.onnx", "--format", "torchscript", *tiny], folder),
-    })
+    results = run_together(
+        {
+            "onnx": (["export", "out.onnx", *tiny], folder),
+            "torchscript": (["export", "out.ts", *tiny], folder),
+            "taken": (["export", "taken.pt", *tiny], folder),
+            "unknown extension": (["export", "out.txt", *tiny], folder),
+            "external data for torchscript": (["export", "other.pt", "--external-data", *tiny], folder),
+            "help": (["validate", "--help"], folder),
+            "format against extension": (["export", "x.onnx", "--format", "torchscript", *tiny], folder),
+        }
+    )
     return results, folder
 
 
@@ -376,12 +399,18 @@ def test_export_cli_writes_both_formats(export_runs):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case,message", [
-    ("taken", "artifact 'taken.pt' already exists; pass --overwrite to replace it"),
-    ("unknown extension", "cannot tell the format of 'out.txt' from its extension"),
-    ("external data for torchscript", "--external-data applies to ONNX files only"),
-    ("format against extension", "--format torchscript does not match the extension of 'x.onnx' (onnx); name the file x.pt"),
-])
+@pytest.mark.parametrize(
+    "case,message",
+    [
+        ("taken", "artifact 'taken.pt' already exists; pass --overwrite to replace it"),
+        ("unknown extension", "cannot tell the format of 'out.txt' from its extension"),
+        ("external data for torchscript", "--external-data applies to ONNX files only"),
+        (
+            "format against extension",
+            "--format torchscript does not match the extension of 'x.onnx' (onnx); name the file x.pt",
+        ),
+    ],
+)
 def test_export_cli_errors(export_runs, case, message):
     results, folder = export_runs
     r = results[case]

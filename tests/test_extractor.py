@@ -36,8 +36,13 @@ def test_vgg19_feature_shapes_at_odd_size():
     assert set(feats) == set(layers)
     # Each pool floors the size: 50x66 -> 25x33 -> 12x16 -> 6x8 -> 3x4.
     expected = {
-        "relu1_1": (64, 50, 66), "relu2_1": (128, 25, 33), "relu3_1": (256, 12, 16), "conv3_4": (256, 12, 16),
-        "relu4_1": (512, 6, 8), "relu4_2": (512, 6, 8), "relu5_1": (512, 3, 4),
+        "relu1_1": (64, 50, 66),
+        "relu2_1": (128, 25, 33),
+        "relu3_1": (256, 12, 16),
+        "conv3_4": (256, 12, 16),
+        "relu4_1": (512, 6, 8),
+        "relu4_2": (512, 6, 8),
+        "relu5_1": (512, 3, 4),
     }
     for name, shape in expected.items():
         assert tuple(feats[name].shape) == (1, *shape), name

@@ -42,6 +42,7 @@ def assert_engine_image(t, h, w):
 # EXIF orientation
 # ---------------------------------------------------------------------------------------------
 
+
 # An 8 wide x 12 tall picture with a 3x3 red block at its top-left, stored with an EXIF Orientation
 # tag: 1 = as stored, 6 = shown rotated 90 degrees clockwise, 8 = counter-clockwise, 3 = upside down.
 @pytest.mark.parametrize("ext", ["jpg", "png"])

@@ -12,14 +12,16 @@ import time
 import numpy as np
 import pytest
 import torch
+from helpers import ENV, one_error_line, run_together
 from PIL import Image
 
 from engine import Config, UserError, stylize
 from engine import checkpoint as ckpt
 from engine.optimize import Interrupted
-from helpers import ENV, one_error_line, run_together
 
-SMALL = dict(device="cpu", size=48, min_size=34, steps=6, content_layers=("relu2_2",), style_layers=("relu1_1", "relu2_1"))
+SMALL = dict(
+    device="cpu", size=48, min_size=34, steps=6, content_layers=("relu2_2",), style_layers=("relu1_1", "relu2_1")
+)
 
 
 def picture(h, w, seed):
@@ -95,8 +97,18 @@ def test_checkpoint_from_other_settings_or_inputs_is_refused(pair, tmp_path):
 def test_damaged_checkpoint_is_refused(tmp_path, damage):
     path = tmp_path / "bad.ckpt"
     if damage == "truncated":
-        ckpt.save(path, {"scale": 0, "step": 1, "image": torch.zeros(1, 3, 8, 8), "optimizer": {}, "config": {},
-                         "inputs": {}, "history": []})
+        ckpt.save(
+            path,
+            {
+                "scale": 0,
+                "step": 1,
+                "image": torch.zeros(1, 3, 8, 8),
+                "optimizer": {},
+                "config": {},
+                "inputs": {},
+                "history": [],
+            },
+        )
         path.write_bytes(path.read_bytes()[:-200])
     elif damage == "not torch":
         path.write_text("hello")
@@ -117,13 +129,35 @@ def write_pics(folder):
     Image.fromarray(np.stack([(xx % 6) * 40, 255 - yy * 6, xx * 5], -1).astype(np.uint8)).save(folder / "s.png")
 
 
-CLI_ARGS = ["stylize", "c.png", "s.png", "--size", "48", "--min-size", "34", "--steps", "60", "-q", "--device", "cpu",
-            "--content-layers", "relu2_2", "--style-layers", "relu1_1,relu2_1"]
+CLI_ARGS = [
+    "stylize",
+    "c.png",
+    "s.png",
+    "--size",
+    "48",
+    "--min-size",
+    "34",
+    "--steps",
+    "60",
+    "-q",
+    "--device",
+    "cpu",
+    "--content-layers",
+    "relu2_2",
+    "--style-layers",
+    "relu1_1,relu2_1",
+]
 
 
 def start(args, cwd):
-    return subprocess.Popen([sys.executable, "-m", "engine", *args], cwd=cwd, env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "engine", *args],
+        cwd=cwd,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def wait_for(path, proc, timeout=120):
@@ -167,10 +201,16 @@ def test_signal_writes_image_and_checkpoint_then_resume_finishes(tmp_path, refer
     if sig == signal.SIGTERM:
         # The same command again would start afresh and replace the saved progress: refused, pointing at resume.
         (tmp_path / "out.png").write_bytes(b"appeared meanwhile")
-        again = run_together({"again": ([*CLI_ARGS, "-o", "out.png", "--checkpoint-every", "5"], tmp_path),
-                              "resume": (["resume", "out.png.ckpt", "-q"], tmp_path)})
-        assert "out.png.ckpt holds an unfinished run of this output; go on with: nst resume out.png.ckpt" in \
-            one_error_line(again["again"])
+        again = run_together(
+            {
+                "again": ([*CLI_ARGS, "-o", "out.png", "--checkpoint-every", "5"], tmp_path),
+                "resume": (["resume", "out.png.ckpt", "-q"], tmp_path),
+            }
+        )
+        assert (
+            "out.png.ckpt holds an unfinished run of this output; go on with: nst resume out.png.ckpt"
+            in one_error_line(again["again"])
+        )
         assert "out.png' already exists; pass --overwrite" in one_error_line(again["resume"])
         assert (tmp_path / "out.png").read_bytes() == b"appeared meanwhile"
         r = run_together({"resume": (["resume", "out.png.ckpt", "-q", "--overwrite"], tmp_path)})["resume"]
@@ -206,14 +246,20 @@ def test_cli_refuses_damaged_or_mismatched_checkpoints(tmp_path):
     (tmp_path / "junk.ckpt").write_bytes(b"\x00" * 100)
     plan = ckpt.CheckpointPlan(str(tmp_path / "other.ckpt"), should_stop=stop_after(1))
     with pytest.raises(Interrupted):
-        stylize(str(tmp_path / "c.png"), str(tmp_path / "s.png"),
-                Config(**{**SMALL, "steps": 60, "style_weight": 7.0}), checkpoint=plan)
-    results = run_together({
-        "junk": (["resume", "junk.ckpt"], tmp_path),
-        "missing": (["resume", "nope.ckpt"], tmp_path),
-        "mismatch": ([*CLI_ARGS, "-o", "out.png", "--resume", "other.ckpt"], tmp_path),
-        "python-made": (["resume", "other.ckpt"], tmp_path),
-    })
+        stylize(
+            str(tmp_path / "c.png"),
+            str(tmp_path / "s.png"),
+            Config(**{**SMALL, "steps": 60, "style_weight": 7.0}),
+            checkpoint=plan,
+        )
+    results = run_together(
+        {
+            "junk": (["resume", "junk.ckpt"], tmp_path),
+            "missing": (["resume", "nope.ckpt"], tmp_path),
+            "mismatch": ([*CLI_ARGS, "-o", "out.png", "--resume", "other.ckpt"], tmp_path),
+            "python-made": (["resume", "other.ckpt"], tmp_path),
+        }
+    )
     assert "is damaged or not a checkpoint" in one_error_line(results["junk"])
     assert "does not exist" in one_error_line(results["missing"])
     assert "made with other settings" in one_error_line(results["mismatch"])
@@ -222,11 +268,14 @@ def test_cli_refuses_damaged_or_mismatched_checkpoints(tmp_path):
     assert not (tmp_path / "out.png").exists()
 
 
-
-@pytest.mark.parametrize("error", [
-    lambda: torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
-    lambda: RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"),
-], ids=["cuda", "cpu"])
+@pytest.mark.parametrize(
+    "error",
+    [
+        lambda: torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+        lambda: RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"),
+    ],
+    ids=["cuda", "cpu"],
+)
 def test_out_of_memory_is_one_sentence_naming_the_size(tmp_path, monkeypatch, capsys, error):
     from engine import cli
     from engine.optimize import StepFunction
@@ -245,8 +294,10 @@ def test_out_of_memory_is_one_sentence_naming_the_size(tmp_path, monkeypatch, ca
     code = cli.main([*CLI_ARGS[:8], "6", *CLI_ARGS[9:], "-o", "out.png", "--checkpoint-every", "4"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1, err
-    assert err[0] == ("nst: error: ran out of memory at 48x40 (scale 2/2); try a smaller --size, --precision bf16, "
-                      "or fewer --style-layers; the last checkpoint is kept at out.png.ckpt")
+    assert err[0] == (
+        "nst: error: ran out of memory at 48x40 (scale 2/2); try a smaller --size, --precision bf16, "
+        "or fewer --style-layers; the last checkpoint is kept at out.png.ckpt"
+    )
     assert not (tmp_path / "out.png").exists() and ckpt.load(tmp_path / "out.png.ckpt")["step"] == 2
 
 

@@ -17,7 +17,14 @@ from engine import Callback, Config, UserError, stylize
 from engine.api import loop_extractor, stylize_batch
 from engine.criterion import build_criterion
 from engine.optimize import (
-    GRAPH_WARMUP, GraphedStep, LossScale, NonFiniteLoss, Objective, StepFunction, make_step, optimize_scale,
+    GRAPH_WARMUP,
+    GraphedStep,
+    LossScale,
+    NonFiniteLoss,
+    Objective,
+    StepFunction,
+    make_step,
+    optimize_scale,
 )
 from engine.runtime import Runtime, resolve_runtime
 
@@ -42,10 +49,13 @@ def test_auto_on_cpu_is_fp32_channels_last_without_graphs():
         resolve_runtime(Config(device="cpu", optimizer="lbfgs", memory_format="channels_last"))
 
 
-@pytest.mark.parametrize("settings,message", [
-    (dict(precision="tf32"), "precision 'tf32' needs a CUDA GPU"),
-    (dict(cuda_graphs="on"), "cuda_graphs 'on' needs a CUDA GPU"),
-])
+@pytest.mark.parametrize(
+    "settings,message",
+    [
+        (dict(precision="tf32"), "precision 'tf32' needs a CUDA GPU"),
+        (dict(cuda_graphs="on"), "cuda_graphs 'on' needs a CUDA GPU"),
+    ],
+)
 def test_cuda_only_settings_are_refused_on_cpu(settings, message):
     with pytest.raises(UserError, match=message):
         resolve_runtime(Config(device="cpu", **settings))
@@ -245,10 +255,18 @@ def _quadratic(features, image):
 def _report(sync_every, sync_seconds=0.0, report_due=lambda i: False, steps=10):
     """Every ``on_step`` call of a 10-step run with an average: ``{step: image or None}`` (images read there)."""
     seen = {}
-    optimize_scale(torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(0)),
-                   Objective(lambda x: {"x": x}, _quadratic), steps, "adam", 0.05, ema_decay=0.9,
-                   on_step=lambda i, loss, parts, image: seen.__setitem__(i, image and image().clone()),
-                   sync_every=sync_every, sync_seconds=sync_seconds, report_due=report_due)
+    optimize_scale(
+        torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(0)),
+        Objective(lambda x: {"x": x}, _quadratic),
+        steps,
+        "adam",
+        0.05,
+        ema_decay=0.9,
+        on_step=lambda i, loss, parts, image: seen.__setitem__(i, image and image().clone()),
+        sync_every=sync_every,
+        sync_seconds=sync_seconds,
+        report_due=report_due,
+    )
     return seen
 
 
@@ -267,12 +285,25 @@ def test_grouped_reports_hear_every_step_and_build_the_image_only_at_reads():
 
 def test_the_image_of_a_report_is_gone_once_the_run_moves_on():
     kept = []
-    optimize_scale(torch.rand(1, 3, 8, 8), Objective(lambda x: {"x": x}, _quadratic), 3, "adam", 0.05, ema_decay=0.9,
-                   on_step=lambda i, loss, parts, image: kept.append(image))
+    optimize_scale(
+        torch.rand(1, 3, 8, 8),
+        Objective(lambda x: {"x": x}, _quadratic),
+        3,
+        "adam",
+        0.05,
+        ema_decay=0.9,
+        on_step=lambda i, loss, parts, image: kept.append(image),
+    )
     assert all(image() is None for image in kept)  # not read in time: never built, and not built late
     live = []
-    optimize_scale(torch.rand(1, 3, 8, 8), Objective(lambda x: {"x": x}, _quadratic), 3, "adam", 0.05,
-                   on_step=lambda i, loss, parts, image: live.append(image()))
+    optimize_scale(
+        torch.rand(1, 3, 8, 8),
+        Objective(lambda x: {"x": x}, _quadratic),
+        3,
+        "adam",
+        0.05,
+        on_step=lambda i, loss, parts, image: live.append(image()),
+    )
     assert not any(image.requires_grad for image in live)  # without an average: the live image, detached
 
 
@@ -281,8 +312,12 @@ def test_stylize_with_a_grouped_callback_matches_a_live_one():
     pair = picture(32, 32, 1), picture(32, 32, 2)
     live, grouped = {}, {}
     stylize(*pair, config, callback=lambda info: live.__setitem__(info.total_step, (info.loss, info.image.clone())))
-    callback = Callback(lambda info: grouped.__setitem__(info.total_step, (info.loss, info.image)), every=4,
-                        seconds=1e9, image_due=lambda step: step == 3)
+    callback = Callback(
+        lambda info: grouped.__setitem__(info.total_step, (info.loss, info.image)),
+        every=4,
+        seconds=1e9,
+        image_due=lambda step: step == 3,
+    )
     stylize(*pair, config, callback=callback)
     assert [loss for loss, _ in grouped.values()] == [loss for loss, _ in live.values()]
     assert [step for step, (_, image) in grouped.items() if image is not None] == [3, 6]
@@ -311,8 +346,15 @@ def test_nan_guard_stops_with_the_step_number(sync_every):
     image = torch.rand(1, 3, 8, 8)
     seen = []
     with pytest.raises(NonFiniteLoss, match="the loss became NaN at step 3 of this scale, so the run stopped"):
-        optimize_scale(image, Objective(lambda x: {"x": x}, _Poisoned(3)), 10, "adam", 0.1,
-                       on_step=lambda i, *a: seen.append(i), sync_every=sync_every)
+        optimize_scale(
+            image,
+            Objective(lambda x: {"x": x}, _Poisoned(3)),
+            10,
+            "adam",
+            0.1,
+            on_step=lambda i, *a: seen.append(i),
+            sync_every=sync_every,
+        )
     assert seen == [1, 2]  # the good steps were reported, nothing after the bad one
 
 
@@ -325,9 +367,28 @@ def test_nan_guard_reaches_the_cli_as_one_sentence(monkeypatch, tmp_path):
     for name in ("c.png", "s.png"):
         Image.new("RGB", (32, 32), (120, 80, 40)).save(tmp_path / name)
     out = tmp_path / "out.png"
-    code = cli.main(["stylize", str(tmp_path / "c.png"), str(tmp_path / "s.png"), "-o", str(out), "--device", "cpu",
-                     "--size", "32", "--min-size", "32", "--steps", "2", "-q",
-                     "--content-layers", "relu1_1", "--style-layers", "relu1_1"])
+    code = cli.main(
+        [
+            "stylize",
+            str(tmp_path / "c.png"),
+            str(tmp_path / "s.png"),
+            "-o",
+            str(out),
+            "--device",
+            "cpu",
+            "--size",
+            "32",
+            "--min-size",
+            "32",
+            "--steps",
+            "2",
+            "-q",
+            "--content-layers",
+            "relu1_1",
+            "--style-layers",
+            "relu1_1",
+        ]
+    )
     assert code == 2 and not out.exists()
 
 
@@ -336,8 +397,9 @@ def test_nan_guard_reaches_the_cli_as_one_sentence(monkeypatch, tmp_path):
 
 def test_graphs_are_not_used_off_cuda():
     rt = Runtime(torch.device("cpu"), "fp32", channels_last=False, cuda_graphs=False)
-    step = make_step(torch.rand(1, 3, 4, 4, requires_grad=True), Objective(lambda x: {"x": x}, _Poisoned(99)), "adam",
-                     0.1, rt)
+    step = make_step(
+        torch.rand(1, 3, 4, 4, requires_grad=True), Objective(lambda x: {"x": x}, _Poisoned(99)), "adam", 0.1, rt
+    )
     assert isinstance(step, StepFunction)
 
 
@@ -406,8 +468,11 @@ def test_cuda_graphs_recapture_on_scale_change(cuda_problem, monkeypatch, determ
 @pytest.fixture
 def keep_cuda_flags():
     """Restore the process-wide flags resolve_runtime sets (monkeypatch cannot: cuBLAS's are properties)."""
-    flags = ((torch.backends.cudnn, "benchmark"), (torch.backends.cudnn, "allow_tf32"),
-             (torch.backends.cuda.matmul, "allow_tf32"))
+    flags = (
+        (torch.backends.cudnn, "benchmark"),
+        (torch.backends.cudnn, "allow_tf32"),
+        (torch.backends.cuda.matmul, "allow_tf32"),
+    )
     saved = [getattr(module, name) for module, name in flags]
     yield
     for (module, name), value in zip(flags, saved):
@@ -508,7 +573,9 @@ def test_cuda_resume_equals_uninterrupted(cuda_problem, tmp_path, precision, det
         return calls[0] == 18  # step 6 of the second scale (12 + 8 + 6 steps), after its graph was captured
 
     with pytest.raises(Interrupted):
-        stylize(*cuda_problem, config, checkpoint=ckpt.CheckpointPlan(str(tmp_path / "run.ckpt"), should_stop=stop_at_18))
+        stylize(
+            *cuda_problem, config, checkpoint=ckpt.CheckpointPlan(str(tmp_path / "run.ckpt"), should_stop=stop_at_18)
+        )
     state = ckpt.load(tmp_path / "run.ckpt")
     assert (state["loss_scale"] is not None) == (precision == "fp16")
     resumed = stylize(*cuda_problem, config, resume=state)

@@ -53,7 +53,8 @@ def test_sliced_ot_zero_for_identical_sets_and_permutation_invariant():
 def test_sliced_ot_draws_fresh_directions_from_its_seed():
     feats, target = rand(1, 4, 6, 6, seed=5), rand(1, 4, 5, 5, seed=6)
     make = lambda seed: SlicedOTStyleLoss.from_targets(  # noqa: E731
-        [SlicedOTStyleLoss.target_stats([(target, 1.0)])], projections=3, seed=seed)
+        [SlicedOTStyleLoss.target_stats([(target, 1.0)])], projections=3, seed=seed
+    )
     a, b = make(0), make(0)
     first, second = a(feats), a(feats)
     assert first.item() != second.item()  # new directions at each call
@@ -73,9 +74,11 @@ def test_sliced_ot_gradcheck():
 
 def w2_reference(mu_x, cov_x, mu_s, cov_s):
     """The closed form with eigh in float64: |dmu|^2 + tr Sx + tr Ss - 2 tr sqrt(Ss^1/2 Sx Ss^1/2)."""
+
     def sqrtm(m):
         w, v = np.linalg.eigh(m)
         return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+
     root = sqrtm(cov_s)
     cross = np.trace(sqrtm(root @ cov_x @ root))
     return ((mu_x - mu_s) ** 2).sum() + np.trace(cov_x) + np.trace(cov_s) - 2 * cross
@@ -159,8 +162,15 @@ def test_luminance_pair_is_grey_and_matched():
 @pytest.mark.slow
 def test_luminance_mode_output_has_the_content_chroma():
     content, style = picture(32, 40, 5, (0.9, 0.4, 0.2)), picture(32, 32, 6, (0.2, 0.5, 1.0))
-    config = Config(device="cpu", size=40, min_size=40, steps=5, preserve_colors="luminance",
-                    content_layers=("relu2_2",), style_layers=("relu1_1", "relu2_1"))
+    config = Config(
+        device="cpu",
+        size=40,
+        min_size=40,
+        steps=5,
+        preserve_colors="luminance",
+        content_layers=("relu2_2",),
+        style_layers=("relu1_1", "relu2_1"),
+    )
     out = stylize(content, style, config).image
     yiq_out, yiq_content = rgb_to_yiq(out), rgb_to_yiq(content)
     inside = (out > 0.002).all(0) & (out < 0.998).all(0)
@@ -203,9 +213,17 @@ def test_style_tied_to_one_half_changes_that_half_most(tmp_path):
     left = np.zeros((48, 64), np.uint8)
     left[:, :32] = 255
     Image.fromarray(left).save(tmp_path / "left.png")
-    config = Config(device="cpu", size=64, min_size=64, steps=15, style_weight=50, ema_decay=0,
-                    content_layers=("relu2_2",), style_layers=("relu1_1", "relu2_1"),
-                    style_masks=(str(tmp_path / "left.png"),))
+    config = Config(
+        device="cpu",
+        size=64,
+        min_size=64,
+        steps=15,
+        style_weight=50,
+        ema_decay=0,
+        content_layers=("relu2_2",),
+        style_layers=("relu1_1", "relu2_1"),
+        style_masks=(str(tmp_path / "left.png"),),
+    )
     out = stylize(content, [stripes], config).image
     relu1_1 = build_extractor(Config(device="cpu", content_layers=(), style_layers=("relu1_1",)))
 
@@ -222,15 +240,26 @@ def test_masks_need_one_per_style_and_the_gram_loss(tmp_path):
     with pytest.raises(UserError, match="style_masks work with the gram style loss only"):
         Config(style_loss="ot", style_masks=("a.png",))
     with pytest.raises(UserError, match="style_masks has 1 mask but there are 2 style images"):
-        stylize(picture(32, 32, 1), [picture(32, 32, 2), picture(32, 32, 3)],
-                Config(device="cpu", size=32, min_size=32, steps=1, style_masks=("a.png",)))
+        stylize(
+            picture(32, 32, 1),
+            [picture(32, 32, 2), picture(32, 32, 3)],
+            Config(device="cpu", size=32, min_size=32, steps=1, style_masks=("a.png",)),
+        )
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("loss", ["ot", "w2"])
 def test_other_losses_run_end_to_end_and_descend(loss):
-    config = Config(device="cpu", size=48, min_size=48, steps=30, style_loss=loss, ema_decay=0,
-                    content_layers=("relu2_2",), style_layers=("relu1_1", "relu2_1", "relu3_1"))
+    config = Config(
+        device="cpu",
+        size=48,
+        min_size=48,
+        steps=30,
+        style_loss=loss,
+        ema_decay=0,
+        content_layers=("relu2_2",),
+        style_layers=("relu1_1", "relu2_1", "relu3_1"),
+    )
     result = stylize(picture(40, 48, 10), picture(40, 40, 11, (1.0, 0.3, 0.1)), config)
     styles = [h["style"] for h in result.history]
     assert all(np.isfinite(styles)) and np.mean(styles[-5:]) < 0.7 * np.mean(styles[:5]), styles

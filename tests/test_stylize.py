@@ -49,7 +49,9 @@ def test_same_seed_same_image_other_seed_other_image(images):
 def test_multiscale_schedule_reaches_requested_size(images):
     seen = []
     result = stylize(
-        images[0], images[1], Config(size=70, min_size=32, steps=4, device="cpu"),
+        images[0],
+        images[1],
+        Config(size=70, min_size=32, steps=4, device="cpu"),
         callback=lambda info: seen.append(info),
     )
     h, w = fit_long_side(*images[0].shape[-2:], 70)

@@ -16,18 +16,20 @@ import sys
 
 import pytest
 import torch
+from helpers import ENV, ROOT
 
 from engine import Config, UserError, stylize
 from engine.api import build_extractor
 from engine.criterion import build_criterion
 from engine.memory import (
-    GiB, activation_bytes_per_pixel, plan_scale, state_bytes_per_pixel,
+    GiB,
+    activation_bytes_per_pixel,
+    plan_scale,
+    state_bytes_per_pixel,
 )
 from engine.optimize import Objective
 from engine.tiling import Geometry, TiledObjective, TileGrid, Tiling
 from engine.vgg import BlockCheckpointed
-
-from helpers import ENV, ROOT
 
 SHALLOW = dict(style_layers=("relu1_1", "relu2_1", "relu3_1"), content_layers=("relu2_1",))
 
@@ -41,8 +43,10 @@ def problem(loss="gram", dtype=torch.float64, size=(46, 58), batch=2, masks=Fals
     config = Config(device="cpu", style_loss=loss, **layers)
     extractor = build_extractor(config).to(dtype)
     content = rand(batch, 3, *size, seed=1, dtype=dtype)
-    styles = [([rand(3, 37, 51, seed=2, dtype=dtype)], (1.0,)),
-              ([rand(3, 29, 23, seed=3, dtype=dtype), rand(3, 64, 40, seed=4, dtype=dtype)], (1.0, 2.0))][:batch]
+    styles = [
+        ([rand(3, 37, 51, seed=2, dtype=dtype)], (1.0,)),
+        ([rand(3, 29, 23, seed=3, dtype=dtype), rand(3, 64, 40, seed=4, dtype=dtype)], (1.0, 2.0)),
+    ][:batch]
     mask = None
     if masks:  # one soft mask per style image of the first job
         mask = rand(1, 1, *size, seed=5, dtype=dtype)
@@ -63,7 +67,10 @@ def loss_and_grad(objective, image):
 
 
 def test_geometry_of_the_default_and_shallow_networks():
-    assert (Geometry.of("vgg19", Config().feature_layers).stride, Geometry.of("vgg19", Config().feature_layers).halo) == (16, 80)
+    assert (
+        Geometry.of("vgg19", Config().feature_layers).stride,
+        Geometry.of("vgg19", Config().feature_layers).halo,
+    ) == (16, 80)
     shallow = Geometry.of("vgg19", ("relu1_1", "relu2_1", "relu3_1"))
     assert (shallow.stride, shallow.halo) == (4, 12)
     assert shallow.factors["relu1_1"] == 1 and shallow.factors["relu2_1"] == 2 and shallow.factors["relu3_1"] == 4
@@ -97,8 +104,9 @@ def test_tiled_loss_and_gradient_equal_untiled_in_float64(loss, masks, tile):
     total, parts, grad = loss_and_grad(Objective(extractor, criterion), image)
     grid = Tiling(tile, Geometry.of(config.model, config.feature_layers)).grid(*image.shape[-2:])
     assert len(grid.tiles) > 4
-    tiled, tiled_parts, tiled_grad = loss_and_grad(TiledObjective(extractor, criterion, grid, contextlib.nullcontext),
-                                                   image)
+    tiled, tiled_parts, tiled_grad = loss_and_grad(
+        TiledObjective(extractor, criterion, grid, contextlib.nullcontext), image
+    )
     torch.testing.assert_close(tiled, total, rtol=1e-10, atol=0)
     for name in ("content", "style", "tv"):
         torch.testing.assert_close(tiled_parts[name], parts[name], rtol=1e-10, atol=0)
@@ -107,8 +115,7 @@ def test_tiled_loss_and_gradient_equal_untiled_in_float64(loss, masks, tile):
 
 def test_tiled_gradient_in_float32_and_with_the_default_layers():
     """float32 with the default layers (halo 80): within 1e-5 of the largest gradient (measured 2e-7)."""
-    config, extractor, criterion, *_, image = problem(
-        "gram", dtype=torch.float32, size=(200, 170), batch=1, layers={})
+    config, extractor, criterion, *_, image = problem("gram", dtype=torch.float32, size=(200, 170), batch=1, layers={})
     total, _, grad = loss_and_grad(Objective(extractor, criterion), image)
     grid = Tiling(64, Geometry.of(config.model, config.feature_layers)).grid(200, 170)
     tiled, _, tiled_grad = loss_and_grad(TiledObjective(extractor, criterion, grid, contextlib.nullcontext), image)
@@ -172,7 +179,6 @@ def test_a_tiled_run_ends_at_the_untiled_image():
 @pytest.mark.slow
 def test_resume_of_a_tiled_run_equals_the_uninterrupted_run(tmp_path):
     from engine.checkpoint import CheckpointPlan, load
-
     from engine.optimize import Interrupted
 
     whole = stylize_with(None)
@@ -255,8 +261,9 @@ def test_memory_model_against_a_measured_peak(tile):
     """The estimate of the first step's peak above what was resident before it, within 2x."""
     # Every allocation above 64 KiB is its own mapping, returned when freed: RSS then follows what is live.
     env = {**ENV, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    result = subprocess.run([sys.executable, "-c", MEASURE, "384", tile], env=env, capture_output=True,
-                            text=True, timeout=300, cwd=ROOT)
+    result = subprocess.run(
+        [sys.executable, "-c", MEASURE, "384", tile], env=env, capture_output=True, text=True, timeout=300, cwd=ROOT
+    )
     assert result.returncode == 0, result.stderr
     got = json.loads(result.stdout)
     config = Config()

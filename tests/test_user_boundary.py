@@ -26,11 +26,17 @@ def picture(h, w, seed=0):
 def test_check_size_refuses_below_one_pixel_and_above_the_limit_in_the_callers_words():
     config = Config()  # down to relu5_1: four pools, 16 px
     check_size(config, 16, 40, "the output")
-    with pytest.raises(UserError, match=r"^the output would be 40x15 px, but the chosen layers \(down to relu5_1\) "
-                                        r"need at least 16 px on each side; use a larger size or shallower layers$"):
+    with pytest.raises(
+        UserError,
+        match=r"^the output would be 40x15 px, but the chosen layers \(down to relu5_1\) "
+        r"need at least 16 px on each side; use a larger size or shallower layers$",
+    ):
         check_size(config, 15, 40, "the output")
-    with pytest.raises(UserError, match=r"would be 9000x8000 = 72.0 Mpx, above the 67.1 Mpx limit \(max_pixels\); "
-                                        r"the image and its optimiser state alone would take 7.8 GiB \(116 bytes"):
+    with pytest.raises(
+        UserError,
+        match=r"would be 9000x8000 = 72.0 Mpx, above the 67.1 Mpx limit \(max_pixels\); "
+        r"the image and its optimiser state alone would take 7.8 GiB \(116 bytes",
+    ):
         check_size(config, 8000, 9000, "the output")
     with cli_wording(), pytest.raises(UserError, match=r"use a larger --size .* \(--max-pixels\)|use a larger --size"):
         check_size(config, 15, 40, "the output")
@@ -49,8 +55,11 @@ def test_tiny_style_scale_runs_and_a_huge_one_is_refused_before_any_work():
     deep = dict(TINY, content_layers=("relu4_2",), style_layers=("relu1_1", "relu5_1"))
     result = stylize(picture(24, 32), picture(30, 40, 1), Config(**deep, style_scale=0.01))
     assert result.image.shape == (3, 24, 32)
-    with pytest.raises(UserError, match=r"^the style image would be 3200x2400 = 7.7 Mpx, above the 1.0 Mpx limit "
-                                        r"\(max_pixels\)"):
+    with pytest.raises(
+        UserError,
+        match=r"^the style image would be 3200x2400 = 7.7 Mpx, above the 1.0 Mpx limit "
+        r"\(max_pixels\)",
+    ):
         stylize(picture(24, 32), picture(30, 40, 1), Config(**TINY, style_scale=100, max_pixels=10**6))
     with pytest.raises(UserError, match=r"^the output would be 32x24 = 768 px, above the 10 px limit \(max_pixels\)"):
         stylize(picture(24, 32), picture(30, 40, 1), Config(**TINY, max_pixels=10))
@@ -78,14 +87,19 @@ def test_list_settings_accept_comma_separated_strings():
     assert Config(style_masks="a.png,b.png").style_masks == ("a.png", "b.png")
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    ({"style_layers": 5}, "style_layers must be a list of names or a comma-separated string, not 5"),
-    ({"style_layers": ["relu1_1", 2]}, "style_layers must be names (strings)"),
-    ({"style_layer_weights": "1,lots"}, "style_layer_weights must be numbers"),
-    ({"style_layers": "relu1_1", "style_layer_weights": "1,2"},
-     "style_layer_weights has 2 values but there is 1 style layer"),
-    ({"init": "random"}, "init must be one of content, noise, gray, or an image file, not 'random'"),
-])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"style_layers": 5}, "style_layers must be a list of names or a comma-separated string, not 5"),
+        ({"style_layers": ["relu1_1", 2]}, "style_layers must be names (strings)"),
+        ({"style_layer_weights": "1,lots"}, "style_layer_weights must be numbers"),
+        (
+            {"style_layers": "relu1_1", "style_layer_weights": "1,2"},
+            "style_layer_weights has 2 values but there is 1 style layer",
+        ),
+        ({"init": "random"}, "init must be one of content, noise, gray, or an image file, not 'random'"),
+    ],
+)
 def test_bad_list_settings_are_one_sentence(kwargs, message):
     with pytest.raises(UserError) as info:
         Config(**kwargs)
