@@ -19,8 +19,9 @@ them up to float32 before it reduces anything.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Mapping, Sequence, Union
+from typing import Iterator, Mapping, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +33,24 @@ EPS = 1e-8
 def at_least_float32(t: torch.Tensor) -> torch.Tensor:
     """bf16/fp16 up to float32; float32 and float64 (the tests' references) as they are."""
     return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
+@contextlib.contextmanager
+def full_float32() -> Iterator[None]:
+    """Matmuls inside run in IEEE float32 even when the run's precision turned TF32 on (CUDA).
+
+    TF32 keeps 10 mantissa bits of each matmul input, which a statistic that
+    cancels (the W2 distance of a style with itself is 0) or an iteration that
+    compounds rounding (Newton-Schulz) cannot afford. The flag is read on the
+    host when each matmul is launched, so a CUDA graph captured with it off
+    replays the float32 kernels. A no-op on the CPU, which has no TF32.
+    """
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
 
 
 def gram_matrix(features: torch.Tensor) -> torch.Tensor:
@@ -70,7 +89,9 @@ class Moments:
             return cls(0, zeros, zeros.new_zeros((n, c, c)))
         mean = flat.mean(dim=2)
         centred = flat - mean[..., None]
-        return cls(h * w, mean.double(), torch.einsum("ncp,ndp->ncd", centred, centred).double())
+        with full_float32():  # W2 targets and tiles: see full_float32
+            scatter = torch.einsum("ncp,ndp->ncd", centred, centred)
+        return cls(h * w, mean.double(), scatter.double())
 
     def __add__(self, other: "Moments") -> "Moments":
         if other.count == 0 or self.count == 0:

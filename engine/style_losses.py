@@ -10,9 +10,11 @@ pixel) with the style's, where the Gram loss compares second moments only.
 * ``GaussianW2StyleLoss``: fit a Gaussian (mean, covariance) to each side and
   take the closed-form 2-Wasserstein distance between them:
   ``|mu_x - mu_s|^2 + tr S_x + tr S_s - 2 tr (S_s^1/2 S_x S_s^1/2)^1/2``.
-  ``S_s^1/2`` is computed once, in float64 by eigendecomposition; the square
-  root on the image side, which needs gradients, is a Newton-Schulz iteration
-  (matmuls only, stable to differentiate, float32).
+  ``S_s^1/2`` is computed once, in float64 by eigendecomposition. The trace of
+  the square root on the image side, which needs gradients, is a custom
+  autograd function (``trace_sqrtm``): ``eigh`` on the CPU, a Newton-Schulz
+  iteration elsewhere, and the closed-form gradient ``X^-1/2 / 2``, all in
+  IEEE float32 whatever the run's precision.
 
 As with the other losses, each is made relative (divided by the target's own
 size) so weights mean the same across layers, and summed over the batch.
@@ -22,15 +24,20 @@ blend weights, then stacked per job by ``from_targets``.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
-from .losses import EPS, FeaturesOrMoments, Moments, at_least_float32
+from .losses import EPS, FeaturesOrMoments, Moments, at_least_float32, full_float32
 
 NEWTON_SCHULZ_ITERS = 20  # trace within 1.1e-3 of eigh on the samples at relu1_1-relu5_1 (2e-6 to 1.1e-3)
+SQRTM_METHODS = ("eigh", "newton_schulz")
+# eigh's eigenvalues below this fraction of the largest are treated as noise (float32's eigh resolves
+# about 1e-7 of it); one fraction for float32 and float64, so both compute the same function.
+EIGH_FLOOR = 1e-6
 
 
 def _pixels(features: torch.Tensor) -> torch.Tensor:
@@ -102,14 +109,26 @@ def sliced_ot(x: torch.Tensor, target: torch.Tensor, directions: torch.Tensor) -
 
 
 class GaussianW2StyleLoss(nn.Module):
-    """Closed-form 2-Wasserstein distance between Gaussian fits of the image's and the style's features."""
+    """Closed-form 2-Wasserstein distance between Gaussian fits of the image's and the style's features.
 
-    def __init__(self, mean: torch.Tensor, cov_sqrt: torch.Tensor, cov_trace: torch.Tensor, scale: torch.Tensor):
+    ``method`` picks how ``tr (S_s^1/2 S_x S_s^1/2)^1/2`` is computed (see
+    ``trace_sqrtm``); None chooses by the device.
+    """
+
+    def __init__(
+        self,
+        mean: torch.Tensor,
+        cov_sqrt: torch.Tensor,
+        cov_trace: torch.Tensor,
+        scale: torch.Tensor,
+        method: Optional[str] = None,
+    ):
         super().__init__()
         self.register_buffer("mean", mean)  # (N, C)
         self.register_buffer("cov_sqrt", cov_sqrt)  # (N, C, C)
         self.register_buffer("cov_trace", cov_trace)  # (N,)
         self.register_buffer("scale", scale)  # (N,): tr S_s + |mu_s|^2, the target's size
+        self.method = method
 
     @staticmethod
     def target_stats(features: Sequence[tuple[FeaturesOrMoments, float]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,7 +145,7 @@ class GaussianW2StyleLoss(nn.Module):
         return mean, second - torch.outer(mean, mean)
 
     @classmethod
-    def from_targets(cls, per_job: Sequence[tuple[torch.Tensor, torch.Tensor]]):
+    def from_targets(cls, per_job: Sequence[tuple[torch.Tensor, torch.Tensor]], method: Optional[str] = None):
         means, roots, traces, scales = [], [], [], []
         for mean, cov in per_job:
             roots.append(sqrtm_eigh(cov))
@@ -134,21 +153,23 @@ class GaussianW2StyleLoss(nn.Module):
             traces.append(torch.trace(cov))
             scales.append(torch.trace(cov) + mean.pow(2).sum())
         stack = lambda ts: torch.stack(ts).float()  # noqa: E731
-        return cls(stack(means), stack(roots), stack(traces), stack(scales))
+        return cls(stack(means), stack(roots), stack(traces), stack(scales), method)
 
     def stats(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean ``(N, C)`` and covariance ``(N, C, C)`` of the image's feature vectors."""
         x = _pixels(features)  # (N, C, P)
         mean = x.mean(dim=2)
         centred = x - mean[..., None]
-        return mean, centred @ centred.transpose(1, 2) / x.shape[2]
+        with full_float32():  # the distance cancels to 0 at the style itself: see full_float32
+            cov = centred @ centred.transpose(1, 2) / x.shape[2]
+        return mean, cov
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.loss_from_stats(*self.stats(features))
 
     def loss_from_stats(self, mean: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
-        cross = self.cov_sqrt @ cov @ self.cov_sqrt  # S_s^1/2 S_x S_s^1/2, SPD
-        w2 = (mean - self.mean).pow(2).sum(1) + _trace(cov) + self.cov_trace - 2 * trace_sqrtm(cross)
+        cross = trace_sqrtm(cov, self.cov_sqrt, self.method)  # tr (S_s^1/2 S_x S_s^1/2)^1/2
+        w2 = (mean - self.mean).pow(2).sum(1) + _trace(cov) + self.cov_trace - 2 * cross
         return (w2.clamp_min(0) / self.scale.clamp_min(EPS)).sum()
 
 
@@ -167,21 +188,112 @@ def sqrtm_eigh(cov: torch.Tensor) -> torch.Tensor:
     return sym_power(cov.double(), 0.5)
 
 
-def trace_sqrtm(m: torch.Tensor, iters: int = NEWTON_SCHULZ_ITERS) -> torch.Tensor:
-    """``tr(m^1/2)`` of a batch of SPD matrices ``(N, C, C)`` by coupled Newton-Schulz iteration.
+def default_sqrtm_method(device: torch.device) -> str:
+    """``eigh`` on the CPU, ``newton_schulz`` elsewhere (why: see ``trace_sqrtm``)."""
+    return "eigh" if device.type == "cpu" else "newton_schulz"
+
+
+def trace_sqrtm(
+    m: torch.Tensor,
+    root: Optional[torch.Tensor] = None,
+    method: Optional[str] = None,
+    iters: int = NEWTON_SCHULZ_ITERS,
+) -> torch.Tensor:
+    """``tr (root m root)^1/2`` (``tr m^1/2`` without ``root``) for a batch of PSD matrices ``(N, C, C)``.
+
+    Differentiable in ``m`` (``root`` is a constant: the style's). The
+    gradient is the closed form ``d tr X^1/2 = tr(X^-1/2 dX) / 2``, so the
+    backward pass costs one or two matmuls instead of replaying the forward
+    computation. Two ways to get ``X^1/2`` and ``X^-1/2``:
+
+    * ``eigh``: one eigendecomposition. Exact to float32 rounding; on a CPU it
+      is several times cheaper than the iteration (LAPACK's divide and conquer
+      against 60 matmuls for a 512-channel layer). On CUDA, ``eigh`` waits for
+      the host (it cannot be captured in a CUDA graph) and is slow for
+      batches, so it is the CPU's default only.
+    * ``newton_schulz``: a coupled Newton-Schulz iteration, matmuls only, no
+      host sync, capturable; the iteration gives ``X^-1/2`` for free beside
+      ``X^1/2``. The default off the CPU.
+
+    Both run in IEEE float32 (or the input's float64) whatever the run's
+    precision; see ``full_float32``.
+    """
+    method = method or default_sqrtm_method(m.device)
+    if method not in SQRTM_METHODS:
+        raise ValueError(f"trace_sqrtm method {method!r} is not one of {SQRTM_METHODS}")
+    return _TraceSqrtm.apply(m, root, method, iters)
+
+
+class _TraceSqrtm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, m, root, method, iters):
+        with full_float32():
+            cross = m if root is None else root @ m @ root
+            if method == "eigh":
+                try:
+                    trace, factors = _sqrt_eigh(cross)
+                except torch.linalg.LinAlgError:  # LAPACK did not converge (NaN input, say): the iteration's answer
+                    method = "newton_schulz"
+            if method == "newton_schulz":
+                trace, factors = _sqrt_newton_schulz(cross, iters)
+        ctx.method = method
+        ctx.save_for_backward(root, *factors)
+        return trace
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        root, *factors = ctx.saved_tensors
+        with full_float32():
+            # The gradient of tr X^1/2 with respect to X, then through X = root m root.
+            if ctx.method == "eigh":
+                vectors, slopes = factors
+                d = (vectors * slopes[..., None, :]) @ vectors.transpose(-2, -1)
+            else:
+                d = factors[0].transpose(-2, -1) / 2  # X^-1/2 / 2 (transposed: right for any square X)
+            d = grad[:, None, None] * d
+            if root is not None:
+                d = root.transpose(-2, -1) @ d @ root.transpose(-2, -1)
+        return d, None, None, None
+
+
+def _sqrt_eigh(x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """``tr x^1/2`` by ``eigh``, and what the backward needs: the eigenvectors and ``d sqrt(l) / dl``.
+
+    An eigenvalue below ``floor`` (``EIGH_FLOOR * l_max``) is noise, and
+    ``sqrt`` there would give an unbounded slope (a
+    rank-deficient covariance, at a deep layer of a small image, has hundreds
+    of them). Below ``floor`` the square root is replaced by the quadratic
+    ``s(l) = sqrt(f) (l / f) (3/2 - l / 2f)``, which meets it at ``f`` with the
+    same value and slope and is 0 at 0: the trace stays continuous and
+    differentiable, and its slope is at most ``1.5 / sqrt(f)``.
+    """
+    values, vectors = torch.linalg.eigh(x)
+    values = values.clamp_min(0)
+    top = values[..., -1:].clamp_min(torch.finfo(x.dtype).tiny)
+    floor = EIGH_FLOOR * top
+    below = values < floor
+    ratio = values / floor
+    roots = torch.where(below, floor.sqrt() * ratio * (1.5 - 0.5 * ratio), values.clamp_min(floor).sqrt())
+    slopes = torch.where(below, (1.5 - ratio) / floor.sqrt(), 0.5 / values.clamp_min(floor).sqrt())
+    return roots.sum(-1), (vectors, slopes)
+
+
+def _sqrt_newton_schulz(x: torch.Tensor, iters: int) -> tuple[torch.Tensor, tuple[torch.Tensor]]:
+    """``tr x^1/2`` by coupled Newton-Schulz iteration, and ``x^-1/2`` for the backward.
 
     The matrix is scaled by its Frobenius norm so every eigenvalue lies in
-    (0, 1], where the iteration converges; only matmuls, so gradients are
-    stable even where eigenvalues repeat (unlike differentiating ``eigh``).
-    Eigenvalues near zero converge slowest; their square roots are small,
-    so the error they leave in the trace is small too (see the tests for
-    the accuracy on near-singular covariances).
+    (0, 1], where the iteration converges: ``Y -> x^1/2`` and ``Z -> x^-1/2``
+    (both scaled back). Eigenvalues near zero converge slowest; their square
+    roots are small, so the error they leave in the trace is small too, and
+    ``Z`` stays bounded there (its eigenvalues grow at most 1.5x a step), which
+    bounds the gradient as ``_sqrt_eigh``'s floor does.
     """
-    n, c, _ = m.shape
-    norm = m.flatten(1).norm(dim=1).clamp_min(EPS)[:, None, None]
-    eye = torch.eye(c, device=m.device, dtype=m.dtype).expand(n, c, c)
-    y, z = m / norm, eye
-    best = torch.full((n,), float("inf"), device=m.device, dtype=m.dtype)
+    n, c, _ = x.shape
+    norm = x.flatten(1).norm(dim=1).clamp_min(EPS)[:, None, None]
+    eye = torch.eye(c, device=x.device, dtype=x.dtype).expand(n, c, c)
+    y, z = x / norm, eye
+    best = torch.full((n,), float("inf"), device=x.device, dtype=x.dtype)
     for _ in range(iters):
         zy = z @ y
         # Once converged, the coupled iteration amplifies rounding and diverges (in float32 after ~25
@@ -192,4 +304,5 @@ def trace_sqrtm(m: torch.Tensor, iters: int = NEWTON_SCHULZ_ITERS) -> torch.Tens
         best = torch.minimum(best, residual)
         t = 0.5 * (3 * eye - zy)
         y, z = torch.where(improving, y @ t, y), torch.where(improving, t @ z, z)
-    return _trace(y) * norm[:, 0, 0].sqrt()
+    scale = norm.sqrt()
+    return _trace(y) * scale[:, 0, 0], (z / scale,)
