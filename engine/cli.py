@@ -112,6 +112,18 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="EXT",
         help="with a folder of contents: the results' format, e.g. jpg or tif (default: png)",
     )
+    st.add_argument(
+        "--log",
+        metavar="FILE",
+        help="write one JSON line per step (scale, step, loss and its parts, seconds) to FILE, e.g. run.jsonl; "
+        "draw it with nst plot",
+    )
+    st.add_argument(
+        "--animate",
+        metavar="OUT",
+        help="also write the progression, the snapshots then the result, as OUT.gif (or .mp4 with imageio-ffmpeg); "
+        "needs --snapshot-every",
+    )
     st.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     add_config_options(st)
     st.set_defaults(run=lambda args: _run("run_stylize", args))
@@ -130,6 +142,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rs.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     rs.set_defaults(run=lambda args: _run("run_resume", args))
+
+    pl = sub.add_parser(
+        "plot",
+        help="draw the loss curve of an nst stylize --log file",
+        description="Draw the total loss and its parts against the step (log scale), with the scales marked, "
+        "from a file written by nst stylize --log.",
+    )
+    pl.add_argument("log", metavar="LOG", help="the --log file (JSON lines)")
+    pl.add_argument("-o", "--output", required=True, help="the picture: .png, .svg or .pdf")
+    pl.add_argument("--overwrite", action="store_true", help="replace an existing picture")
+    pl.set_defaults(run=run_plot)
 
     ex = sub.add_parser(
         "export",
@@ -310,6 +333,16 @@ def run_compare(args: argparse.Namespace) -> int:
         f"wrote {output} ({sheet.width}x{sheet.height}, {plural(len(runs), 'run')}) in "
         f"{time.perf_counter() - started:.1f} s"
     )
+    return 0
+
+
+def run_plot(args: argparse.Namespace) -> int:
+    from .runlog import check_plot_output, plot_log, read_log
+
+    check_plot_output(Path(args.output), args.overwrite)  # before reading: a bad name costs nothing
+    records = read_log(Path(args.log))
+    written = plot_log(records, Path(args.output), args.overwrite, title=Path(args.log).name)
+    print(f"wrote {written} ({len(records)} steps)")
     return 0
 
 

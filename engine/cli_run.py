@@ -96,6 +96,8 @@ def run_stylize(args: argparse.Namespace) -> int:
     if Path(args.content).is_dir():
         if args.checkpoint_every or args.resume:
             raise UserError("--checkpoint-every and --resume work with one content image, not a folder")
+        if args.log or args.animate:
+            raise UserError("--log and --animate work with one content image, not a folder")
         return run_folder(args, config)
     if args.output_format:
         raise UserError(
@@ -122,6 +124,8 @@ def run_stylize(args: argparse.Namespace) -> int:
         "bit_depth": args.bit_depth,
         "snapshot_every": args.snapshot_every,
         "checkpoint_every": args.checkpoint_every,
+        "log": args.log,
+        "animate": args.animate,
     }
     return run_job(job, config, args.quiet, resume, fresh_output=resume is None)
 
@@ -129,11 +133,14 @@ def run_stylize(args: argparse.Namespace) -> int:
 def _absolute(job: dict) -> dict:
     """The job with absolute paths, as stored in checkpoints (so that ``nst resume`` works from anywhere)."""
     absolute = lambda p: str(Path(p).resolve()) if Path(p).exists() or p == job["output"] else p  # noqa: E731
+    written = lambda p: str(Path(p).resolve()) if p else p  # noqa: E731  (outputs: they need not exist yet)
     return dict(
         job,
         content=absolute(job["content"]),
         styles=[absolute(p) for p in job["styles"]],
         output=absolute(job["output"]),
+        log=written(job.get("log")),
+        animate=written(job.get("animate")),
     )
 
 
@@ -179,12 +186,25 @@ def run_job(job: dict, config, quiet: bool, resume, fresh_output: bool) -> int:
         raise UserError(f"snapshot directory {str(snapshots)!r} is not empty; pass --overwrite or move it")
     ckpt_path = output.with_name(output.name + ".ckpt")
     partial = output.with_name(f"{output.stem}_interrupted{output.suffix}")
+    animate = Path(job["animate"]) if job.get("animate") else None
+    if animate is not None:
+        from .runlog import check_animation
+
+        check_animation(animate, job["overwrite"], job["snapshot_every"])
+    log = None
+    if job.get("log"):
+        from .runlog import StepLog
+
+        # A resumed job (nst resume) appends to its log; a fresh one starts it (never over a file without --overwrite).
+        log = StepLog(Path(job["log"]), job["overwrite"], append=not fresh_output)
     started = time.perf_counter()
     bar = Progress(quiet)
     seen = {}
 
     def after_step(info):
         seen["info"] = info
+        if log is not None:
+            log.write(info)
         if job["snapshot_every"] and info.total_step % job["snapshot_every"] == 0:
             if fresh_output and job["overwrite"] and "cleared" not in seen and snapshots.is_dir():
                 # --overwrite replaces the earlier run's snapshots too, not only its result; other files stay.
@@ -230,7 +250,14 @@ def run_job(job: dict, config, quiet: bool, resume, fresh_output: bool) -> int:
         ) from None
     finally:
         bar.close()
+        if log is not None:
+            log.close()
     written = result.save(output, overwrite=job["overwrite"], bit_depth=job["bit_depth"])
+    if animate is not None:
+        from .runlog import write_animation
+
+        frames = sorted(snapshots.glob(f"step*_scale*{output.suffix}"))  # this run's (and, resumed, the first part's)
+        write_animation(frames, result.image, animate, job["overwrite"])
     # The job is done: its checkpoints could only repeat it (stylize removed the ones it was given; this also
     # covers a run interrupted before its first step), and a resumed job's interrupted picture is superseded.
     for leftover in [ckpt_path] + ([partial] if resume is not None else []):
