@@ -187,6 +187,12 @@ def run_job(job: dict, config, quiet: bool, resume, fresh_output: bool) -> int:
     ckpt_path = output.with_name(output.name + ".ckpt")
     partial = output.with_name(f"{output.stem}_interrupted{output.suffix}")
     animate = Path(job["animate"]) if job.get("animate") else None
+    taken = {Path(p).resolve() for p in [output, job["content"], *job["styles"]] if Path(p).exists() or p == output}
+    for name in ("log", "animate"):
+        if job.get(name):
+            if Path(job[name]).resolve() in taken:
+                raise UserError(f"--{name} {job[name]!r} is also the output or an input; choose another name")
+            taken.add(Path(job[name]).resolve())
     if animate is not None:
         from .runlog import check_animation
 

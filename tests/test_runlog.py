@@ -102,6 +102,8 @@ def test_plot_errors_are_one_sentence(tmp_path, capsys):
         (["--animate", "nowhere/out.gif", "--snapshot-every", "1"], "animation directory 'nowhere' does not exist"),
         (["--log", "old.jsonl"], "log 'old.jsonl' already exists; pass --overwrite"),
         (["--log", "nowhere/run.jsonl"], "log directory 'nowhere' does not exist"),
+        (["--log", "out.png"], "--log 'out.png' is also the output or an input"),
+        (["--log", "a.gif", "--animate", "a.gif", "--snapshot-every", "1"], "--animate 'a.gif' is also the output"),
     ],
 )
 def test_stylize_log_and_animate_errors_are_one_sentence(tmp_path, capsys, monkeypatch, extra, message):
