@@ -267,7 +267,7 @@ class Engine:
         self._running: list[Job] = []
         self._closed = False
         self._worker: Optional[threading.Thread] = None
-        self._counts = {"done": 0, "failed": 0, "cancelled": 0, "interrupted": 0}
+        self._counts = {"batches": 0, "done": 0, "failed": 0, "cancelled": 0, "interrupted": 0}
 
     def _claim_flags(self, runtime: Runtime) -> None:
         if runtime.device.type != "cuda":
@@ -291,7 +291,8 @@ class Engine:
 
     @property
     def stats(self) -> dict:
-        """Counters for monitoring and tests: style-feature cache hits/misses, graphs kept/reused, jobs by end."""
+        """Counters for monitoring and tests: style-feature cache hits/misses, graphs kept/reused, batches run
+        by the worker, jobs by how they ended."""
         cache, pool = self.session.style_cache, self.session.steps_pool
         with self._cond:
             return {
@@ -419,6 +420,7 @@ class Engine:
             for job in batch:
                 job._start()
             self._running = batch
+            self._counts["batches"] += 1
             return batch
 
     def _work(self) -> None:
