@@ -431,9 +431,12 @@ class Engine:
             try:
                 jobs[0]._context.run(self._run, jobs)
             finally:
-                with self._cond:
-                    self._running = []
-                    self._cond.notify_all()
+                self._idle()
+
+    def _idle(self) -> None:
+        with self._cond:
+            self._running = []
+            self._cond.notify_all()
 
     def _run(self, jobs: list[Job]) -> None:
         def on_step(info: StepInfo) -> None:
@@ -469,24 +472,29 @@ class Engine:
             first._saving,
             after_step,
         )
+        results, failure = None, None
         try:
             with self._device:
                 results = run_batch(self.session, batch)
-        except _Stopped:
-            return
-        except Interrupted as exc:
-            first._preview = exc.image[0].float().cpu()
-            self._end(first, JobState.INTERRUPTED, f"job {first.id} was interrupted after step {exc.step} of its scale")
-            return
         except Exception as exc:  # one job's failure is that job's; the engine goes on
-            message = _sentence(exc, first)
-            if _is_out_of_memory(exc) and self.runtime.device.type == "cuda":
+            # Without its traceback: the frames would keep the failed run's tensors (after an OOM, all of them).
+            failure = exc.with_traceback(None)
+        self._idle()  # before the jobs end: whoever sees a job end sees the engine idle
+        if isinstance(failure, _Stopped):
+            return
+        if isinstance(failure, Interrupted):
+            first._preview = failure.image[0].float().cpu()
+            where = f"step {failure.step} of its scale; its checkpoint is {first._saving.plan.path}"
+            self._end(first, JobState.INTERRUPTED, f"job {first.id} was interrupted after {where}")
+        elif failure is not None:
+            message = _sentence(failure, first)
+            if _is_out_of_memory(failure) and self.runtime.device.type == "cuda":
                 torch.cuda.empty_cache()
             for job in jobs:
-                self._end(job, JobState.FAILED, message, exception=exc)
-            return
-        for job, result in zip(jobs, results):
-            self._end(job, JobState.DONE, result=result)
+                self._end(job, JobState.FAILED, message, exception=failure)
+        else:
+            for job, result in zip(jobs, results):
+                self._end(job, JobState.DONE, result=result)
 
     def _end(self, job: Job, state: JobState, error=None, result=None, exception=None) -> None:
         if job.state in TERMINAL:

@@ -13,6 +13,7 @@ import torch
 
 from engine import Config, Engine, JobCancelled, JobFailed, JobInterrupted, QueueFull, UserError, stylize
 from engine import checkpoint as ckpt
+from engine.optimize import NonFiniteLoss
 
 TINY = dict(
     device="cpu",
@@ -136,8 +137,15 @@ def test_a_failing_job_leaves_the_engine_serving_the_next(engine):
         bad.result(60)
     assert bad.state == "failed" and bad.error == str(failed.value) and "\n" not in bad.error
     assert list(bad.events())[-1] == {"type": "failed", "error": bad.error}
+    # The loss overflows: the NaN guard's NonFiniteLoss fails this job only.
+    huge = dict(content_weight=3e38, style_weight=3e38, tv_weight=3e38, init="noise")
+    overflow = engine.submit(picture(32, 32, 1), picture(32, 32, 2), Config(**TINY, **huge))
+    with pytest.raises(JobFailed, match="^the loss became infinite at step 1 of this scale"):
+        overflow.result(60)
+    assert isinstance(overflow.exception, NonFiniteLoss)
     good = engine.submit(picture(32, 32, 1), picture(32, 32, 2)).result(60)
     assert good.image.shape == (3, 32, 32)
+    assert engine.stats["running"] == 0 and engine.stats["failed"] >= 2
 
 
 def test_settings_the_engine_fixed_are_refused_with_the_field_named(engine):
