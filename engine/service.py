@@ -396,6 +396,8 @@ class Engine:
         """
         config = config or self.config
         runtime = self._job_runtime(config)
+        if self._closed:
+            raise UserError("this Engine is closed and runs no more jobs")
         with self._device:
             return run_jobs(self.session, jobs, config, runtime, callback, on_result, checkpoint, resume)
 
@@ -430,6 +432,9 @@ class Engine:
                 return
             try:
                 jobs[0]._context.run(self._run, jobs)
+            except Exception as exc:  # a bug outside the run itself: the jobs end, the worker goes on
+                for job in jobs:
+                    self._end(job, JobState.FAILED, _sentence(exc, job))
             finally:
                 self._idle()
 
