@@ -148,6 +148,16 @@ def test_a_failing_job_leaves_the_engine_serving_the_next(engine):
     assert engine.stats["running"] == 0 and engine.stats["failed"] >= 2
 
 
+def test_a_job_speaks_the_words_of_whoever_submitted_it(engine):
+    from engine.errors import cli_wording
+
+    huge = dict(content_weight=3e38, style_weight=3e38, tv_weight=3e38, init="noise")
+    with cli_wording():  # as the command line submits: options named --like-this, even from the worker thread
+        job = engine.submit(picture(32, 32, 1), picture(32, 32, 2), Config(**TINY, **huge))
+    with pytest.raises(JobFailed, match="try a lower --lr"):
+        job.result(60)
+
+
 def test_settings_the_engine_fixed_are_refused_with_the_field_named(engine):
     with pytest.raises(UserError, match=r"^pooling is 'avg' but this engine was built with 'max'"):
         engine.submit(picture(32, 32, 1), picture(32, 32, 2), Config(**TINY, pooling="avg"))
