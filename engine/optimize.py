@@ -558,8 +558,12 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
     graph replay refuses, and one written on CUDA would ask the CPU for a fused update. The flags are
     put back to this run's, and Adam's step count moves where they want it (the param's device when
     capturable or fused, else the host). ``state`` itself is not modified.
+
+    State tensors the optimiser already has (a step captured in a CUDA graph, kept by a ``StepPool``,
+    reads and writes those very tensors) are kept, and the loaded values copied into them.
     """
     ours = [{k: group[k] for k in _DEVICE_FLAGS if k in group} for group in optimizer.param_groups]
+    before = {param: dict(entry) for param, entry in optimizer.state.items()}
     # A copy: load_state_dict keeps the very tensors it is given where they already fit, and the steps
     # would then change the caller's checkpoint in place (resuming it twice would not start from the same state).
     optimizer.load_state_dict(_to_cpu(state))
@@ -570,6 +574,12 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
             entry = optimizer.state.get(param, {})
             if torch.is_tensor(entry.get("step")):
                 entry["step"] = entry["step"].to(param.device if on_device else "cpu")
+            for name, prior in before.get(param, {}).items():
+                value = entry.get(name)
+                if torch.is_tensor(prior) and torch.is_tensor(value) and prior.shape == value.shape:
+                    with torch.no_grad():
+                        prior.copy_(value)
+                    entry[name] = prior
 
 
 def _to_cpu(value):

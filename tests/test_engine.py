@@ -235,3 +235,22 @@ def test_a_second_same_size_job_replays_the_captured_graphs():
     fresh = stylize(*pair, Config(**settings))  # warm-up steps eager, then a new capture
     # The same kernels, but cuDNN may pick other algorithms for a fresh capture: the batch tolerance.
     torch.testing.assert_close(second.image, fresh.image, rtol=0, atol=1e-3)
+
+
+def test_loading_optimizer_state_keeps_the_tensors_a_captured_graph_reads():
+    from engine.optimize import Objective, StepFunction, load_optimizer_state
+
+    image = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+    step = StepFunction(
+        image, Objective(lambda x: {"x": x}, lambda f, x: ((f["x"] - 0.3).pow(2).mean(), {})), "adam", 0.1
+    )
+    step()
+    saved = {k: v.clone() for k, v in step.optimizer.state[image].items()}
+    step()
+    tensors = dict(step.optimizer.state[image])  # what a graph captured after these steps would read
+    load_optimizer_state(
+        step.optimizer, {"state": {0: saved}, "param_groups": step.optimizer.state_dict()["param_groups"]}
+    )
+    for name, tensor in step.optimizer.state[image].items():
+        assert tensor is tensors[name]  # the same tensors, now holding the loaded values
+        torch.testing.assert_close(tensor, saved[name], rtol=0, atol=0)
