@@ -1,0 +1,258 @@
+"""``nst serve``: a real uvicorn process on a free loopback port, jobs through httpx, restarts by signal.
+
+One module-wide server answers most tests (max one queued job, a 1 MiB upload limit); the token, restart
+and kill tests start their own. Everything runs 48 px single-scale jobs on the CPU with one thread, which
+is deterministic, so "the same image" is checked as identical 16-bit pixels.
+"""
+
+from __future__ import annotations
+
+import io
+import signal
+import struct
+import subprocess
+import sys
+import zlib
+
+import numpy as np
+import pytest
+from helpers import ENV, one_error_line
+from PIL import Image
+from serving import SMALL, Server
+
+from engine import Config, UserError
+from engine import checkpoint as ckpt
+
+pytest.importorskip("fastapi")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    s = Server(tmp_path_factory.mktemp("state"), "--max-queued", "1", "--max-upload-mb", "1")
+    yield s
+    assert s.stop(), "".join(s.stderr)
+
+
+@pytest.fixture(scope="module")
+def reference(server):
+    """A 16-bit result of the restart tests' job, run without interruption."""
+    job = server.submit({"steps": "30"}).json()
+    assert server.wait(job["id"])["state"] == "done"
+    return pixels(server.client.get(f"/jobs/{job['id']}/result", params={"bits": "16"}).content)
+
+
+def pixels(png: bytes) -> np.ndarray:
+    import png as pypng  # Pillow reads 16-bit RGB as 8-bit; pypng does not
+
+    width, height, rows, info = pypng.Reader(bytes=png).asDirect()
+    assert info["bitdepth"] == 16
+    return np.vstack([np.asarray(r, dtype=np.uint16) for r in rows]).reshape(height, width, 3)
+
+
+def png_bytes(h=40, w=48, seed=0) -> bytes:
+    arr = np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(arr).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def bomb() -> bytes:
+    """A valid PNG header declaring 40000 x 40000 px, with a few bytes of data: decoding would take 4.8 GB."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", 40000, 40000, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 1000))
+        + chunk(b"IEND", b"")
+    )
+
+
+def state_files(server: Server) -> set:
+    return {str(p.relative_to(server.state_dir)) for p in server.state_dir.rglob("*") if "sqlite3" not in p.name}
+
+
+def test_job_over_http_events_in_order_and_results(server):
+    created = server.client.post("/jobs", data=SMALL, files=[("style", ("mine.png", png_bytes(), "image/png"))])
+    assert created.status_code == 422 and created.json()["detail"].startswith("send exactly one content image")
+    files = [
+        ("content", ("photo.png", png_bytes(40, 48, 1), "image/png")),
+        ("style", ("art.png", png_bytes(), "image/png")),
+    ]
+    created = server.submit(files=files, samples=False)
+    assert created.status_code == 201, created.text
+    job = created.json()
+    assert job["state"] == "queued" and job["inputs"] == {"content": "photo.png", "styles": ["art.png"]}
+    assert len(job["id"]) == 22  # 128 random bits
+
+    events = server.events(job["id"])
+    progress, final = events[:-1], events[-1]
+    assert final["type"] == "done" and all(e["type"] == "progress" for e in progress)
+    steps = [e["step"] for e in progress]
+    assert steps == sorted(set(steps)) and steps[-1] == progress[-1]["total_steps"] == 12
+    assert all(e["loss"] > 0 and set(e["parts"]) >= {"content", "style", "tv"} for e in progress)
+
+    status = server.client.get(f"/jobs/{job['id']}").json()
+    assert status["state"] == "done" and status["progress"]["step"] == 12 and len(status["curve"]) == len(steps)
+    eight = server.client.get(f"/jobs/{job['id']}/result")
+    assert eight.headers["content-type"] == "image/png"
+    assert Image.open(io.BytesIO(eight.content)).size == (48, 40)
+    sixteen = pixels(server.client.get(f"/jobs/{job['id']}/result", params={"bits": "16"}).content)
+    as_eight = np.asarray(Image.open(io.BytesIO(eight.content)).convert("RGB"))
+    assert np.abs(np.rint(sixteen / 257.0) - as_eight).max() <= 1
+    preview = server.client.get(f"/jobs/{job['id']}/preview")
+    assert preview.headers["content-type"] == "image/jpeg" and Image.open(io.BytesIO(preview.content)).size == (48, 40)
+    # Asking again replays the whole stream.
+    assert [e["type"] for e in server.events(job["id"])][-1] == "done"
+    assert server.client.get(f"/jobs/{job['id']}/result", params={"bits": "7"}).json() == {
+        "detail": "bits must be 8 or 16, not '7'"
+    }
+    assert server.client.get("/jobs/NoSuchJobAtAllxxxxxxx/result").status_code == 404
+
+
+def truncated_png() -> bytes:
+    return png_bytes(64, 64)[:300]
+
+
+@pytest.mark.parametrize(
+    "form, files, status, words",
+    [
+        ({"style_weight": "-1"}, None, 422, None),  # Config's own sentence, checked below
+        ({"style_loss": "cubist"}, None, 422, None),
+        ({"size": "big"}, None, 422, "size must be a whole number, not 'big'"),
+        ({"init": "/etc/passwd"}, None, 422, "init must be one of content, noise, gray over HTTP"),
+        ({"weights": "/etc/passwd"}, None, 422, "weights is chosen by the server"),
+        ({"colour": "red"}, None, 422, "unknown option 'colour'"),
+        ({"size": "4096"}, None, 422, "above the 4.2 Mpx limit"),
+        ({}, [("content", ("t.png", truncated_png(), "image/png"))], 422, "could not be decoded"),
+        ({}, [("content", ("notes.png", b"hello, not a picture", "image/png"))], 422, "not an image"),
+        ({}, [("content", ("bomb.png", bomb(), "image/png"))], 422, "refusing to decode it"),
+        ({}, [("content", ("huge.png", b"\0" * (2 << 20), "image/png"))], 413, "1 MiB upload limit"),
+        ({"content_sample": "../../etc/passwd"}, None, 422, "no sample named"),
+    ],
+    ids=[
+        "weight",
+        "loss",
+        "type",
+        "init-path",
+        "weights-path",
+        "unknown",
+        "pixels",
+        "truncated",
+        "not-image",
+        "bomb",
+        "huge",
+        "sample-path",
+    ],
+)
+def test_bad_requests_get_one_sentence_and_leave_nothing(server, form, files, status, words):
+    before = state_files(server)
+    data = dict(SMALL, style_sample="starry_night.jpg", **form)
+    if not files and "content_sample" not in form:
+        data["content_sample"] = "tubingen.jpg"
+    response = server.client.post("/jobs", data=data, files=files)
+    assert response.status_code == status, response.text
+    detail = response.json()["detail"]
+    assert "\n" not in detail and detail.count(". ") == 0, detail
+    if words is None:  # the sentence Config says (in a caller's words, as the CLI prints it)
+        name, value = next(iter(form.items()))
+        with pytest.raises(UserError) as expected:
+            Config(**{name: float(value) if name == "style_weight" else value})
+        assert detail == str(expected.value)
+    else:
+        assert words in detail, detail
+    assert state_files(server) == before
+
+
+def test_queue_limit_answers_429_and_cancel_stops_jobs(server):
+    long = {"steps": "3000"}
+    first = server.submit(long).json()
+    server.wait(first["id"], states=("running",))
+    second = server.submit(long)
+    assert second.status_code == 201
+    third = server.submit(long)
+    assert third.status_code == 429 and "queue is full" in third.json()["detail"]
+    for job in (second.json(), first):
+        assert server.client.delete(f"/jobs/{job['id']}").status_code == 200
+    assert server.events(first["id"])[-1]["type"] == "cancelled"
+    assert server.wait(second.json()["id"])["state"] == "cancelled"
+    result = server.client.get(f"/jobs/{first['id']}/result")
+    assert result.status_code == 409 and result.json()["detail"].endswith("has no result: it is cancelled")
+
+
+def test_token_is_required_everywhere_but_health(tmp_path):
+    s = Server(tmp_path, "--token", "s3cret-token")
+    try:
+        assert s.client.get("/health").json() == {"status": "ok", "token_required": True}
+        assert s.client.get("/").status_code == 200  # the page itself holds nothing; it asks for the token
+        for method, path in [("GET", "/jobs/x"), ("POST", "/jobs"), ("GET", "/samples"), ("GET", "/openapi.json")]:
+            for headers in ({}, {"Authorization": "Bearer wrong"}):
+                response = s.client.request(method, path, headers=headers)
+                assert response.status_code == 401, (method, path)
+                assert "token" in response.json()["detail"]
+        good = {"Authorization": "Bearer s3cret-token"}
+        assert s.client.get("/jobs/x", headers=good).status_code == 404
+        assert s.client.get("/samples", headers=good).json() == {"samples": ["starry_night.jpg", "tubingen.jpg"]}
+    finally:
+        assert s.stop(), "".join(s.stderr)
+
+
+def test_binding_beyond_loopback_needs_a_token(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "engine", "serve", "--host", "0.0.0.0", "--state-dir", str(tmp_path / "s")],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "binding to '0.0.0.0' lets other machines in: give a --token" in one_error_line(result)
+    assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_and_restart_finishes_the_same_image(tmp_path, reference):
+    state = tmp_path / "state"
+    first = Server(state, "--checkpoint-every", "5")
+    running = first.submit({"steps": "30"}).json()
+    queued = first.submit({"steps": "30"}).json()
+    seen = first.events(running["id"], until=lambda e: e["step"] >= 8)
+    assert first.stop(signal.SIGTERM), "".join(first.stderr)
+    assert seen[-1]["step"] < 30
+    # The running job wrote its checkpoint on stopping; both jobs are still to do.
+    state_of = {job: ckpt.load(state / "jobs" / job / "checkpoint.pt") for job in [running["id"]]}
+    assert len(state_of[running["id"]]["history"]) >= seen[-1]["step"]
+
+    second = Server(state)
+    try:
+        for job in (running, queued):
+            finished = second.wait(job["id"])
+            assert finished["state"] == "done", finished
+            image = pixels(second.client.get(f"/jobs/{job['id']}/result", params={"bits": "16"}).content)
+            assert np.array_equal(image, reference)  # pixel-identical to the uninterrupted run
+        assert second.client.get(f"/jobs/{running['id']}").json()["resumed"] == 1
+        assert not (state / "jobs" / running["id"] / "checkpoint.pt").exists()
+    finally:
+        assert second.stop(), "".join(second.stderr)
+
+
+@pytest.mark.slow
+def test_sigkill_loses_at_most_one_checkpoint_interval(tmp_path, reference):
+    state = tmp_path / "state"
+    first = Server(state, "--checkpoint-every", "4")
+    job = first.submit({"steps": "30"}).json()
+    seen = first.events(job["id"], until=lambda e: e["step"] >= 10)
+    first.stop(signal.SIGKILL)
+    kept = ckpt.load(state / "jobs" / job["id"] / "checkpoint.pt")
+    assert len(kept["history"]) >= seen[-1]["step"] - 4
+
+    second = Server(state)
+    try:
+        assert second.wait(job["id"])["state"] == "done"
+        image = pixels(second.client.get(f"/jobs/{job['id']}/result", params={"bits": "16"}).content)
+        assert np.array_equal(image, reference)
+    finally:
+        assert second.stop(), "".join(second.stderr)
