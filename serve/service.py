@@ -37,6 +37,7 @@ SAVE_SECONDS = 2.0
 # A loss curve longer than this is thinned (every other point) before it grows further: the page draws a
 # few hundred pixels, and a job of many thousand steps should not make its events unbounded.
 MAX_CURVE = 4000
+KEEP_FINISHED = 16
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,7 @@ class Service:
         self._lock = threading.Lock()
         self._backlog: deque[str] = deque()  # unfinished jobs from the last run that the queue had no room for
         self._threads: list[threading.Thread] = []
+        self._finished: deque[str] = deque()
 
     # Starting and stopping -----------------------------------------------------------------------------
 
@@ -94,8 +96,9 @@ class Service:
         """Queued jobs leave the engine's queue (the table still says queued: see ``_finish``), so that none
         of them starts only to checkpoint after its first step."""
         for live in list(self.live.values()):
-            if live.job is not None and live.job.state == "queued":
-                live.job.cancel()
+            job = live.job
+            if job is not None and job.state == "queued":
+                job.cancel()
 
     @property
     def stopping(self) -> bool:
@@ -142,21 +145,21 @@ class Service:
         live = self.live.get(job_id)
         if row.state in FINAL:
             return row
-        if live is not None and live.job is not None:
-            live.job.cancel()
+        job = live.job if live is not None else None
+        if job is not None:
             live.cancelled_by_client = True
-        else:  # still in the backlog of a restart: never reached the engine
+            job.cancel()
+        elif live is None:  # still in the backlog of a restart: never reached the engine
             with self._lock:
                 if job_id in self._backlog:
                     self._backlog.remove(job_id)
-            self.store.update(job_id, state="cancelled")
+                    self.store.update(job_id, state="cancelled")
         return self.store.get(job_id)
 
     def preview(self, job_id: str) -> Optional[torch.Tensor]:
         live = self.live.get(job_id)
-        if live is not None and live.job is not None and not live.finished:
-            return live.job.preview()
-        return None
+        job = live.job if live is not None else None
+        return job.preview() if job is not None and not live.finished else None
 
     def result_path(self, row: Row, bits: int) -> Path:
         return self.store.folder(row.id) / ("result16.png" if bits == 16 else "result.png")
@@ -238,6 +241,13 @@ class Service:
         with live.lock:
             live.finished = True
             live.events.append(final)
+            live.job = None  # its images and inputs: the result is on disk now
+        # The events of the last few finished jobs stay in memory, to replay to late readers; older ones
+        # answer from the table (the last progress and the outcome), so memory does not grow with jobs served.
+        with self._lock:
+            self._finished.append(job_id)
+            while len(self._finished) > KEEP_FINISHED:
+                self.live.pop(self._finished.popleft(), None)
 
     def _feed(self) -> None:
         """Submit backlog jobs while the engine's queue has room."""
