@@ -22,8 +22,10 @@ SMALL = {"size": "48", "min_size": "48", "steps": "12", "content_layers": "relu2
 
 
 class Server:
-    def __init__(self, state_dir: Path, *args: str, env: dict | None = None):
+    def __init__(self, state_dir: Path, *args: str, env: dict | None = None, token: str | None = None):
         self.state_dir = Path(state_dir)
+        if token:
+            args = (*args, "--token", token)
         command = [sys.executable, "-m", "serve", "--port", "0", "--state-dir", str(state_dir), "--device", "cpu"]
         self.proc = subprocess.Popen(
             [*command, *args],
@@ -37,7 +39,9 @@ class Server:
         threading.Thread(target=self._read, args=(self.proc.stdout, self.lines.put), daemon=True).start()
         threading.Thread(target=self._read, args=(self.proc.stderr, self.stderr.append), daemon=True).start()
         self.url = self._address()
-        self.client = httpx.Client(base_url=self.url, timeout=60)
+        self.client = httpx.Client(
+            base_url=self.url, timeout=60, headers={"Authorization": f"Bearer {token}"} if token else None
+        )
 
     @staticmethod
     def _read(stream, put) -> None:
