@@ -23,6 +23,7 @@ def register(sub) -> None:
         "--state-dir; a stopped or killed server resumes them when started again on the same directory.",
     )
     add_arguments(p)
+    add_engine_options(p)
     p.set_defaults(run=run)
 
 
@@ -40,7 +41,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help=f"bearer token every request but /health must send (default: ${TOKEN_VARIABLE}); "
         "required when binding to anything but a loopback address",
     )
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="(default: auto)")
     p.add_argument("--max-upload-mb", type=_positive(float), default=50.0, help="request body limit (default: 50)")
     p.add_argument(
         "--max-input-pixels",
@@ -67,6 +67,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=20,
         help="steps between checkpoints of the running job: what a killed server can lose (default: 20)",
     )
+
+
+def add_engine_options(p: argparse.ArgumentParser) -> None:
+    """The settings the server's one Engine is built with (network, layers, device, precision); every job
+    uses these, and chooses the rest per request."""
+    from engine.cli import add_config_options
+    from engine.service import FIXED
+
+    add_config_options(p, only=FIXED)
 
 
 def _positive(kind):
@@ -120,7 +129,10 @@ def run(args: argparse.Namespace) -> int:
         args.state_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"--state-dir {str(args.state_dir)!r} cannot be created ({exc.strerror or exc})") from None
-    service = Service(args.state_dir, limits, Config(device=args.device))
+    from engine.service import FIXED
+
+    base = Config(**{name: getattr(args, name) for name in FIXED if hasattr(args, name)})
+    service = Service(args.state_dir, limits, base)
     server = _server(
         uvicorn.Config(
             create_app(service, token),
@@ -166,6 +178,7 @@ def main(argv=None) -> int:
 
     parser = argparse.ArgumentParser(prog="nst serve")
     add_arguments(parser)
+    add_engine_options(parser)
     args = parser.parse_args(argv)
     try:
         with cli_wording():

@@ -21,8 +21,9 @@ from engine.errors import UserError, pixels
 from engine.images import FORMATS, MAX_INPUT_PIXELS, pil_to_tensor
 
 # The settings a client may choose. Left out: anything that names a file on the server (weights, init
-# images, style masks), where and how the server computes (device, precision, tiling, backend, batching)
-# and its limits (max_pixels), which are the operator's.
+# images, style masks), what the Engine is built with (the network and its layers, device, precision:
+# engine.service.FIXED, set by `nst serve` options), how it computes (tiling, batching) and its limits
+# (max_pixels), which are the operator's.
 CLIENT_OPTIONS = (
     "size",
     "min_size",
@@ -36,11 +37,8 @@ CLIENT_OPTIONS = (
     "style_scale",
     "style_size",
     "style_blend_weights",
-    "content_layers",
-    "style_layers",
     "content_layer_weights",
     "style_layer_weights",
-    "pooling",
     "optimizer",
     "lr",
     "ema_decay",

@@ -18,7 +18,9 @@ from helpers import ENV
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 START_SECONDS = 120  # torch's import and the VGG weights, on a loaded machine
 # Small and single-scale (min_size = size), shallow layers: a job of a few seconds on the CPU.
-SMALL = {"size": "48", "min_size": "48", "steps": "12", "content_layers": "relu2_2", "style_layers": "relu1_1,relu2_1"}
+SMALL = {"size": "48", "min_size": "48", "steps": "12"}
+# The server's network: shallow layers (set per server, not per job: the Engine is built with them).
+LAYERS = ("--content-layers", "relu2_2", "--style-layers", "relu1_1,relu2_1")
 
 
 class Server:
@@ -26,7 +28,18 @@ class Server:
         self.state_dir = Path(state_dir)
         if token:
             args = (*args, "--token", token)
-        command = [sys.executable, "-m", "serve", "--port", "0", "--state-dir", str(state_dir), "--device", "cpu"]
+        command = [
+            sys.executable,
+            "-m",
+            "serve",
+            "--port",
+            "0",
+            "--state-dir",
+            str(state_dir),
+            "--device",
+            "cpu",
+            *LAYERS,
+        ]
         self.proc = subprocess.Popen(
             [*command, *args],
             env={**ENV, **(env or {})},
