@@ -121,6 +121,10 @@ def load(args) -> dict:
             "max": round(max(rss), 1),
             "last": round(rss[-1], 1),
             "samples": len(rss),
+            # the largest sample in each tenth of the run: flat, or still growing at the end?
+            "by_tenth": [
+                round(max(rss[i * len(rss) // 10 : (i + 1) * len(rss) // 10] or [rss[-1]]), 1) for i in range(10)
+            ],
         },
     }
 

@@ -26,7 +26,8 @@ import torch
 
 from engine import Config, Engine, UserError
 from engine import checkpoint as ckpt
-from engine.images import save_image
+from engine.errors import pixels
+from engine.images import fit_long_side, save_image
 
 from .store import FINAL, Row, Store, new_id
 from .uploads import UploadLimits, check_image, job_config
@@ -125,6 +126,12 @@ class Service:
     def submit(self, staging: Path, content: torch.Tensor, styles: list[torch.Tensor], options: dict, inputs: dict):
         """Queue a checked request whose files are in ``staging``; the ``Row`` made, or a ``UserError``."""
         config = job_config(self._job_base(), options)  # a bad value: refused before anything is kept
+        height, width = fit_long_side(*content.shape[-2:], config.size)
+        if height * width > self.limits.max_pixels:  # in the client's terms: the engine's names its own option
+            raise UserError(
+                f"size {config.size} makes the output {width}x{height} = {pixels(height * width)}, above this "
+                f"server's {pixels(self.limits.max_pixels)} limit; ask for a smaller size"
+            )
         if self.stopping:
             raise ServiceStopping("the server is shutting down; try again when it is back")
         now = time.time()
