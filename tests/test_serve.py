@@ -7,8 +7,10 @@ is deterministic, so "the same image" is checked as identical 16-bit pixels.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import signal
+import sqlite3
 import struct
 import subprocess
 import sys
@@ -74,8 +76,11 @@ def bomb() -> bytes:
     )
 
 
-def state_files(server: Server) -> set:
-    return {str(p.relative_to(server.state_dir)) for p in server.state_dir.rglob("*") if "sqlite3" not in p.name}
+def state_files(server: Server) -> tuple[set, list]:
+    """The files under the state directory (but the database's own) and the rows of the job table."""
+    files = {str(p.relative_to(server.state_dir)) for p in server.state_dir.rglob("*") if "sqlite3" not in p.name}
+    with contextlib.closing(sqlite3.connect(server.state_dir / "jobs.sqlite3")) as db:
+        return files, db.execute("SELECT id, state FROM jobs ORDER BY seq").fetchall()
 
 
 def test_job_over_http_events_in_order_and_results(server):
@@ -174,6 +179,9 @@ def test_queue_limit_answers_429_and_cancel_stops_jobs(server):
     long = {"steps": "3000"}
     first = server.submit(long).json()
     server.wait(first["id"], states=("running",))
+    server.events(first["id"], until=lambda event: True)  # its first step is done
+    preview = server.client.get(f"/jobs/{first['id']}/preview")  # the image as it is now
+    assert preview.headers["content-type"] == "image/jpeg" and Image.open(io.BytesIO(preview.content)).size == (48, 36)
     second = server.submit(long)
     assert second.status_code == 201
     third = server.submit(long)
