@@ -344,7 +344,7 @@ class StepPool:
         runtime = problem.runtime
         if type(objective) is not Objective or not isinstance(criterion, torch.nn.Module):
             return None
-        if runtime is None or runtime.precision == "fp16" or problem.optimizer != "adam":
+        if runtime is None or not runtime.cuda_graphs or runtime.precision == "fp16" or problem.optimizer != "adam":
             return None
         for module in criterion.modules():  # a tensor that is not a buffer would not be copied in
             for name, value in vars(module).items():
