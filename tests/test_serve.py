@@ -206,6 +206,10 @@ def test_token_is_required_everywhere_but_health(server):
     good = {"Authorization": f"Bearer {TOKEN}"}
     assert bare.get("/jobs/x", headers=good).status_code == 404
     assert bare.get("/samples", headers=good).json() == {"samples": ["starry_night.jpg", "tubingen.jpg"]}
+    paths = bare.get("/openapi.json", headers=good).json()["paths"]  # what FastAPI's page at /docs shows
+    assert {"/jobs", "/jobs/{job_id}", "/jobs/{job_id}/events", "/jobs/{job_id}/result"} <= set(paths)
+    assert "multipart/form-data" in paths["/jobs"]["post"]["requestBody"]["content"]
+    assert bare.get("/docs", headers=good).status_code == 200
 
 
 def test_binding_beyond_loopback_needs_a_token(tmp_path):
