@@ -7,6 +7,7 @@ it is given or the ``Runtime`` it is handed.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ from .schedule import build_schedule
 from .sizes import check_size, style_size
 from .sizes import min_side as network_min_side
 from .style_losses import SlicedOTStyleLoss
-from .tiling import TiledObjective
+from .tiling import TiledObjective, TileShare
 from .vgg import BlockCheckpointed, VGGFeatures, conv_shapes, truncated_names
 from .weights import load_weights
 
@@ -79,16 +80,17 @@ def stylize(
     callback: Optional[Callable[[StepInfo], None]] = None,
     checkpoint: Optional[CheckpointPlan] = None,
     resume: Optional[dict] = None,
+    share: Optional[TileShare] = None,
 ) -> Result:
     """Repaint ``content`` in the style of ``styles`` (one image or several, blended).
 
     Images may be paths, PIL images, arrays or tensors. ``callback`` is called
     after every step with a ``StepInfo``; a plain function is called live
     (the losses are read from the device every step), an
-    ``engine.optimize.Callback`` in groups. ``checkpoint`` and ``resume``: see
-    ``stylize_batch``.
+    ``engine.optimize.Callback`` in groups. ``checkpoint``, ``resume`` and
+    ``share``: see ``stylize_batch``.
     """
-    return stylize_batch([(content, styles)], config, callback, checkpoint=checkpoint, resume=resume)[0]
+    return stylize_batch([(content, styles)], config, callback, checkpoint=checkpoint, resume=resume, share=share)[0]
 
 
 def stylize_batch(
@@ -98,6 +100,7 @@ def stylize_batch(
     on_result: Optional[Callable[[int, Result], None]] = None,
     checkpoint: Optional[CheckpointPlan] = None,
     resume: Optional[dict] = None,
+    share: Optional[TileShare] = None,
 ) -> list[Result]:
     """Run several ``(content, styles)`` jobs; one ``Result`` per job, in order.
 
@@ -113,10 +116,25 @@ def stylize_batch(
     and, when ``checkpoint.should_stop()`` turns true, after the current step,
     before raising ``Interrupted``; ``resume`` (a loaded checkpoint) goes on
     from one. Both need a single job.
+
+    ``share`` (``tiling.TileShare``, e.g. ``scale.tiled.ProcessShare``): this
+    process is one of several that run the same call together, each
+    computing its share of every step's tiles; all of them end with the same
+    images, and only the leader writes or deletes checkpoints. It needs a
+    tile size (``config.tile``), so that every scale is tiled.
     """
     config = config or Config()
     if not jobs:
         raise UserError("no job to run: give at least one content image")
+    if share is not None and not config.tile.isdigit():
+        raise UserError(
+            f"{option('tile')} must be a tile size in pixels when processes share the image, not {config.tile!r}"
+        )
+    leader = share is None or share.leader
+    if share is not None and checkpoint is not None:
+        # One process alone stopping would leave the others waiting for it: a stop is everyone's or no one's.
+        asked = checkpoint.should_stop
+        checkpoint = dataclasses.replace(checkpoint, should_stop=lambda: share.any(asked()))
     runtime = resolve_runtime(config)
     if (checkpoint is not None or resume is not None) and len(jobs) != 1:
         raise UserError("checkpoints and resuming work with one content image at a time, not with a folder")
@@ -155,6 +173,7 @@ def stylize_batch(
                 tuple(chunk),
                 masks,
                 saving,
+                share,
             )
             seconds = time.perf_counter() - started
             for i, image in zip(chunk, images):
@@ -163,7 +182,7 @@ def stylize_batch(
                     on_result(i, results[i])
     # The job is done: a checkpoint of it, written now or resumed from, could only repeat it.
     done_with = [checkpoint.path if checkpoint is not None else None, (resume or {}).get("path")]
-    for path in dict.fromkeys(p for p in done_with if p):
+    for path in dict.fromkeys(p for p in done_with if p and leader):
         if os.path.isfile(path):
             os.unlink(path)
     return results
@@ -242,7 +261,9 @@ def _load_masks(config: Config) -> Optional[torch.Tensor]:
     return torch.stack([resize(m, size) for m in masks])
 
 
-def _run_batch(jobs: list[_Job], schedule, config, runtime, extractor, min_side, callback, indices, masks, saving):
+def _run_batch(
+    jobs: list[_Job], schedule, config, runtime, extractor, min_side, callback, indices, masks, saving, share=None
+):
     """Optimise a batch of same-size jobs through every scale; ``(images, history)``."""
     plan, inputs, resume = saving or (None, None, None)
     history: list[dict] = [dict(h) for h in resume["history"]] if resume else []
@@ -271,7 +292,7 @@ def _run_batch(jobs: list[_Job], schedule, config, runtime, extractor, min_side,
         criterion = build_criterion(
             config, extractor, content, styles, min_side, runtime, scale_masks, tiling=memory.tiling
         )
-        objective = scale_objective(memory, extractor, criterion, runtime, size)
+        objective = scale_objective(memory, extractor, criterion, runtime, size, share)
         generators = [m.generator for m in criterion.style.values() if isinstance(m, SlicedOTStyleLoss)]
         if scale_resume is not None:
             ckpt.restore_generators(generators, resume)
@@ -298,6 +319,8 @@ def _run_batch(jobs: list[_Job], schedule, config, runtime, extractor, min_side,
                 )
 
         def save_state(state, scale=scale, generators=generators):
+            if share is not None and not share.leader:
+                return
             ckpt.save(
                 plan.path,
                 {
@@ -345,10 +368,18 @@ def _reporting(callback) -> tuple[int, float, Callable[[int], bool]]:
     return (SYNC_EVERY, 0.0, never) if callback is None else (1, 0.0, never)  # a plain function: live
 
 
-def scale_objective(memory: MemoryPlan, extractor, criterion, runtime: Runtime, size: tuple[int, int]):
-    """The objective of one scale of ``size``, run as ``memory`` plans: untiled, checkpointed or tiled."""
+def scale_objective(
+    memory: MemoryPlan,
+    extractor,
+    criterion,
+    runtime: Runtime,
+    size: tuple[int, int],
+    share: Optional[TileShare] = None,
+):
+    """The objective of one scale of ``size``, run as ``memory`` plans: untiled, checkpointed or tiled
+    (this process's ``share`` of the tiles, if several processes share the image)."""
     if memory.mode == "tiled":
-        return TiledObjective(extractor, criterion, memory.tiling.grid(*size), runtime.autocast)
+        return TiledObjective(extractor, criterion, memory.tiling.grid(*size), runtime.autocast, share)
     if memory.mode == "checkpoint":
         if not isinstance(extractor, VGGFeatures):
             raise UserError("tile 'checkpoint' needs the eager extractor; use backend eager, or a tile size")
