@@ -100,6 +100,8 @@ def run_stylize(args: argparse.Namespace, share=None) -> int:
         if args.checkpoint_every or args.resume:
             raise UserError("--checkpoint-every and --resume work with one content image, not a folder")
         return run_folder(args, config)
+    if getattr(args, "ray", None) is not None:
+        raise UserError("--ray runs the jobs of a folder of contents; give a folder, or drop --ray for one image")
     if args.output_format:
         raise UserError(
             "--output-format applies to a folder of contents; a single output takes its format from its extension"
@@ -305,6 +307,17 @@ class StopOnSignal:
         return False
 
 
+def _runner(name: str):
+    """A way to run a folder's jobs elsewhere (``--ray``: scale/ray.py), found through the ``nst.runners``
+    entry points: engine/ never names the package that provides it, and it is imported only when asked for."""
+    from importlib.metadata import entry_points
+
+    for entry in entry_points(group="nst.runners"):
+        if entry.name == name:
+            return entry.load()
+    raise UserError(f"--{name} needs the {name} runner of nst-engine's {name} extra: pip install 'nst-engine[{name}]'")
+
+
 class _Stopped(Exception):
     """Raised from a folder run's callback once a signal asked it to stop."""
 
@@ -360,6 +373,8 @@ def run_folder(args: argparse.Namespace, config) -> int:
             file=sys.stderr,
         )
     outdir.mkdir(exist_ok=True)
+    if getattr(args, "ray", None) is not None and todo:
+        return _runner("ray")(args, config, [(contents[i], args.styles) for i in todo], [outputs[i] for i in todo])
     started = time.perf_counter()
     bar = Progress(args.quiet)
     stop = StopOnSignal()
