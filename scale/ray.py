@@ -140,7 +140,7 @@ class _Run:
         else:
             cpus = int(resources.get("CPU", 1))
             count, options, threads = max(1, cpus // cpus_per_worker), {"num_cpus": cpus_per_worker}, cpus_per_worker
-        self.count = min(count, workers or count, max(1, len(jobs)))
+        self.count = min(count, workers or count)
         self.actor = ray.remote(max_restarts=0, max_task_retries=0, **options)(Worker)
         self.threads, self.name = threads, f"{WORKER_NAME}-{uuid.uuid4().hex[:8]}"
         self.started = 0
@@ -149,7 +149,7 @@ class _Run:
     def run(self) -> list[Outcome]:
         ray = self.ray
         pending = collections.deque(self._batches())
-        idle = [self._start() for _ in range(self.count if pending else 0)]
+        idle = [self._start() for _ in range(min(self.count, len(pending)))]  # no more workers than batches
         running: dict = {}  # object ref -> (actor, batch)
         try:
             while pending or running:
@@ -164,14 +164,15 @@ class _Run:
                 actor, batch = running.pop(ref)
                 try:
                     outs = ray.get(ref)
-                except ray.exceptions.RayActorError:
+                except ray.exceptions.RayActorError as exc:
                     # The worker died with the batch: another one (or its replacement) does it again.
                     pending.appendleft(batch)
                     if self.started < self.count * (1 + RESTARTS):
                         idle.append(self._start())
                     elif not idle and not running:
+                        detail = str(exc).strip().splitlines()[-1][:200] if str(exc).strip() else type(exc).__name__
                         raise UserError(
-                            f"every Ray worker died ({self.started} started); "
+                            f"every Ray worker died ({self.started} started, the last with: {detail}); "
                             f"{plural(sum(len(b) for b in pending), 'job')} not done"
                         ) from None
                     continue

@@ -12,7 +12,7 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import ENV, ROOT, TIMEOUT, sha
+from helpers import ENV, ROOT, TIMEOUT, one_error_line, sha
 from PIL import Image
 
 ray = pytest.importorskip("ray")
@@ -105,3 +105,11 @@ def test_the_api_reports_a_bad_job_as_job_failed(cluster, tmp_path):
     missing = tmp_path / "missing.png"
     (outcome,) = stylize_on_ray([(missing, STYLE)], Config(device="cpu", **SETTINGS))
     assert outcome == JobFailed(0, f"content image {str(missing)!r} does not exist")
+
+
+def test_ray_takes_a_folder_not_one_image(tmp_path):
+    done = nst("stylize", ROOT / "examples" / "tubingen.jpg", STYLE, "-o", "one.png", "--ray", cwd=tmp_path)
+    assert done.returncode == 2
+    assert one_error_line(done) == (
+        "nst: error: --ray runs the jobs of a folder of contents; give a folder, or drop --ray for one image"
+    )
