@@ -121,7 +121,8 @@ def stylize_on_ray(
             ray.init(address=address or None, include_dashboard=False, log_to_driver=False, logging_level="warning")
         except (ConnectionError, ValueError, RuntimeError) as exc:
             detail = str(exc).split("\n")[0][:160]
-            raise UserError(f"could not reach the Ray cluster at {address or 'RAY_ADDRESS'} ({detail})") from None
+            hint = "" if os.environ.get("RAY_AUTH_MODE") else "; a cluster that takes a token needs RAY_AUTH_MODE=token"
+            raise UserError(f"could not reach the Ray cluster at {address or 'RAY_ADDRESS'} ({detail}){hint}") from None
     try:
         return _Run(ray, list(jobs), config, cpus_per_worker, workers, on_result).run()
     finally:
