@@ -19,8 +19,6 @@ from .runtime import resolve_device
 from .service import Engine
 from .tiling import TileShare
 
-Job = JobSpec  # the name stylize_batch's callers knew
-
 __all__ = [
     "Result",
     "build_extractor",
@@ -85,5 +83,7 @@ def stylize_batch(
     The jobs run in the caller's thread, on an ``Engine`` made for this call.
     """
     config = config or Config()
-    with Engine(config, max_queued=0) as engine:
+    # Nothing is kept past the call: no graphs (on CUDA a kept graph holds its memory while the next scale
+    # runs), and only a little room for style features (a folder's batches share their style).
+    with Engine(config, max_queued=0, style_cache_bytes=64 << 20, graphs_kept=0) as engine:
         return engine.stylize_batch(jobs, config, callback, on_result, checkpoint, resume, share)

@@ -6,6 +6,12 @@ the pixels once. Faster or larger paths swap what runs around it, never the
 maths: ``GraphedStep`` captures a ``StepFunction`` call as a CUDA graph and
 replays it; compiled extractors (TorchScript) are just another ``extractor``;
 ``tiling.TiledObjective`` computes the same loss and gradient tile by tile.
+
+``optimize_scale(ScaleProblem)`` runs one scale: the problem holds the start
+image, the objective, the optimiser settings, how steps are reported
+(``Reporting``) and checkpointed (``Checkpointing``), and, for a long-lived
+``Engine``, the ``StepPool`` of captured graphs a later job of the same shape
+replays.
 """
 
 from __future__ import annotations
@@ -14,11 +20,14 @@ import contextlib
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable, ContextManager, Optional
+from typing import TYPE_CHECKING, Callable, ContextManager, Optional
 
 import torch
 
 from .errors import UserError, option
+
+if TYPE_CHECKING:
+    from .runtime import Runtime
 
 LBFGS_HISTORY = 50  # memory: 2 * history * image numel floats (about 0.1 GB at 1024 px)
 LBFGS_MAX_EVALS = 20  # function evaluations one L-BFGS step may spend in its line search
@@ -344,7 +353,7 @@ class StepPool:
         runtime = problem.runtime
         if type(objective) is not Objective or not isinstance(criterion, torch.nn.Module):
             return None
-        if runtime is None or runtime.precision == "fp16" or problem.optimizer != "adam":
+        if runtime is None or not runtime.cuda_graphs or runtime.precision == "fp16" or problem.optimizer != "adam":
             return None
         for module in criterion.modules():  # a tensor that is not a buffer would not be copied in
             for name, value in vars(module).items():
@@ -459,7 +468,7 @@ class ScaleProblem:
     optimizer: str = "adam"
     lr: float = 0.02
     ema_decay: float = 0.0
-    runtime: Optional[object] = None  # runtime.Runtime; None: eager, float32
+    runtime: Optional["Runtime"] = None  # None: eager steps, float32
     reporting: Reporting = field(default_factory=Reporting)
     checkpointing: Checkpointing = field(default_factory=Checkpointing)
     after_step: Callable[[int], None] = lambda i: None

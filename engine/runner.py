@@ -101,16 +101,17 @@ class Session:
     steps_pool: Optional[StepPool] = None
 
     @classmethod
-    def open(cls, config: Config, keep: bool = False) -> "Session":
-        """Resolve the runtime and build the extractor; ``keep``: also cache style features and CUDA graphs."""
+    def open(cls, config: Config, style_bytes: int = 0, graphs: int = 0) -> "Session":
+        """Resolve the runtime and build the extractor; keep up to ``style_bytes`` of style features and
+        ``graphs`` captured CUDA graphs for later jobs (0: none)."""
         runtime = resolve_runtime(config)
         return cls(
             config,
             runtime,
             loop_extractor(config, runtime),
             network_min_side(config.model, config.feature_layers),
-            StyleFeatureCache() if keep else None,
-            StepPool() if keep and runtime.cuda_graphs else None,
+            StyleFeatureCache(style_bytes) if style_bytes else None,
+            StepPool(graphs) if graphs and runtime.cuda_graphs else None,
         )
 
 

@@ -217,6 +217,9 @@ class Job:
                 return
             self.state, self.error, self._result, self.exception = state, error, result, exception
             self._preview = None if result is not None else self._preview
+            # The style images (often the largest inputs) are not needed any more; the job may be kept long.
+            self._inputs = dataclasses.replace(self._inputs, styles=[], init=None)
+            self._masks = None
             event = {"type": state.value}
             if state == JobState.FAILED:
                 event["error"] = error
@@ -231,21 +234,30 @@ class Engine:
     """A long-lived style-transfer engine: one runtime, extractor and cache, one worker, a bounded queue.
 
     ``config`` fixes what the extractor and runtime are built from (see ``FIXED``); each job may
-    change everything else. ``max_queued``: jobs waiting beyond the running batch. Use as a context
-    manager, or call ``close()``.
+    change everything else. ``max_queued``: jobs waiting beyond the running batch. ``style_cache_bytes``:
+    device memory for the features of recent styles; ``graphs_kept``: captured CUDA graphs kept, one per
+    scale shape (more than a job's scales, or a repeated job would evict its own graphs). Use as a
+    context manager, or call ``close()``.
     """
 
     _open: dict[int, str] = {}  # the precision of every open Engine on CUDA: they share the process's flags
     _open_lock = threading.Lock()
 
-    def __init__(self, config: Optional[Config] = None, *, max_queued: int = 32):
+    def __init__(
+        self,
+        config: Optional[Config] = None,
+        *,
+        max_queued: int = 32,
+        style_cache_bytes: int = 256 << 20,
+        graphs_kept: int = 16,
+    ):
         self.config = config or Config()
         if isinstance(max_queued, bool) or not isinstance(max_queued, int) or max_queued < 0:
             raise UserError(f"max_queued must be a whole number, 0 or more, not {max_queued!r}")
         self.max_queued = max_queued
         self._claim_flags(decide_runtime(self.config))
         try:
-            self.session = Session.open(self.config, keep=True)
+            self.session = Session.open(self.config, style_cache_bytes, graphs_kept)
         except BaseException:
             self._release_flags()
             raise
@@ -255,7 +267,7 @@ class Engine:
         self._running: list[Job] = []
         self._closed = False
         self._worker: Optional[threading.Thread] = None
-        self._counts = {"done": 0, "failed": 0, "cancelled": 0, "interrupted": 0}
+        self._counts = {"batches": 0, "done": 0, "failed": 0, "cancelled": 0, "interrupted": 0}
 
     def _claim_flags(self, runtime: Runtime) -> None:
         if runtime.device.type != "cuda":
@@ -279,15 +291,16 @@ class Engine:
 
     @property
     def stats(self) -> dict:
-        """Counters for monitoring and tests: style-feature cache hits/misses, graphs kept/reused, jobs by end."""
+        """Counters for monitoring and tests: style-feature cache hits/misses, graphs kept/reused, batches run
+        by the worker, jobs by how they ended."""
         cache, pool = self.session.style_cache, self.session.steps_pool
         with self._cond:
             return {
                 "queued": len(self._queue),
                 "running": len(self._running),
-                "style_hits": cache.hits,
-                "style_misses": cache.misses,
-                "style_cache_bytes": cache.bytes,
+                "style_hits": cache.hits if cache else 0,
+                "style_misses": cache.misses if cache else 0,
+                "style_cache_bytes": cache.bytes if cache else 0,
                 "graph_captures": pool.captures if pool else 0,
                 "graph_reuses": pool.reuses if pool else 0,
                 **self._counts,
@@ -384,6 +397,8 @@ class Engine:
         """
         config = config or self.config
         runtime = self._job_runtime(config)
+        if self._closed:
+            raise UserError("this Engine is closed and runs no more jobs")
         with self._device:
             return run_jobs(self.session, jobs, config, runtime, callback, on_result, checkpoint, resume, share)
 
@@ -408,6 +423,7 @@ class Engine:
             for job in batch:
                 job._start()
             self._running = batch
+            self._counts["batches"] += 1
             return batch
 
     def _work(self) -> None:
@@ -417,10 +433,16 @@ class Engine:
                 return
             try:
                 jobs[0]._context.run(self._run, jobs)
+            except Exception as exc:  # a bug outside the run itself: the jobs end, the worker goes on
+                for job in jobs:
+                    self._end(job, JobState.FAILED, _sentence(exc, job))
             finally:
-                with self._cond:
-                    self._running = []
-                    self._cond.notify_all()
+                self._idle()
+
+    def _idle(self) -> None:
+        with self._cond:
+            self._running = []
+            self._cond.notify_all()
 
     def _run(self, jobs: list[Job]) -> None:
         def on_step(info: StepInfo) -> None:
@@ -456,24 +478,29 @@ class Engine:
             first._saving,
             after_step,
         )
+        results, failure = None, None
         try:
             with self._device:
                 results = run_batch(self.session, batch)
-        except _Stopped:
-            return
-        except Interrupted as exc:
-            first._preview = exc.image[0].float().cpu()
-            self._end(first, JobState.INTERRUPTED, f"job {first.id} was interrupted after step {exc.step} of its scale")
-            return
         except Exception as exc:  # one job's failure is that job's; the engine goes on
-            message = _sentence(exc, first)
-            if _is_out_of_memory(exc) and self.runtime.device.type == "cuda":
+            # Without its traceback: the frames would keep the failed run's tensors (after an OOM, all of them).
+            failure = exc.with_traceback(None)
+        self._idle()  # before the jobs end: whoever sees a job end sees the engine idle
+        if isinstance(failure, _Stopped):
+            return
+        if isinstance(failure, Interrupted):
+            first._preview = failure.image[0].float().cpu()
+            where = f"step {failure.step} of its scale; its checkpoint is {first._saving.plan.path}"
+            self._end(first, JobState.INTERRUPTED, f"job {first.id} was interrupted after {where}")
+        elif failure is not None:
+            message = _sentence(failure, first)
+            if _is_out_of_memory(failure) and self.runtime.device.type == "cuda":
                 torch.cuda.empty_cache()
             for job in jobs:
-                self._end(job, JobState.FAILED, message, exception=exc)
-            return
-        for job, result in zip(jobs, results):
-            self._end(job, JobState.DONE, result=result)
+                self._end(job, JobState.FAILED, message, exception=failure)
+        else:
+            for job, result in zip(jobs, results):
+                self._end(job, JobState.DONE, result=result)
 
     def _end(self, job: Job, state: JobState, error=None, result=None, exception=None) -> None:
         if job.state in TERMINAL:
@@ -500,7 +527,10 @@ class Engine:
             running = list(self._running)
             self._cond.notify_all()
         for job in waiting:
-            self._end(job, JobState.CANCELLED if cancel else JobState.INTERRUPTED, None)
+            if cancel:
+                self._end(job, JobState.CANCELLED)
+            else:
+                self._end(job, JobState.INTERRUPTED, f"the engine closed before job {job.id} started; submit it again")
         if cancel:
             for job in running:
                 job._cancel = True
@@ -509,7 +539,8 @@ class Engine:
             worker.join(timeout)
             if worker.is_alive():
                 raise TimeoutError(f"the engine's running job did not finish within {timeout:g} s")
-        self.session.style_cache.clear()
+        if self.session.style_cache is not None:
+            self.session.style_cache.clear()
         if self.session.steps_pool is not None:
             self.session.steps_pool.clear()
         self._release_flags()

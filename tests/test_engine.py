@@ -13,6 +13,7 @@ import torch
 
 from engine import Config, Engine, JobCancelled, JobFailed, JobInterrupted, QueueFull, UserError, stylize
 from engine import checkpoint as ckpt
+from engine.optimize import NonFiniteLoss
 
 TINY = dict(
     device="cpu",
@@ -105,6 +106,25 @@ def test_cancel_removes_a_queued_job_at_once(engine):
         long.result(60)
 
 
+def test_cancelling_one_job_of_a_batch_leaves_the_other_running():
+    settings = Config(**{**TINY, "batch_size": 2, "steps": 40})
+    pair = picture(32, 32, 31), picture(32, 32, 32)
+    alone = stylize(*pair, settings).image
+    with Engine(settings) as engine:
+        blocker = engine.submit(picture(32, 32, 1), picture(32, 32, 2), Config(**{**TINY, "steps": 2000}))
+        while blocker.state == "queued":
+            time.sleep(0.01)
+        dropped, kept = engine.submit(picture(32, 32, 33), pair[1]), engine.submit(*pair)
+        batches = engine.stats["batches"]
+        blocker.cancel()
+        for event in dropped.events(timeout=60):  # once it has made progress, batched with the other
+            if event["type"] == "progress":
+                dropped.cancel()
+        assert dropped.state == "cancelled"
+        torch.testing.assert_close(kept.result(60).image, alone, rtol=0, atol=1e-3)
+        assert engine.stats["batches"] == batches + 1  # the two ran as one batch
+
+
 def test_a_failing_job_leaves_the_engine_serving_the_next(engine):
     with pytest.raises(UserError, match="content image tensor has NaN"):
         engine.submit(torch.full((3, 32, 32), float("nan")), picture(32, 32, 2))
@@ -117,8 +137,15 @@ def test_a_failing_job_leaves_the_engine_serving_the_next(engine):
         bad.result(60)
     assert bad.state == "failed" and bad.error == str(failed.value) and "\n" not in bad.error
     assert list(bad.events())[-1] == {"type": "failed", "error": bad.error}
+    # The loss overflows: the NaN guard's NonFiniteLoss fails this job only.
+    huge = dict(content_weight=3e38, style_weight=3e38, tv_weight=3e38, init="noise")
+    overflow = engine.submit(picture(32, 32, 1), picture(32, 32, 2), Config(**TINY, **huge))
+    with pytest.raises(JobFailed, match="^the loss became infinite at step 1 of this scale"):
+        overflow.result(60)
+    assert isinstance(overflow.exception, NonFiniteLoss)
     good = engine.submit(picture(32, 32, 1), picture(32, 32, 2)).result(60)
     assert good.image.shape == (3, 32, 32)
+    assert engine.stats["running"] == 0 and engine.stats["failed"] >= 2
 
 
 def test_settings_the_engine_fixed_are_refused_with_the_field_named(engine):
@@ -177,6 +204,15 @@ def test_interrupted_job_resumed_equals_an_uninterrupted_one(engine, tmp_path):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_a_second_open_engine_with_another_precision_is_refused():
+    with Engine(Config(**{**TINY, "device": "cuda", "precision": "tf32"})):
+        with pytest.raises(UserError, match="an open Engine with precision 'tf32' set this process's CUDA math"):
+            Engine(Config(**{**TINY, "device": "cuda", "precision": "fp32"}))
+    Engine(Config(**{**TINY, "device": "cuda", "precision": "fp32"})).close()  # once the first is closed
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 def test_a_second_same_size_job_replays_the_captured_graphs():
     settings = dict(TINY, device="cuda", size=64, min_size=64, steps=12, cuda_graphs="on", precision="fp32")
     pair = picture(64, 64, 1), picture(64, 64, 2)
@@ -186,4 +222,5 @@ def test_a_second_same_size_job_replays_the_captured_graphs():
         second = engine.submit(*pair).result(120)
         assert engine.stats["graph_captures"] == 1 and engine.stats["graph_reuses"] == 1
     fresh = stylize(*pair, Config(**settings))  # warm-up steps eager, then a new capture
-    torch.testing.assert_close(second.image, fresh.image, rtol=0, atol=1e-4)
+    # The same kernels, but cuDNN may pick other algorithms for a fresh capture: the batch tolerance.
+    torch.testing.assert_close(second.image, fresh.image, rtol=0, atol=1e-3)
