@@ -166,14 +166,15 @@ class Job:
             # Batched with others: it ends now, and the batch goes on for them (until all have ended).
             self._engine._end(self, JobState.CANCELLED)
 
-    def events(self, timeout: Optional[float] = None) -> Iterator[dict]:
+    def events(self, timeout: Optional[float] = None, start: int = 0) -> Iterator[dict]:
         """Every event of the job from its start, in order; ends after the one terminal event.
 
         ``{"type": "progress", step, total_steps, scale, scales, loss, parts, seconds}`` per step, then
         ``{"type": "done"}``, ``{"type": "failed", "error": ...}``, ``{"type": "cancelled"}`` or
         ``{"type": "interrupted"}``. ``timeout``: the longest wait for the next event (``TimeoutError``).
+        ``start``: skip the first ``start`` events (a client reconnecting after the ones it has seen).
         """
-        index = 0
+        index = max(0, start)
         while True:
             with self._cond:
                 if not self._cond.wait_for(lambda seen=index: len(self._events) > seen, timeout):

@@ -158,6 +158,7 @@ def test_events_arrive_in_order_with_one_terminal_event(engine):
     live = list(job.events(timeout=60))  # subscribed while it runs
     late = list(job.events())  # subscribed after it ended: the same events from the start
     assert live == late
+    assert list(job.events(start=3)) == live[3:]  # a client that has seen three
     progress, terminal = live[:-1], live[-1]
     assert terminal == {"type": "done"}
     total = job.progress.total_steps
