@@ -17,6 +17,7 @@ from .optimize import StepInfo
 from .runner import JobSpec, Result, build_extractor, loop_extractor, scale_objective
 from .runtime import resolve_device
 from .service import Engine
+from .tiling import TileShare
 
 __all__ = [
     "Result",
@@ -36,16 +37,17 @@ def stylize(
     callback: Optional[Callable[[StepInfo], None]] = None,
     checkpoint: Optional[CheckpointPlan] = None,
     resume: Optional[dict] = None,
+    share: Optional[TileShare] = None,
 ) -> Result:
     """Repaint ``content`` in the style of ``styles`` (one image or several, blended).
 
     Images may be paths, PIL images, arrays or tensors. ``callback`` is called
     after every step with a ``StepInfo``; a plain function is called live
     (the losses are read from the device every step), an
-    ``engine.optimize.Callback`` in groups. ``checkpoint`` and ``resume``: see
-    ``stylize_batch``.
+    ``engine.optimize.Callback`` in groups. ``checkpoint``, ``resume`` and
+    ``share``: see ``stylize_batch``.
     """
-    return stylize_batch([(content, styles)], config, callback, checkpoint=checkpoint, resume=resume)[0]
+    return stylize_batch([(content, styles)], config, callback, checkpoint=checkpoint, resume=resume, share=share)[0]
 
 
 def stylize_batch(
@@ -55,6 +57,7 @@ def stylize_batch(
     on_result: Optional[Callable[[int, Result], None]] = None,
     checkpoint: Optional[CheckpointPlan] = None,
     resume: Optional[dict] = None,
+    share: Optional[TileShare] = None,
 ) -> list[Result]:
     """Run several ``(content, styles)`` jobs; one ``Result`` per job, in order.
 
@@ -71,10 +74,16 @@ def stylize_batch(
     before raising ``Interrupted``; ``resume`` (a loaded checkpoint) goes on
     from one. Both need a single job.
 
+    ``share`` (``tiling.TileShare``, e.g. ``scale.tiled.ProcessShare``): this
+    process is one of several that run the same call together, each
+    computing its share of every step's tiles; all of them end with the same
+    images, and only the leader writes or deletes checkpoints. It needs a
+    tile size (``config.tile``), so that every scale is tiled.
+
     The jobs run in the caller's thread, on an ``Engine`` made for this call.
     """
     config = config or Config()
     # Nothing is kept past the call: no graphs (on CUDA a kept graph holds its memory while the next scale
     # runs), and only a little room for style features (a folder's batches share their style).
     with Engine(config, max_queued=0, style_cache_bytes=64 << 20, graphs_kept=0) as engine:
-        return engine.stylize_batch(jobs, config, callback, on_result, checkpoint, resume)
+        return engine.stylize_batch(jobs, config, callback, on_result, checkpoint, resume, share)

@@ -14,6 +14,7 @@ jobs into batches for ``stylize_batch``, and ``service.Engine``'s worker builds 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from dataclasses import dataclass, field
@@ -45,7 +46,7 @@ from .schedule import Scale, build_schedule
 from .sizes import check_size, style_size
 from .sizes import min_side as network_min_side
 from .style_losses import SlicedOTStyleLoss
-from .tiling import TiledObjective
+from .tiling import TiledObjective, TileShare
 from .vgg import BlockCheckpointed, VGGFeatures, conv_shapes, truncated_names
 from .weights import load_weights
 
@@ -154,6 +155,7 @@ class Batch:
     indices: tuple[int, ...] = (0,)  # the jobs' places in the caller's list, for StepInfo.jobs
     saving: Optional[Saving] = None
     after_step: Callable[[], None] = lambda: None
+    share: Optional[TileShare] = None  # processes computing these jobs together (see stylize_batch)
 
 
 def prepare_jobs(
@@ -191,8 +193,17 @@ def run_jobs(
     on_result: Optional[Callable[[int, Result], None]] = None,
     checkpoint: Optional[CheckpointPlan] = None,
     resume: Optional[dict] = None,
+    share: Optional[TileShare] = None,
 ) -> list[Result]:
     """``stylize_batch``'s work on ``session``: jobs grouped by size into batches, one ``run_batch`` each."""
+    if share is not None and not config.tile.isdigit():
+        raise UserError(
+            f"{option('tile')} must be a tile size in pixels when processes share the image, not {config.tile!r}"
+        )
+    if share is not None and checkpoint is not None:
+        # One process alone stopping would leave the others waiting for it: a stop is everyone's or no one's.
+        asked = checkpoint.should_stop
+        checkpoint = dataclasses.replace(checkpoint, should_stop=lambda: share.any(asked()))
     decoded, masks, saving = prepare_jobs(specs, config, checkpoint is not None, resume)
     if saving is not None:
         saving.plan = checkpoint
@@ -205,7 +216,15 @@ def run_jobs(
         for start in range(0, len(members), per_batch):
             chunk = members[start : start + per_batch]
             batch = Batch(
-                [decoded[i] for i in chunk], config, list(schedule), runtime, masks, callback, tuple(chunk), saving
+                [decoded[i] for i in chunk],
+                config,
+                list(schedule),
+                runtime,
+                masks,
+                callback,
+                tuple(chunk),
+                saving,
+                share=share,
             )
             for i, result in zip(chunk, run_batch(session, batch)):
                 results[i] = result
@@ -222,6 +241,7 @@ def run_batch(session: Session, batch: Batch) -> list[Result]:
     """
     started = time.perf_counter()
     config, runtime, jobs = batch.config, batch.runtime, batch.jobs
+    leader = batch.share is None or batch.share.leader  # of processes sharing the jobs, only one writes files
     saving = batch.saving or Saving(None, {}, None)
     plan, resume = saving.plan, saving.resume
     history: list[dict] = [dict(h) for h in resume["history"]] if resume else []
@@ -259,7 +279,7 @@ def run_batch(session: Session, batch: Batch) -> list[Result]:
             tiling=memory.tiling,
             style_cache=session.style_cache,
         )
-        objective = scale_objective(memory, extractor, criterion, runtime, size)
+        objective = scale_objective(memory, extractor, criterion, runtime, size, batch.share)
         generators = [m.generator for m in criterion.style.values() if isinstance(m, SlicedOTStyleLoss)]
         if scale_resume is not None:
             ckpt.restore_generators(generators, resume)
@@ -285,6 +305,8 @@ def run_batch(session: Session, batch: Batch) -> list[Result]:
                 )
 
         def save_state(state, scale=scale, generators=generators):
+            if not leader:
+                return
             ckpt.save(
                 plan.path,
                 {
@@ -327,7 +349,7 @@ def run_batch(session: Session, batch: Batch) -> list[Result]:
     seconds = time.perf_counter() - started
     # The job is done: a checkpoint of it, written now or resumed from, could only repeat it.
     done_with = [plan.path if plan is not None else None, (resume or {}).get("path")]
-    for path in dict.fromkeys(p for p in done_with if p):
+    for path in dict.fromkeys(p for p in done_with if p and leader):
         if os.path.isfile(path):
             os.unlink(path)
     return [Result(im, history, seconds, config) for im in images]
@@ -405,10 +427,18 @@ def _reporting(callback) -> tuple[int, float, Callable[[int], bool]]:
     return (SYNC_EVERY, 0.0, never) if callback is None else (1, 0.0, never)  # a plain function: live
 
 
-def scale_objective(memory: MemoryPlan, extractor, criterion, runtime: Runtime, size: tuple[int, int]):
-    """The objective of one scale of ``size``, run as ``memory`` plans: untiled, checkpointed or tiled."""
+def scale_objective(
+    memory: MemoryPlan,
+    extractor,
+    criterion,
+    runtime: Runtime,
+    size: tuple[int, int],
+    share: Optional[TileShare] = None,
+):
+    """The objective of one scale of ``size``, run as ``memory`` plans: untiled, checkpointed or tiled
+    (this process's ``share`` of the tiles, if several processes share the image)."""
     if memory.mode == "tiled":
-        return TiledObjective(extractor, criterion, memory.tiling.grid(*size), runtime.autocast)
+        return TiledObjective(extractor, criterion, memory.tiling.grid(*size), runtime.autocast, share)
     if memory.mode == "checkpoint":
         if not isinstance(extractor, VGGFeatures):
             raise UserError("tile 'checkpoint' needs the eager extractor; use backend eager, or a tile size")

@@ -389,6 +389,7 @@ class Engine:
         on_result: Optional[Callable[[int, Result], None]] = None,
         checkpoint: Optional[CheckpointPlan] = None,
         resume: Optional[dict] = None,
+        share=None,
     ) -> list[Result]:
         """``engine.stylize_batch`` on this Engine (see ``engine.api.stylize_batch``).
 
@@ -400,7 +401,7 @@ class Engine:
         if self._closed:
             raise UserError("this Engine is closed and runs no more jobs")
         with self._device:
-            return run_jobs(self.session, jobs, config, runtime, callback, on_result, checkpoint, resume)
+            return run_jobs(self.session, jobs, config, runtime, callback, on_result, checkpoint, resume, share)
 
     # ---------------------------------------------------------------------------------- the worker
 
