@@ -53,7 +53,7 @@ def build_extractor(config: Config, device: Optional[torch.device] = None) -> VG
     """The truncated VGG for ``config``'s layers and weights, on ``device`` (eager, float32, contiguous)."""
     needed = [n for n in truncated_names(config.model, config.feature_layers) if n in conv_shapes(config.model)]
     convs, normalize = load_weights(config.model, config.weights, config.preprocess, needed)
-    extractor = VGGFeatures(config.model, convs, normalize, config.feature_layers, config.pooling)
+    extractor = VGGFeatures(config.model, convs, normalize, config.feature_layers, config.pooling, config.padding)
     return extractor.to(device or resolve_device(config.device))
 
 
