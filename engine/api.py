@@ -249,6 +249,7 @@ def _run_batch(jobs: list[_Job], schedule, config, runtime, extractor, min_side,
     total_steps = sum(s.steps for s in schedule)
     every, seconds, image_due = _reporting(callback)
     image = None
+    carry = None  # Adam's state and the average, handed from each scale to the next
     done = 0  # steps of the scales before this one
     for scale in schedule:
         if resume is not None and scale.index < resume["scale"]:
@@ -312,7 +313,7 @@ def _run_batch(jobs: list[_Job], schedule, config, runtime, extractor, min_side,
                 },
             )
 
-        image = optimize_scale(
+        image, carry = optimize_scale(
             image,
             objective,
             scale.steps,
@@ -328,6 +329,7 @@ def _run_batch(jobs: list[_Job], schedule, config, runtime, extractor, min_side,
             checkpoint=save_state if plan is not None else None,
             checkpoint_due=lambda i, done=done: bool(plan.every) and (done + i) % plan.every == 0,
             should_stop=plan.should_stop if plan is not None else (lambda: False),
+            carry=carry,
         )
         done += scale.steps
     images = [im.float().cpu().contiguous() for im in image]

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Callable, ContextManager, Optional
 
 import torch
+import torch.nn.functional as F
 
 from .errors import UserError, option
 
@@ -318,6 +319,55 @@ def make_step(image: torch.Tensor, objective: Callable, optimizer: str, lr: floa
     return GraphedStep(step) if graphs else step
 
 
+@dataclass
+class Carry:
+    """What one scale hands on to the next: Adam's state and the moving average, at the size it ended at.
+
+    ``optimizer`` is Adam's ``state_dict`` (None with L-BFGS, which starts each scale with a fresh history:
+    its curvature pairs are differences of whole images and gradients of the old scale's objective, and
+    resampled they are no longer secant pairs of the new one, nor need ``s.y > 0``, which its update needs).
+    ``average`` is the moving average before bias correction and ``average_steps`` the steps it has summed.
+    """
+
+    optimizer: Optional[dict] = None
+    average: Optional[torch.Tensor] = None
+    average_steps: int = 0
+
+
+def resample_state(carry: Carry, like: torch.Tensor) -> Carry:
+    """``carry`` resampled to the size of ``like`` (the new scale's image), laid out like it.
+
+    Adam's first moment and the average are resampled as the image is (antialiased bicubic, unclamped:
+    they are signed or unnormalised); the second moment bilinearly, whose weights are non-negative, so it
+    stays >= 0 (clamped as well, against rounding). The step count is kept: the moments are not empty,
+    so Adam's bias correction must not start again. The per-pixel gradient of every loss here is
+    proportional to 1 / (pixel count) (each is a mean over pixels), so the first moment is multiplied by
+    the ratio of the pixel counts and the second by its square: the carried moments then have the scale
+    the new gradients will have, and the first steps move the pixels as far as the last ones did.
+    """
+    size = tuple(like.shape[-2:])
+
+    def resample(t: torch.Tensor, mode: str, gain: float = 1.0) -> torch.Tensor:
+        if tuple(t.shape[-2:]) == size:
+            out = t.to(like.dtype)
+        else:
+            out = F.interpolate(t.to(like.dtype), size=size, mode=mode, align_corners=False, antialias=True)
+        return torch.empty_like(like).copy_(out.mul_(gain) if gain != 1.0 else out)
+
+    optimizer = None
+    if carry.optimizer is not None:
+        optimizer = {"param_groups": carry.optimizer["param_groups"], "state": {}}
+        for key, entry in carry.optimizer["state"].items():
+            old = entry["exp_avg"]
+            ratio = old.shape[-2] * old.shape[-1] / (size[0] * size[1])
+            moved = dict(entry)
+            moved["exp_avg"] = resample(old, "bicubic", ratio)
+            moved["exp_avg_sq"] = resample(entry["exp_avg_sq"], "bilinear", ratio * ratio).clamp_min_(0)
+            optimizer["state"][key] = moved
+    average = None if carry.average is None else resample(carry.average, "bicubic")
+    return Carry(optimizer, average, carry.average_steps)
+
+
 class Interrupted(Exception):
     """A stop was requested (SIGINT/SIGTERM) and honoured after a whole step; ``image`` is the current result."""
 
@@ -342,8 +392,13 @@ def optimize_scale(
     should_stop: Callable[[], bool] = lambda: False,
     sync_seconds: float = 0.0,
     report_due: Callable[[int], bool] = lambda i: False,
-) -> torch.Tensor:
-    """Run ``steps`` steps from ``image`` (not modified) and return the result.
+    carry: Optional[Carry] = None,
+) -> tuple[torch.Tensor, Carry]:
+    """Run ``steps`` steps from ``image`` (not modified); returns the result and the state to carry on.
+
+    ``carry`` is what the previous scale returned: Adam's moments and step count and the moving average
+    go on from there, resampled to this scale (``resample_state``), instead of starting afresh. It is
+    consumed: its tensors are dropped once resampled.
 
     With ``ema_decay`` > 0 the result is the exponential moving average of
     the iterates (bias-corrected, as Adam corrects its moments), which
@@ -361,7 +416,7 @@ def optimize_scale(
     (step, image, optimiser state, average) after every step ``i`` for which
     ``checkpoint_due(i)``, and before ``Interrupted`` is raised when
     ``should_stop()`` turns true. ``resume`` is such a state: the scale goes
-    on from there exactly as if it had not stopped.
+    on from there exactly as if it had not stopped (it holds this scale's carried state already).
     """
     start = 0 if resume is None else int(resume["step"])
     source = image if resume is None else resume["image"].to(image)
@@ -372,16 +427,28 @@ def optimize_scale(
     pending: list[tuple[int, torch.Tensor]] = []
     names: list[str] = []
     average = torch.zeros_like(param, requires_grad=False) if ema_decay else None
+    summed = 0  # steps the average had summed before this scale began
     if resume is not None:
         load_optimizer_state(step.optimizer, resume["optimizer"])
         if step.loss_scale is not None and resume.get("loss_scale") is not None:
             step.loss_scale.load_state_dict(resume["loss_scale"])
         if average is not None:
             average.copy_(resume["ema"])
+        summed = int(resume.get("ema_steps", start)) - start
+    elif carry is not None:
+        resampled = resample_state(carry, param)
+        # Consumed: the old scale's tensors are released now, not held by the caller through this scale.
+        carry.optimizer = carry.average = None
+        if resampled.optimizer is not None and optimizer == "adam":
+            load_optimizer_state(step.optimizer, resampled.optimizer, copy=False)
+        if average is not None and resampled.average is not None:
+            average.copy_(resampled.average)
+            summed = resampled.average_steps
+        del resampled
 
     def current(i):
         # What a callback, a snapshot or an interrupt sees: the average when there is one.
-        return param.detach() if average is None else (average / (1 - ema_decay**i)).clamp(0, 1)
+        return param.detach() if average is None else (average / (1 - ema_decay ** (summed + i))).clamp(0, 1)
 
     for i in range(start + 1, steps + 1):
         total, parts = step()
@@ -405,34 +472,37 @@ def optimize_scale(
                     "image": param.detach().cpu().clone(),
                     "optimizer": _to_cpu(step.optimizer.state_dict()),
                     "ema": None if average is None else average.cpu().clone(),
+                    "ema_steps": summed + i,
                     "loss_scale": None if step.loss_scale is None else step.loss_scale.state_dict(),
                 }
             )
         if stop:
             raise Interrupted(current(i).detach().clone(), i)
     result = step.finish()
-    if average is not None and steps > 0:
-        result = (average / (1 - ema_decay**steps)).clamp_(0, 1)
-    return result
+    if average is not None and summed + steps > 0:
+        result = (average / (1 - ema_decay ** (summed + steps))).clamp_(0, 1)
+    adam = step.optimizer.state_dict() if optimizer == "adam" else None
+    return result, Carry(adam, average, summed + steps)
 
 
 # Param-group settings that belong to this run's device, not to the checkpoint's.
 _DEVICE_FLAGS = ("capturable", "fused", "foreach")
 
 
-def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict, copy: bool = True) -> None:
     """Load a checkpoint's optimiser state, keeping this run's device settings.
 
     ``load_state_dict`` also brings back the saved param-group flags: a checkpoint written on the CPU
     would leave a CUDA run's Adam with ``capturable=False`` and its step count on the host, which CUDA
     graph replay refuses, and one written on CUDA would ask the CPU for a fused update. The flags are
     put back to this run's, and Adam's step count moves where they want it (the param's device when
-    capturable or fused, else the host). ``state`` itself is not modified.
+    capturable or fused, else the host). ``state`` itself is not modified, unless ``copy`` is False
+    (a state made for this call alone, such as a resampled one, whose tensors the optimiser may keep).
     """
     ours = [{k: group[k] for k in _DEVICE_FLAGS if k in group} for group in optimizer.param_groups]
     # A copy: load_state_dict keeps the very tensors it is given where they already fit, and the steps
     # would then change the caller's checkpoint in place (resuming it twice would not start from the same state).
-    optimizer.load_state_dict(_to_cpu(state))
+    optimizer.load_state_dict(_to_cpu(state) if copy else state)
     for group, flags in zip(optimizer.param_groups, ours):
         group.update(flags)
         on_device = group.get("capturable") or group.get("fused")
