@@ -324,8 +324,8 @@ class Carry:
     """What one scale hands on to the next: Adam's state and the moving average, at the size it ended at.
 
     ``optimizer`` is Adam's ``state_dict`` (None with L-BFGS, which starts each scale with a fresh history:
-    its curvature pairs are differences of whole images and gradients of the old scale's objective, and
-    resampled they are no longer secant pairs of the new one, nor need ``s.y > 0``, which its update needs).
+    its curvature pairs are differences of images and gradients of the old scale's objective; resampled,
+    they are not secant pairs of the new one, and nothing keeps ``s.y`` positive, which its update needs).
     ``average`` is the moving average before bias correction and ``average_steps`` the steps it has summed.
     """
 
