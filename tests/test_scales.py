@@ -102,15 +102,11 @@ SMALL = dict(
 )
 
 
-def test_a_checkpoint_in_the_second_scale_holds_the_carried_state(tmp_path):
+def test_a_checkpoint_in_the_second_scale_holds_the_carried_state(tmp_path, monkeypatch):
     pair = torch.rand(3, 40, 48, generator=torch.Generator().manual_seed(1)), torch.rand(3, 36, 36)
     saved = []
-    real_save = ckpt.save
-    ckpt.save = lambda path, state: saved.append(state)
-    try:
-        stylize(*pair, Config(**SMALL), checkpoint=ckpt.CheckpointPlan(str(tmp_path / "run.ckpt"), every=8))
-    finally:
-        ckpt.save = real_save
+    monkeypatch.setattr(ckpt, "save", lambda path, state: saved.append(state))
+    stylize(*pair, Config(**SMALL), checkpoint=ckpt.CheckpointPlan(str(tmp_path / "run.ckpt"), every=8))
     (state,) = saved
     assert (state["scale"], state["step"], state["ema_steps"]) == (1, 2, 8)
     assert float(state["optimizer"]["state"][0]["step"]) == 8  # Adam counted on through the first scale's six
