@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 DEMO   := out/tubingen_starry_night.png
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench serve clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,14 @@ test: $(VENV)/.installed-test
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest
+
+$(VENV)/.installed-serve: $(VENV)/.installed
+	$(BIN)/python -m pip install --quiet -e '.[serve]'
+	touch $@
+
+# Installs the serve extra and starts the HTTP service and its page on http://127.0.0.1:8000 (see README).
+serve: $(VENV)/.installed-serve
+	$(BIN)/nst serve
 
 # The speed matrix on this machine (see README, "Speed"); results also as JSON under out/.
 bench: $(VENV)/.installed-test

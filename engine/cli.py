@@ -121,6 +121,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="EXT",
         help="with a folder of contents: the results' format, e.g. jpg or tif (default: png)",
     )
+    st.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        metavar="ADDRESS",
+        help="with a folder of contents: run its jobs on a Ray cluster, one worker per GPU (or per core) "
+        "(ADDRESS: auto, HOST:PORT or ray://HOST:10001; none: $RAY_ADDRESS, else a cluster on this machine); "
+        "needs the ray extra: pip install 'nst-engine[ray]'",
+    )
     st.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     add_config_options(st)
     st.set_defaults(run=lambda args: _run("run_stylize", args))

@@ -89,14 +89,19 @@ class Progress:
             self.bar.close()
 
 
-def run_stylize(args: argparse.Namespace) -> int:
+def run_stylize(args: argparse.Namespace, share=None) -> int:
+    """``nst stylize``; ``share``: this process is one of several computing one image (see ``run_job``)."""
     from .cli import config_from_args
 
     config = config_from_args(args)
     if Path(args.content).is_dir():
+        if share is not None:
+            raise UserError("processes share one image, not a folder of contents; a folder's jobs go to --ray")
         if args.checkpoint_every or args.resume:
             raise UserError("--checkpoint-every and --resume work with one content image, not a folder")
         return run_folder(args, config)
+    if getattr(args, "ray", None) is not None:
+        raise UserError("--ray runs the jobs of a folder of contents; give a folder, or drop --ray for one image")
     if args.output_format:
         raise UserError(
             "--output-format applies to a folder of contents; a single output takes its format from its extension"
@@ -123,7 +128,7 @@ def run_stylize(args: argparse.Namespace) -> int:
         "snapshot_every": args.snapshot_every,
         "checkpoint_every": args.checkpoint_every,
     }
-    return run_job(job, config, args.quiet, resume, fresh_output=resume is None)
+    return run_job(job, config, args.quiet, resume, fresh_output=resume is None, share=share)
 
 
 def _absolute(job: dict) -> dict:
@@ -137,7 +142,7 @@ def _absolute(job: dict) -> dict:
     )
 
 
-def run_resume(args: argparse.Namespace) -> int:
+def run_resume(args: argparse.Namespace, share=None) -> int:
     """``nst resume CHECKPOINT``: the job and settings are those stored in the checkpoint."""
     from . import checkpoint
 
@@ -150,10 +155,14 @@ def run_resume(args: argparse.Namespace) -> int:
             "resume it with engine.stylize(..., resume=...)"
         )
     job = dict(job, overwrite=job["overwrite"] or args.overwrite)
-    return run_job(job, checkpoint.config_from_state(state["config"]), args.quiet, state, fresh_output=False)
+    config = checkpoint.config_from_state(state["config"])
+    return run_job(job, config, args.quiet, state, fresh_output=False, share=share)
 
 
-def run_job(job: dict, config, quiet: bool, resume, fresh_output: bool) -> int:
+def run_job(job: dict, config, quiet: bool, resume, fresh_output: bool, share=None) -> int:
+    """Run one job to its output file. With ``share`` (``tiling.TileShare``) every process of the group runs
+    this with the same job; they check the same things and fail alike, and only the leader shows progress
+    and writes files (output, snapshots, checkpoints, the interrupted image)."""
     from . import checkpoint
     from .api import stylize
     from .images import check_output_path, save_image
@@ -180,12 +189,13 @@ def run_job(job: dict, config, quiet: bool, resume, fresh_output: bool) -> int:
     ckpt_path = output.with_name(output.name + ".ckpt")
     partial = output.with_name(f"{output.stem}_interrupted{output.suffix}")
     started = time.perf_counter()
-    bar = Progress(quiet)
+    leader = share is None or share.leader
+    bar = Progress(quiet or not leader)
     seen = {}
 
     def after_step(info):
         seen["info"] = info
-        if job["snapshot_every"] and info.total_step % job["snapshot_every"] == 0:
+        if leader and job["snapshot_every"] and info.total_step % job["snapshot_every"] == 0:
             if fresh_output and job["overwrite"] and "cleared" not in seen and snapshots.is_dir():
                 # --overwrite replaces the earlier run's snapshots too, not only its result; other files stay.
                 for old in snapshots.glob(f"step*_scale*{output.suffix}"):
@@ -205,9 +215,13 @@ def run_job(job: dict, config, quiet: bool, resume, fresh_output: bool) -> int:
     plan = checkpoint.CheckpointPlan(str(ckpt_path), job["checkpoint_every"], extra=_absolute(job), should_stop=stop)
     try:
         with stop:
-            result = stylize(job["content"], job["styles"], config, callback=callback, checkpoint=plan, resume=resume)
+            result = stylize(
+                job["content"], job["styles"], config, callback=callback, checkpoint=plan, resume=resume, share=share
+            )
     except Interrupted as exc:
         bar.close()
+        if not leader:  # the leader reports it; this process may have stopped only because the leader was asked to
+            return 128 + stop.signum if stop.signum else 0
         save_image(exc.image[0], partial, overwrite=True, bit_depth=job["bit_depth"])
         info = seen.get("info")
         where = f"step {info.total_step}/{info.total_steps}" if info else "the first step"
@@ -230,6 +244,8 @@ def run_job(job: dict, config, quiet: bool, resume, fresh_output: bool) -> int:
         ) from None
     finally:
         bar.close()
+    if not leader:
+        return 0
     written = result.save(output, overwrite=job["overwrite"], bit_depth=job["bit_depth"])
     # The job is done: its checkpoints could only repeat it (stylize removed the ones it was given; this also
     # covers a run interrupted before its first step), and a resumed job's interrupted picture is superseded.
@@ -291,6 +307,17 @@ class StopOnSignal:
         return False
 
 
+def _runner(name: str):
+    """A way to run a folder's jobs elsewhere (``--ray``: scale/ray.py), found through the ``nst.runners``
+    entry points: engine/ never names the package that provides it, and it is imported only when asked for."""
+    from importlib.metadata import entry_points
+
+    for entry in entry_points(group="nst.runners"):
+        if entry.name == name:
+            return entry.load()
+    raise UserError(f"--{name} needs the {name} runner of nst-engine's {name} extra: pip install 'nst-engine[{name}]'")
+
+
 class _Stopped(Exception):
     """Raised from a folder run's callback once a signal asked it to stop."""
 
@@ -346,6 +373,8 @@ def run_folder(args: argparse.Namespace, config) -> int:
             file=sys.stderr,
         )
     outdir.mkdir(exist_ok=True)
+    if getattr(args, "ray", None) is not None and todo:
+        return _runner("ray")(args, config, [(contents[i], args.styles) for i in todo], [outputs[i] for i in todo])
     started = time.perf_counter()
     bar = Progress(args.quiet)
     stop = StopOnSignal()

@@ -8,7 +8,10 @@ image, however many jobs or losses use them.
 from __future__ import annotations
 
 import contextlib
-from typing import Optional, Sequence
+import hashlib
+import threading
+from collections import OrderedDict
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -20,6 +23,59 @@ from .style_losses import GaussianW2StyleLoss, SlicedOTStyleLoss
 from .tiling import Tiling, feature_maps, feature_moments
 
 StyleJob = tuple[Sequence[torch.Tensor], Sequence[float]]  # a job's style images and blend weights
+StyleFeatures = dict  # layer name -> feature map (sliced OT) or Moments (the other losses)
+
+
+class StyleFeatureCache:
+    """A style image's features at one size, kept for later scales and jobs (an ``Engine`` holds one).
+
+    The key is what the features depend on, beyond the extractor and runtime the holder fixes: the
+    SHA-256 of the resized style image itself (its bytes and shape, so a style used by two jobs or two
+    callers hits whoever decoded it), the layers, what is kept (maps or moments) and the tile size.
+    Entries stay on the device; the least recently used go first once ``max_bytes`` is exceeded.
+    ``hits`` and ``misses`` count lookups.
+    """
+
+    def __init__(self, max_bytes: int = 256 << 20):
+        self.max_bytes, self.bytes, self.hits, self.misses = max_bytes, 0, 0, 0
+        self._entries: "OrderedDict[tuple, tuple[StyleFeatures, int]]" = OrderedDict()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def digest(image: torch.Tensor) -> str:
+        t = image.detach().to("cpu", torch.float32).contiguous()
+        h = hashlib.sha256(str(tuple(t.shape)).encode())
+        h.update(t.numpy().tobytes())
+        return h.hexdigest()
+
+    def get(self, image: torch.Tensor, settings: tuple, compute: Callable[[], StyleFeatures]) -> StyleFeatures:
+        key = (self.digest(image), settings)
+        with self._lock:
+            if key in self._entries:
+                self.hits += 1
+                self._entries.move_to_end(key)
+                return self._entries[key][0]
+            self.misses += 1
+        features = compute()
+        size = sum(_nbytes(v) for v in features.values())
+        with self._lock:
+            if key not in self._entries and size <= self.max_bytes:
+                self._entries[key] = (features, size)
+                self.bytes += size
+                while self.bytes > self.max_bytes:
+                    self.bytes -= self._entries.popitem(last=False)[1][1]
+        return features
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self.bytes = 0
+
+
+def _nbytes(value) -> int:
+    if isinstance(value, Moments):
+        return _nbytes(value.mean) + _nbytes(value.scatter)
+    return value.numel() * value.element_size()
 
 
 @torch.no_grad()
@@ -32,6 +88,7 @@ def build_criterion(
     runtime=None,
     masks: Optional[torch.Tensor] = None,
     tiling: Optional[Tiling] = None,
+    style_cache: Optional[StyleFeatureCache] = None,
 ) -> StyleTransferLoss:
     """The loss with this scale's targets, one per job.
 
@@ -39,6 +96,7 @@ def build_criterion(
     style images and blend weights; ``masks`` (``(S, 1, H, W)``, one per
     style) ties each style to a region (Gram loss only). With ``tiling`` the
     targets are computed tile by tile (the same values, in bounded memory).
+    ``style_cache`` keeps each style's features for later scales and jobs of the same size.
     """
     autocast = runtime.autocast if runtime is not None else contextlib.nullcontext
     layout = runtime.layout if runtime is not None else (lambda t: t.to(content.device))
@@ -56,16 +114,19 @@ def build_criterion(
         """The style's feature maps (sliced OT needs every pixel) or, for the other losses, their Moments."""
         if id(style) not in cache:
             h, w = style_size(*style.shape[-2:], long_side, min_side)  # checked by sizes.check_size beforehand
-            image = layout(resize(style, (h, w)).unsqueeze(0))
-            if tiling is not None:
-                cache[id(style)] = feature_moments(extractor, image, tiling.grid(h, w), config.style_layers, autocast)
-            else:
+            resized = resize(style, (h, w)).unsqueeze(0)
+            keep = config.style_loss == "ot"  # masks go with the gram loss only
+
+            def compute() -> StyleFeatures:
+                image = layout(resized)
+                if tiling is not None:
+                    return feature_moments(extractor, image, tiling.grid(h, w), config.style_layers, autocast)
                 with autocast():
                     maps = extractor(image)
-                keep = config.style_loss == "ot"  # masks go with the gram loss only
-                cache[id(style)] = {
-                    name: maps[name] if keep else Moments.of(maps[name]) for name in config.style_layers
-                }
+                return {name: maps[name] if keep else Moments.of(maps[name]) for name in config.style_layers}
+
+            settings = (config.style_layers, keep, None if tiling is None else tiling.tile)
+            cache[id(style)] = compute() if style_cache is None else style_cache.get(resized, settings, compute)
         return cache[id(style)]
 
     style = {}

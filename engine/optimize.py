@@ -6,19 +6,29 @@ the pixels once. Faster or larger paths swap what runs around it, never the
 maths: ``GraphedStep`` captures a ``StepFunction`` call as a CUDA graph and
 replays it; compiled extractors (TorchScript) are just another ``extractor``;
 ``tiling.TiledObjective`` computes the same loss and gradient tile by tile.
+
+``optimize_scale(ScaleProblem)`` runs one scale: the problem holds the start
+image, the objective, the optimiser settings, how steps are reported
+(``Reporting``) and checkpointed (``Checkpointing``), and, for a long-lived
+``Engine``, the ``StepPool`` of captured graphs a later job of the same shape
+replays.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable, ContextManager, Optional
+from typing import TYPE_CHECKING, Callable, ContextManager, Optional
 
 import torch
 import torch.nn.functional as F
 
 from .errors import UserError, option
+
+if TYPE_CHECKING:
+    from .runtime import Runtime
 
 LBFGS_HISTORY = 50  # memory: 2 * history * image numel floats (about 0.1 GB at 1024 px)
 LBFGS_MAX_EVALS = 20  # function evaluations one L-BFGS step may spend in its line search
@@ -368,6 +378,87 @@ def resample_state(carry: Carry, like: torch.Tensor) -> Carry:
     return Carry(optimizer, average, carry.average_steps)
 
 
+class StepPool:
+    """Captured CUDA-graph steps kept for a later scale of the same shape and settings (an Engine holds one).
+
+    A captured graph reads and writes fixed tensors: the image, Adam's moments and step count, the
+    loss's targets. A later job of the same shape borrows the step: its start image and targets are
+    copied into those tensors and Adam's state is zeroed in place (what a fresh Adam starts from), so
+    the graph replays from its first step without warm-up or capture. Only what a graph can take
+    again is kept: Adam, untiled objectives whose loss holds all its tensors as buffers, not fp16
+    (its loss scale settles on the host first). At most ``capacity`` graphs, the oldest dropped first.
+    """
+
+    def __init__(self, capacity: int = 4):
+        self.capacity = capacity
+        self.captures = 0  # graphs captured and kept
+        self.reuses = 0  # scales that replayed a kept graph
+        self._steps: "OrderedDict[tuple, GraphedStep]" = OrderedDict()
+
+    @staticmethod
+    def key(problem: "ScaleProblem", image: torch.Tensor) -> Optional[tuple]:
+        """What a kept graph must match to replay ``problem``; None when it cannot be kept at all."""
+        objective = problem.objective
+        criterion = getattr(objective, "criterion", None)
+        runtime = problem.runtime
+        if type(objective) is not Objective or not isinstance(criterion, torch.nn.Module):
+            return None
+        if runtime is None or not runtime.cuda_graphs or runtime.precision == "fp16" or problem.optimizer != "adam":
+            return None
+        for module in criterion.modules():  # a tensor that is not a buffer would not be copied in
+            for name, value in vars(module).items():
+                values = value if isinstance(value, (list, tuple)) else [value]
+                if not name.startswith("_") and any(torch.is_tensor(v) for v in values):
+                    return None
+        buffers = tuple((name, tuple(t.shape), t.dtype) for name, t in criterion.state_dict().items())
+        # Python numbers in the loss are baked into the graph's kernels: part of the key.
+        weights = (
+            tuple(getattr(criterion, "content_layer_weights", ())),
+            tuple(getattr(criterion, "style_layer_weights", ())),
+            tuple(sorted(getattr(criterion, "weights", {}).items())),
+        )
+        layout = (tuple(image.shape), image.stride(), image.dtype, str(image.device))
+        return (layout, problem.lr, id(objective.extractor), buffers, weights)
+
+    def lend(self, problem: "ScaleProblem", start: torch.Tensor) -> Optional["GraphedStep"]:
+        """A kept step set to run ``problem`` from ``start``, or None (the caller makes a new one)."""
+        key = self.key(problem, start)
+        step = self._steps.pop(key, None) if key is not None else None
+        if step is None:
+            return None
+        inner = step.step
+        with torch.no_grad():
+            inner.image.copy_(start)
+            inner.objective.criterion.load_state_dict(problem.objective.criterion.state_dict())  # copies in place
+            for state in inner.optimizer.state.values():
+                for value in state.values():
+                    if torch.is_tensor(value):
+                        value.zero_()
+        self.reuses += 1
+        return step
+
+    def give_back(self, problem: "ScaleProblem", step: "GraphedStep") -> torch.Tensor:
+        """Keep ``step`` for a later scale and return this scale's result (a copy of its image)."""
+        key = self.key(problem, step.step.image)
+        if key is None or step.graph is None:  # never captured (fewer steps than the warm-up)
+            return step.finish()
+        with torch.no_grad():
+            result = step.step.image.detach().clamp(0, 1)
+        if not getattr(step, "kept", False):
+            step.kept = True
+            self.captures += 1
+        self._steps[key] = step
+        self._steps.move_to_end(key)
+        while len(self._steps) > self.capacity:
+            self._steps.popitem(last=False)[1].finish()
+        return result
+
+    def clear(self) -> None:
+        for step in self._steps.values():
+            step.finish()
+        self._steps.clear()
+
+
 class Interrupted(Exception):
     """A stop was requested (SIGINT/SIGTERM) and honoured after a whole step; ``image`` is the current result."""
 
@@ -376,53 +467,94 @@ class Interrupted(Exception):
         self.image, self.step = image, step
 
 
-def optimize_scale(
-    image: torch.Tensor,
-    objective: Callable,
-    steps: int,
-    optimizer: str,
-    lr: float,
-    on_step: Optional[Callable[[int, float, dict, torch.Tensor], None]] = None,
-    runtime=None,
-    sync_every: Optional[int] = None,
-    ema_decay: float = 0.0,
-    resume: Optional[dict] = None,
-    checkpoint: Optional[Callable[[dict], None]] = None,
-    checkpoint_due: Callable[[int], bool] = lambda i: False,
-    should_stop: Callable[[], bool] = lambda: False,
-    sync_seconds: float = 0.0,
-    report_due: Callable[[int], bool] = lambda i: False,
-    carry: Optional[Carry] = None,
-) -> tuple[torch.Tensor, Carry]:
-    """Run ``steps`` steps from ``image`` (not modified); returns the result and the state to carry on.
+def _never(i: int) -> bool:
+    return False
 
-    ``carry`` is what the previous scale returned: Adam's moments and step count and the moving average
-    go on from there, resampled to this scale (``resample_state``), instead of starting afresh. It is
-    consumed: its tensors are dropped once resampled.
+
+@dataclass
+class Reporting:
+    """How a scale's steps are reported.
+
+    ``on_step(i, loss, parts, image)`` receives plain floats, and ``image``, a function that builds the
+    current result (call it during ``on_step``), or None for a step reported late. Losses are read from
+    the device once ``every`` steps (default: every step with ``on_step``, else ``SYNC_EVERY``) are
+    waiting or ``seconds`` have passed since the last read, at every step ``due(i)`` names, and at the
+    end; a NaN or infinite loss stops the run with ``NonFiniteLoss`` at that read.
+    """
+
+    on_step: Optional[Callable[[int, float, dict, Callable], None]] = None
+    every: Optional[int] = None
+    seconds: float = 0.0
+    due: Callable[[int], bool] = _never
+
+
+@dataclass
+class Checkpointing:
+    """Where a scale's state goes and where it comes from.
+
+    ``save(state)`` receives the scale's complete state (step, image, optimiser state, average) after
+    every step ``i`` for which ``due(i)``, and before ``Interrupted`` is raised when ``should_stop()``
+    turns true. ``resume`` is such a state: the scale goes on from there exactly as if it had not stopped.
+    """
+
+    save: Optional[Callable[[dict], None]] = None
+    due: Callable[[int], bool] = _never
+    should_stop: Callable[[], bool] = lambda: False
+    resume: Optional[dict] = None
+
+
+@dataclass
+class ScaleProblem:
+    """One scale's optimisation: the starting ``image`` (not modified), what to minimise, and how.
+
+    ``after_step(i)`` runs after every step, on the host, without reading the device: raising there
+    stops the run at once (a cancelled job, a time limit). ``steps_pool`` (CUDA graphs) lends a step
+    captured by an earlier scale of the same shape and settings, and takes this one back at the end.
+    """
+
+    image: torch.Tensor
+    objective: Callable
+    steps: int
+    optimizer: str = "adam"
+    lr: float = 0.02
+    ema_decay: float = 0.0
+    runtime: Optional["Runtime"] = None  # None: eager steps, float32
+    reporting: Reporting = field(default_factory=Reporting)
+    checkpointing: Checkpointing = field(default_factory=Checkpointing)
+    after_step: Callable[[int], None] = lambda i: None
+    steps_pool: Optional["StepPool"] = None
+    carry: Optional[Carry] = None  # what the previous scale returned: Adam's state and the average go on
+
+
+def optimize_scale(problem: ScaleProblem) -> tuple[torch.Tensor, Carry]:
+    """Run ``problem.steps`` steps from ``problem.image``; returns the result and the state to carry on.
+
+    ``problem.carry`` is what the previous scale returned: Adam's moments and step count and the moving
+    average go on from there, resampled to this scale (``resample_state``), instead of starting afresh.
+    It is consumed: its tensors are dropped once resampled. A resumed scale (``Checkpointing.resume``)
+    holds its carried state already.
 
     With ``ema_decay`` > 0 the result is the exponential moving average of
     the iterates (bias-corrected, as Adam corrects its moments), which
     smooths out the step-to-step jitter Adam leaves in the pixels.
-
-    ``on_step(i, loss, parts, image)`` receives plain floats, and ``image``,
-    a function that builds the current result (call it during ``on_step``),
-    or None for a step reported late. Losses are read from the device once
-    ``sync_every`` steps (default: every step with ``on_step``, else
-    ``SYNC_EVERY``) are waiting or ``sync_seconds`` have passed since the
-    last read, at every step ``report_due(i)`` names, and at the end; a NaN
-    or infinite loss stops the run with ``NonFiniteLoss`` at that read.
-
-    Checkpoints: ``checkpoint(state)`` receives this scale's complete state
-    (step, image, optimiser state, average) after every step ``i`` for which
-    ``checkpoint_due(i)``, and before ``Interrupted`` is raised when
-    ``should_stop()`` turns true. ``resume`` is such a state: the scale goes
-    on from there exactly as if it had not stopped (it holds this scale's carried state already).
+    Reporting and checkpoints: see ``Reporting`` and ``Checkpointing``.
     """
+    p, report, saving = problem, problem.reporting, problem.checkpointing
+    resume, steps, ema_decay = saving.resume, problem.steps, problem.ema_decay
     start = 0 if resume is None else int(resume["step"])
-    source = image if resume is None else resume["image"].to(image)
-    param = source.detach().clone(memory_format=torch.preserve_format).requires_grad_(True)
-    step = make_step(param, objective, optimizer, lr, runtime)
-    every = sync_every or (1 if on_step is not None else SYNC_EVERY)
+    source = p.image if resume is None else resume["image"].to(p.image)
+    carried = None
+    if p.carry is not None and resume is None:
+        # Resampled before a kept graph step is lent: the carry may hold another kept step's tensors.
+        carried = resample_state(p.carry, source)
+        p.carry.optimizer = p.carry.average = None  # the old scale's tensors are released now
+    lent = p.steps_pool.lend(p, source) if p.steps_pool is not None and resume is None else None
+    if lent is not None:
+        step, param = lent, lent.step.image
+    else:
+        param = source.detach().clone(memory_format=torch.preserve_format).requires_grad_(True)
+        step = make_step(param, p.objective, p.optimizer, p.lr, p.runtime)
+    every = report.every or (1 if report.on_step is not None else SYNC_EVERY)
     last_read = time.perf_counter()
     pending: list[tuple[int, torch.Tensor]] = []
     names: list[str] = []
@@ -435,16 +567,13 @@ def optimize_scale(
         if average is not None:
             average.copy_(resume["ema"])
         summed = int(resume.get("ema_steps", start)) - start
-    elif carry is not None:
-        resampled = resample_state(carry, param)
-        # Consumed: the old scale's tensors are released now, not held by the caller through this scale.
-        carry.optimizer = carry.average = None
-        if resampled.optimizer is not None and optimizer == "adam":
-            load_optimizer_state(step.optimizer, resampled.optimizer, copy=False)
-        if average is not None and resampled.average is not None:
-            average.copy_(resampled.average)
-            summed = resampled.average_steps
-        del resampled
+    elif carried is not None:
+        if carried.optimizer is not None and p.optimizer == "adam":
+            load_optimizer_state(step.optimizer, carried.optimizer, copy=False)
+        if average is not None and carried.average is not None:
+            average.copy_(carried.average)
+            summed = carried.average_steps
+        carried = None
 
     def current(i):
         # What a callback, a snapshot or an interrupt sees: the average when there is one.
@@ -457,16 +586,16 @@ def optimize_scale(
         names = list(parts)
         # One small device tensor per step; the copy matters for graph replay, whose outputs are reused.
         pending.append((i, torch.stack([total, *parts.values()]).float()))
-        stop = should_stop()
-        save = checkpoint is not None and (stop or checkpoint_due(i))
-        late = sync_seconds and time.perf_counter() - last_read >= sync_seconds
-        if len(pending) >= every or late or i == steps or save or report_due(i):
+        stop = saving.should_stop()
+        save = saving.save is not None and (stop or saving.due(i))
+        late = report.seconds and time.perf_counter() - last_read >= report.seconds
+        if len(pending) >= every or late or i == steps or save or report.due(i):
             image = _Lazy(current, i)
-            _flush(pending, names, on_step, image)
+            _flush(pending, names, report.on_step, image)
             image.expire()
             pending, last_read = [], time.perf_counter()
         if save:
-            checkpoint(
+            saving.save(
                 {
                     "step": i,
                     "image": param.detach().cpu().clone(),
@@ -478,10 +607,14 @@ def optimize_scale(
             )
         if stop:
             raise Interrupted(current(i).detach().clone(), i)
-    result = step.finish()
+        p.after_step(i)
+    if p.steps_pool is not None and isinstance(step, GraphedStep):
+        result = p.steps_pool.give_back(p, step)  # a copy: the step's image is reused by the next job
+    else:
+        result = step.finish()
     if average is not None and summed + steps > 0:
         result = (average / (1 - ema_decay ** (summed + steps))).clamp_(0, 1)
-    adam = step.optimizer.state_dict() if optimizer == "adam" else None
+    adam = step.optimizer.state_dict() if p.optimizer == "adam" else None
     return result, Carry(adam, average, summed + steps)
 
 
@@ -498,8 +631,12 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict, copy: bo
     put back to this run's, and Adam's step count moves where they want it (the param's device when
     capturable or fused, else the host). ``state`` itself is not modified, unless ``copy`` is False
     (a state made for this call alone, such as a resampled one, whose tensors the optimiser may keep).
+
+    State tensors the optimiser already has (a step captured in a CUDA graph, kept by a ``StepPool``,
+    reads and writes those very tensors) are kept, and the loaded values copied into them.
     """
     ours = [{k: group[k] for k in _DEVICE_FLAGS if k in group} for group in optimizer.param_groups]
+    before = {param: dict(entry) for param, entry in optimizer.state.items()}
     # A copy: load_state_dict keeps the very tensors it is given where they already fit, and the steps
     # would then change the caller's checkpoint in place (resuming it twice would not start from the same state).
     optimizer.load_state_dict(_to_cpu(state) if copy else state)
@@ -510,6 +647,12 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict, copy: bo
             entry = optimizer.state.get(param, {})
             if torch.is_tensor(entry.get("step")):
                 entry["step"] = entry["step"].to(param.device if on_device else "cpu")
+            for name, prior in before.get(param, {}).items():
+                value = entry.get(name)
+                if torch.is_tensor(prior) and torch.is_tensor(value) and prior.shape == value.shape:
+                    with torch.no_grad():
+                        prior.copy_(value)
+                    entry[name] = prior
 
 
 def _to_cpu(value):

@@ -90,7 +90,29 @@ def cpu_supports(precision: str) -> bool:
 
 
 def resolve_runtime(config, device: Optional[torch.device] = None) -> Runtime:
-    """Turn the config's ``auto``s into decisions, check them, and set torch's global math flags."""
+    """Turn the config's ``auto``s into decisions, check them, and set torch's global math flags.
+
+    The flags (TF32, cuDNN autotuning) belong to the process, not to a run: two runs in one process
+    that want different precisions on CUDA would switch them under each other's feet. A long-lived
+    ``engine.Engine`` therefore sets them once, and a second Engine on CUDA with another precision
+    is refused (see ``service.Engine``).
+    """
+    runtime = decide_runtime(config, device)
+    set_flags(runtime)
+    return runtime
+
+
+def set_flags(runtime: Runtime) -> None:
+    """Set torch's process-wide math flags for ``runtime`` (CUDA only): the one place they are set."""
+    if runtime.device.type == "cuda":
+        tf32 = runtime.precision != "fp32"
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
+        torch.backends.cudnn.benchmark = True  # shapes are static within a scale
+
+
+def decide_runtime(config, device: Optional[torch.device] = None) -> Runtime:
+    """The decisions of ``resolve_runtime``, checked, without touching any process-wide flag."""
     device = device or resolve_device(config.device)
     cuda = device.type == "cuda"
     precision = config.precision
@@ -130,10 +152,4 @@ def resolve_runtime(config, device: Optional[torch.device] = None) -> Runtime:
     use_graphs = graphs == "on" or (
         graphs == "auto" and cuda and config.optimizer == "adam" and config.style_loss != "ot"
     )
-    if cuda:
-        # Process-wide flags: the one place they are set.
-        tf32 = precision != "fp32"
-        torch.backends.cuda.matmul.allow_tf32 = tf32
-        torch.backends.cudnn.allow_tf32 = tf32
-        torch.backends.cudnn.benchmark = True  # shapes are static within a scale
     return Runtime(device, precision, channels_last, use_graphs)

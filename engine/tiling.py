@@ -27,6 +27,13 @@ Each step makes two passes over the tiles (``TiledObjective``):
    loss gradient. Content and total variation are sums over pixels, so each
    tile's share is its own. The tiles' gradients add up to the untiled one.
 
+Several processes can share one step (``TileShare``, implemented with
+torch.distributed in ``scale/tiled.py``; engine/ never imports it): each
+runs pass 1 and pass 2 over its own tiles only, the pass-1 sums are added
+up across the processes before any loss is evaluated, and so are the image
+gradient and the content and TV shares after pass 2. Every process then
+holds the whole image's loss and gradient, and steps the same optimiser.
+
 The cost is the extra forward of pass 1 plus the halo: about 1.5x an untiled
 step (a backward without weight gradients costs about one forward) times the
 crop-to-tile area ratio. Style targets at a large size (a style image scaled
@@ -39,7 +46,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, ContextManager, Mapping, Optional, Sequence
+from typing import Callable, ContextManager, Mapping, Optional, Protocol, Sequence
 
 import torch
 
@@ -158,6 +165,27 @@ def check_tileable(style_loss: str) -> None:
         )
 
 
+class TileShare(Protocol):
+    """This process's part in a tiled step that several processes compute together.
+
+    ``mine(tiles)`` names (by index) the tiles this process computes: across
+    the processes every tile exactly once. ``all_reduce(tensors)`` replaces
+    each tensor, in place, by its sum over the processes, with the same
+    result on every process (so their optimisers stay in step).
+    ``any(flag)`` is true on every process when it is on one (a stop asked
+    of one process stops them all after the same step). ``leader`` is true
+    on the one process that writes files.
+    """
+
+    leader: bool
+
+    def mine(self, tiles: Sequence[Tile]) -> Sequence[int]: ...
+
+    def all_reduce(self, tensors: list[torch.Tensor]) -> None: ...
+
+    def any(self, flag: bool) -> bool: ...
+
+
 # ------------------------------------------------------------------------------------------ targets
 
 
@@ -224,6 +252,13 @@ class _StyleTerm:
         self.dtype = at_least_float32(features).dtype
         self.accumulate(features, tile, factor)
 
+    def shared(self, like: torch.Tensor) -> list[torch.Tensor]:
+        """This process's float64 sums in a form that adds up across processes (zeros if it had no tile)."""
+        if self.empty():
+            self.dtype = at_least_float32(like).dtype
+            return [like.new_zeros(shape, dtype=torch.float64) for shape in self.shapes(like.shape[0])]
+        return self.to_sums()
+
     def finish(self) -> torch.Tensor:
         # The sums are float64; the loss is evaluated in the features' precision, as untiled.
         stats = tuple(s.detach().to(self.dtype).requires_grad_(True) for s in self.whole())
@@ -250,6 +285,19 @@ class _GramTerm(_StyleTerm):
     def whole(self):
         return (self.sum / self.pixels,)
 
+    def empty(self) -> bool:
+        return self.sum is None
+
+    def shapes(self, batch: int):
+        channels = self.loss.target.shape[-1]
+        return [(batch, channels, channels)]
+
+    def to_sums(self):
+        return [self.sum]
+
+    def from_sums(self, sums) -> None:
+        (self.sum,) = sums
+
     def surrogate(self, features: torch.Tensor, tile: Tile, factor: int) -> torch.Tensor:
         return (self.grads[0] * self._scatter(features)).sum() / self.pixels
 
@@ -271,6 +319,19 @@ class _MaskedGramTerm(_StyleTerm):
     def whole(self):
         return (self.sum / self.area,)
 
+    def empty(self) -> bool:
+        return self.sum is None
+
+    def shapes(self, batch: int):
+        channels = self.loss.target.shape[-1]
+        return [(batch, self.masks.shape[0], channels, channels)]
+
+    def to_sums(self):
+        return [self.sum]
+
+    def from_sums(self, sums) -> None:
+        (self.sum,) = sums
+
     def surrogate(self, features, tile, factor) -> torch.Tensor:
         return (self.grads[0] * self._scatter(features, tile, factor) / self.area).sum()
 
@@ -289,6 +350,25 @@ class _W2Term(_StyleTerm):
         self.mean = self.moments.mean.to(self.dtype)
         return self.mean, self.moments.covariance
 
+    def empty(self) -> bool:
+        return self.moments is None
+
+    def shapes(self, batch: int):
+        channels = self.loss.mean.shape[-1]
+        return [(batch, channels), (batch, channels, channels)]
+
+    def to_sums(self):
+        # Centred moments do not add; the raw sums of f and f f^T do (float64 keeps the cancellation harmless:
+        # it costs about |mean|^2 / variance of the 16 digits, where float32 features carry 7).
+        m = self.moments
+        total = m.mean * m.count
+        return [total, m.scatter + torch.einsum("nc,nd->ncd", total, m.mean)]
+
+    def from_sums(self, sums) -> None:
+        total, raw = sums
+        mean = total / self.pixels  # every feature of the layer is some process's: the count is the map's
+        self.moments = Moments(self.pixels, mean, raw - torch.einsum("nc,nd->ncd", total, mean))
+
     def surrogate(self, features, tile, factor) -> torch.Tensor:
         # mean = sum f / P and cov = sum (f - mean)(f - mean)^T / P; the mean's own effect on cov is zero
         # at the whole image's mean (the centred features sum to zero), so the mean is held fixed here.
@@ -303,32 +383,50 @@ _TERMS = {GramStyleLoss: _GramTerm, MaskedGramStyleLoss: _MaskedGramTerm, Gaussi
 
 
 class TiledObjective:
-    """The same loss and gradient as ``optimize.Objective``, computed over ``grid``'s tiles (two passes)."""
+    """The same loss and gradient as ``optimize.Objective``, computed over ``grid``'s tiles (two passes).
+
+    With ``share`` this process computes only its own tiles and the sums are
+    added up across the processes (see ``TileShare``): ``image.grad`` must
+    then hold zeros on entry (``StepFunction.evaluate`` makes it so), as it
+    is summed over the processes with the gradient.
+    """
 
     capturable = False  # a Python loop over tiles with statistics in between; see optimize.make_step
 
     def __init__(
-        self, extractor: Callable, criterion: StyleTransferLoss, grid: TileGrid, autocast: Callable[[], ContextManager]
+        self,
+        extractor: Callable,
+        criterion: StyleTransferLoss,
+        grid: TileGrid,
+        autocast: Callable[[], ContextManager],
+        share: Optional[TileShare] = None,
     ):
         for module in criterion.style.values():
             if isinstance(module, SlicedOTStyleLoss):
                 check_tileable("ot")
         self.extractor, self.criterion, self.grid, self.autocast = extractor, criterion, grid, autocast
+        self.share = share
+        self.tiles = grid.tiles if share is None else tuple(grid.tiles[i] for i in share.mine(grid.tiles))
 
     def __call__(self, image: torch.Tensor, scale: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict]:
         criterion, grid, factors = self.criterion, self.grid, self.grid.geometry.factors
         terms = {name: _TERMS[type(loss)](loss, grid.map_size(name)) for name, loss in criterion.style.items()}
         with torch.no_grad():  # pass 1: the whole image's style statistics
-            for tile in grid.tiles:
+            for tile in self.tiles:
                 with self.autocast():
                     features = self.extractor(tile.crop_of(image))
                 for name, term in terms.items():
                     term.add(tile.in_crop(features[name], factors[name]), tile, factors[name])
+            if self.share is not None:  # one message for every layer's sums
+                sums = {name: term.shared(image) for name, term in terms.items()}
+                self.share.all_reduce([t for parts in sums.values() for t in parts])
+                for name, term in terms.items():
+                    term.from_sums(sums[name])
         style = sum(w * term.finish() for term, w in zip(terms.values(), criterion.style_layer_weights))
         content = tv = image.new_zeros(())
         weights = criterion.weights
         layout = torch.channels_last if _is_channels_last(image) else torch.contiguous_format
-        for tile in grid.tiles:  # pass 2: each tile's share of the gradient
+        for tile in self.tiles:  # pass 2: each tile's share of the gradient
             crop = tile.crop_of(image.detach()).clone(memory_format=layout).requires_grad_(True)
             with self.autocast():
                 features = self.extractor(crop)
@@ -350,6 +448,8 @@ class TiledObjective:
             y0, y1, x0, x1 = tile.crop
             image.grad[..., y0:y1, x0:x1] += crop.grad
             content, tv = content + tile_content.detach(), tv + tile_tv.detach()
+        if self.share is not None:
+            self.share.all_reduce([image.grad, content, tv])
         parts = {"content": content, "style": style, "tv": tv}
         total = sum(weights[k] * v for k, v in parts.items())
         return total, parts

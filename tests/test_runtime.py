@@ -22,6 +22,8 @@ from engine.optimize import (
     LossScale,
     NonFiniteLoss,
     Objective,
+    Reporting,
+    ScaleProblem,
     StepFunction,
     make_step,
     optimize_scale,
@@ -256,16 +258,20 @@ def _report(sync_every, sync_seconds=0.0, report_due=lambda i: False, steps=10):
     """Every ``on_step`` call of a 10-step run with an average: ``{step: image or None}`` (images read there)."""
     seen = {}
     optimize_scale(
-        torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(0)),
-        Objective(lambda x: {"x": x}, _quadratic),
-        steps,
-        "adam",
-        0.05,
-        ema_decay=0.9,
-        on_step=lambda i, loss, parts, image: seen.__setitem__(i, image and image().clone()),
-        sync_every=sync_every,
-        sync_seconds=sync_seconds,
-        report_due=report_due,
+        ScaleProblem(
+            torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(0)),
+            Objective(lambda x: {"x": x}, _quadratic),
+            steps,
+            "adam",
+            0.05,
+            ema_decay=0.9,
+            reporting=Reporting(
+                lambda i, loss, parts, image: seen.__setitem__(i, image and image().clone()),
+                sync_every,
+                sync_seconds,
+                report_due,
+            ),
+        )
     )
     return seen
 
@@ -286,23 +292,27 @@ def test_grouped_reports_hear_every_step_and_build_the_image_only_at_reads():
 def test_the_image_of_a_report_is_gone_once_the_run_moves_on():
     kept = []
     optimize_scale(
-        torch.rand(1, 3, 8, 8),
-        Objective(lambda x: {"x": x}, _quadratic),
-        3,
-        "adam",
-        0.05,
-        ema_decay=0.9,
-        on_step=lambda i, loss, parts, image: kept.append(image),
+        ScaleProblem(
+            torch.rand(1, 3, 8, 8),
+            Objective(lambda x: {"x": x}, _quadratic),
+            3,
+            "adam",
+            0.05,
+            ema_decay=0.9,
+            reporting=Reporting(lambda i, loss, parts, image: kept.append(image)),
+        )
     )
     assert all(image() is None for image in kept)  # not read in time: never built, and not built late
     live = []
     optimize_scale(
-        torch.rand(1, 3, 8, 8),
-        Objective(lambda x: {"x": x}, _quadratic),
-        3,
-        "adam",
-        0.05,
-        on_step=lambda i, loss, parts, image: live.append(image()),
+        ScaleProblem(
+            torch.rand(1, 3, 8, 8),
+            Objective(lambda x: {"x": x}, _quadratic),
+            3,
+            "adam",
+            0.05,
+            reporting=Reporting(lambda i, loss, parts, image: live.append(image())),
+        )
     )
     assert not any(image.requires_grad for image in live)  # without an average: the live image, detached
 
@@ -347,13 +357,14 @@ def test_nan_guard_stops_with_the_step_number(sync_every):
     seen = []
     with pytest.raises(NonFiniteLoss, match="the loss became NaN at step 3 of this scale, so the run stopped"):
         optimize_scale(
-            image,
-            Objective(lambda x: {"x": x}, _Poisoned(3)),
-            10,
-            "adam",
-            0.1,
-            on_step=lambda i, *a: seen.append(i),
-            sync_every=sync_every,
+            ScaleProblem(
+                image,
+                Objective(lambda x: {"x": x}, _Poisoned(3)),
+                10,
+                "adam",
+                0.1,
+                reporting=Reporting(lambda i, *a: seen.append(i), sync_every),
+            )
         )
     assert seen == [1, 2]  # the good steps were reported, nothing after the bad one
 

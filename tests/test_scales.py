@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from engine import Config, stylize
 from engine import checkpoint as ckpt
-from engine.optimize import Carry, Objective, optimize_scale, resample_state
+from engine.optimize import Carry, Objective, Reporting, ScaleProblem, optimize_scale, resample_state
 
 
 def _quadratic(features, image):
@@ -67,33 +67,40 @@ def test_carried_moments_have_the_scale_of_the_new_gradients():
     assert ratio == pytest.approx(1.0, abs=0.05)
 
 
+def _run(image, steps, optimizer="adam", lr=0.05, record=None, ema_decay=0.0, carry=None):
+    objective = Objective(lambda x: {"x": x}, _quadratic)
+    return optimize_scale(
+        ScaleProblem(image, objective, steps, optimizer, lr, ema_decay, reporting=Reporting(record), carry=carry)
+    )
+
+
 @pytest.mark.parametrize("ema_decay", [0.0, 0.9])
 def test_carrying_at_the_same_size_continues_the_run_exactly(ema_decay):
     start = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
-    objective = Objective(lambda x: {"x": x}, _quadratic)
     losses = []
 
     def record(i, loss, parts, image):
         losses.append(loss)
 
-    whole, _ = optimize_scale(start, objective, 6, "adam", 0.05, record, ema_decay=ema_decay)
+    whole, _ = _run(start, 6, record=record, ema_decay=ema_decay)
     whole_losses, losses[:] = list(losses), []
     # Three steps, then three more from the live image with the carried state: the same six steps.
-    half, carry = optimize_scale(start, objective, 3, "adam", 0.05, record, ema_decay=0.0)
+    half, carry = _run(start, 3, record=record)
     assert float(carry.optimizer["state"][0]["step"]) == 3
     if ema_decay:
         # The live image is what Adam moved; the average is carried on its own.
-        _, carry_avg = optimize_scale(start, objective, 3, "adam", 0.05, ema_decay=ema_decay)
+        _, carry_avg = _run(start, 3, ema_decay=ema_decay)
         carry = Carry(carry.optimizer, carry_avg.average, carry_avg.average_steps)
-    second, after = optimize_scale(half, objective, 3, "adam", 0.05, record, ema_decay=ema_decay, carry=carry)
+    second, after = _run(half, 3, record=record, ema_decay=ema_decay, carry=carry)
     assert losses == pytest.approx(whole_losses, rel=1e-6)
     torch.testing.assert_close(second, whole, rtol=0, atol=1e-6)
     assert float(after.optimizer["state"][0]["step"]) == 6 and after.average_steps == (6 if ema_decay else 3)
+    assert carry.optimizer is None and carry.average is None  # consumed: the old tensors are not held
 
 
 def test_lbfgs_starts_each_scale_afresh_but_the_average_is_carried():
     start = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
-    _, carry = optimize_scale(start, Objective(lambda x: {"x": x}, _quadratic), 2, "lbfgs", 1.0, ema_decay=0.9)
+    _, carry = _run(start, 2, "lbfgs", 1.0, ema_decay=0.9)
     assert carry.optimizer is None and carry.average is not None and carry.average_steps == 2
 
 

@@ -1,0 +1,188 @@
+"""Registers ``nst serve`` (through the ``nst.commands`` entry point, so ``engine`` never imports ``serve``)."""
+
+from __future__ import annotations
+
+import argparse
+import contextvars
+import ipaddress
+import os
+import sys
+from pathlib import Path
+
+from engine.errors import UserError
+
+TOKEN_VARIABLE = "NST_SERVE_TOKEN"
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="an HTTP service with a web page: queue style-transfer jobs, follow them live, fetch the results",
+        description="Serve the engine over HTTP (FastAPI + uvicorn; `pip install -e '.[serve]'`): a page at /, "
+        "the API at /jobs, its OpenAPI page at /docs. Jobs, their images and checkpoints live in "
+        "--state-dir; a stopped or killed server resumes them when started again on the same directory.",
+    )
+    add_arguments(p)
+    add_engine_options(p)
+    p.set_defaults(run=run)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 picks a free one)")
+    p.add_argument(
+        "--state-dir",
+        type=Path,
+        default=Path("nst-serve-state"),
+        help="where jobs, their images and checkpoints are kept (default: ./nst-serve-state)",
+    )
+    p.add_argument(
+        "--token",
+        help=f"bearer token every request but /health must send (default: ${TOKEN_VARIABLE}); "
+        "required when binding to anything but a loopback address",
+    )
+    p.add_argument("--max-upload-mb", type=_positive(float), default=50.0, help="request body limit (default: 50)")
+    p.add_argument(
+        "--max-input-pixels",
+        type=_positive(int),
+        default=50_000_000,
+        help="refuse an uploaded image with more pixels, from its header before decoding (default: 50000000)",
+    )
+    p.add_argument(
+        "--max-pixels",
+        type=_positive(int),
+        default=2048 * 2048,
+        help="largest output a job may ask for, in pixels (default: 4194304, 2048x2048)",
+    )
+    p.add_argument(
+        "--time-limit",
+        type=_positive(float),
+        default=600.0,
+        help="seconds a job may run before it fails (default: 600)",
+    )
+    p.add_argument("--max-queued", type=_positive(int), default=32, help="jobs waiting; more get 429 (default: 32)")
+    p.add_argument(
+        "--checkpoint-every",
+        type=_positive(int),
+        default=20,
+        help="steps between checkpoints of the running job: what a killed server can lose (default: 20)",
+    )
+
+
+def add_engine_options(p: argparse.ArgumentParser) -> None:
+    """The settings the server's one Engine is built with (network, layers, device, precision); every job
+    uses these, and chooses the rest per request."""
+    from engine.cli import add_config_options
+    from engine.service import FIXED
+
+    add_config_options(p, only=FIXED)
+
+
+def _positive(kind):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"{text!r} must be greater than zero")
+        return value
+
+    return parse
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
+def run(args: argparse.Namespace) -> int:
+    token = args.token or os.environ.get(TOKEN_VARIABLE) or None
+    if not _loopback(args.host) and not token:
+        raise UserError(
+            f"binding to {args.host!r} lets other machines in: give a --token (or ${TOKEN_VARIABLE}), "
+            "or bind to 127.0.0.1"
+        )
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ImportError:
+        raise UserError("nst serve needs FastAPI and uvicorn: pip install -e '.[serve]'") from None
+    from engine import Config
+
+    from .app import create_app
+    from .service import Limits, Service
+    from .uploads import UploadLimits
+
+    limits = Limits(
+        upload=UploadLimits(max_bytes=int(args.max_upload_mb * 2**20), max_pixels=args.max_input_pixels),
+        max_pixels=args.max_pixels,
+        time_limit=args.time_limit,
+        max_queued=args.max_queued,
+        checkpoint_every=args.checkpoint_every,
+    )
+    try:
+        args.state_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"--state-dir {str(args.state_dir)!r} cannot be created ({exc.strerror or exc})") from None
+    from engine.service import FIXED
+
+    base = Config(**{name: getattr(args, name) for name in FIXED if hasattr(args, name)})
+    service = Service(args.state_dir, limits, base)
+    server = _server(
+        uvicorn.Config(
+            create_app(service, token),
+            host=args.host,
+            port=args.port,
+            log_level="warning",
+            access_log=False,
+            # Event streams end when the service stops; this bounds what a slow client can hold up.
+            timeout_graceful_shutdown=5,
+        ),
+        service,
+    )
+    # Requests are answered in words for HTTP clients (``style_weight``, the form field), not the command
+    # line's (``--style-weight``): a fresh context drops the CLI's wording that ``nst`` set around this call.
+    contextvars.Context().run(server.run)
+    return 0
+
+
+def _server(config, service):
+    """uvicorn's server, told about SIGTERM first so that the running job starts checkpointing at once (while
+    uvicorn waits for open connections), and saying where it listens once it does (``--port 0``)."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            service.begin_stop()
+            super().handle_exit(sig, frame)
+
+        async def startup(self, sockets=None):
+            await super().startup(sockets)
+            for server in self.servers:
+                for sock in server.sockets:
+                    host, port = sock.getsockname()[:2]
+                    print(f"nst serve: listening on http://{host}:{port}", flush=True)
+
+    return Server(config)
+
+
+def main(argv=None) -> int:
+    """``python -m serve``: the same as ``nst serve`` without the ``nst`` entry point installed."""
+    from engine.cli import EXIT_USER_ERROR
+    from engine.errors import cli_wording
+
+    parser = argparse.ArgumentParser(prog="nst serve")
+    add_arguments(parser)
+    add_engine_options(parser)
+    args = parser.parse_args(argv)
+    try:
+        with cli_wording():
+            return run(args)
+    except UserError as exc:
+        print(f"nst: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR

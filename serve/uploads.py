@@ -1,0 +1,136 @@
+"""Checking what a client sends before anything runs: the options (through ``Config``) and the images.
+
+Every refusal is a ``UserError`` of one sentence, which the app answers with a 4xx. Images are checked in
+two stages: the header (format and pixel count, read without decoding, so a decompression bomb costs
+nothing), then a full decode (so a truncated file is refused now, not halfway through a job).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import typing
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from engine.config import INITS, Config
+from engine.errors import UserError, pixels
+from engine.images import FORMATS, MAX_INPUT_PIXELS, pil_to_tensor
+
+# The settings a client may choose. Left out: anything that names a file on the server (weights, init
+# images, style masks), what the Engine is built with (the network and its layers, device, precision:
+# engine.service.FIXED, set by `nst serve` options), how it computes (tiling, batching) and its limits
+# (max_pixels), which are the operator's.
+CLIENT_OPTIONS = (
+    "size",
+    "min_size",
+    "steps",
+    "style_weight",
+    "content_weight",
+    "tv_weight",
+    "style_loss",
+    "ot_projections",
+    "preserve_colors",
+    "style_scale",
+    "style_size",
+    "style_blend_weights",
+    "content_layer_weights",
+    "style_layer_weights",
+    "optimizer",
+    "lr",
+    "ema_decay",
+    "init",
+    "seed",
+)
+_FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+_HINTS = typing.get_type_hints(Config)
+DECODABLE = tuple(dict.fromkeys(FORMATS.values()))  # PNG, JPEG, TIFF, WEBP, BMP
+
+
+@dataclass(frozen=True)
+class UploadLimits:
+    max_bytes: int  # the whole request body
+    max_pixels: int  # each uploaded image, checked from its header before decoding
+
+
+def parse_options(form: dict[str, str]) -> dict:
+    """The client's settings as typed values, each checked by name; ``Config`` checks the values themselves."""
+    options = {}
+    for name, text in form.items():
+        if name not in CLIENT_OPTIONS:
+            if name in _FIELDS:
+                raise UserError(f"{name} is chosen by the server, not per job; options a job may set: {_listing()}")
+            raise UserError(f"unknown option {name!r}; options a job may set: {_listing()}")
+        options[name] = _typed(name, text.strip())
+    if options.get("init", "content") not in INITS:
+        raise UserError(f"init must be one of {', '.join(INITS)} over HTTP, not {options['init']!r}")
+    return options
+
+
+def job_config(base: Config, options: dict) -> Config:
+    """The job's whole ``Config``: the server's settings with the client's options on top (validated here)."""
+    values = {f: getattr(base, f) for f in _FIELDS}
+    values.update(options)
+    return Config(**values)
+
+
+def _listing() -> str:
+    return ", ".join(CLIENT_OPTIONS)
+
+
+def _typed(name: str, text: str):
+    kind = _HINTS[name]
+    if typing.get_origin(kind) is typing.Union:  # Optional[X]
+        if text == "":
+            return None
+        kind = typing.get_args(kind)[0]
+    if "tuple" in str(kind):
+        return text  # Config splits comma-separated lists and says what is wrong with them
+    if kind is int:
+        try:
+            return int(text)
+        except ValueError:
+            raise UserError(f"{name} must be a whole number, not {text!r}") from None
+    if kind is float:
+        try:
+            return float(text)
+        except ValueError:
+            raise UserError(f"{name} must be a number, not {text!r}") from None
+    return text
+
+
+def display_name(filename: Optional[str], fallback: str) -> str:
+    """A client's file name as shown back to it: the last path part, printable, short. Never opened."""
+    name = (filename or "").replace("\\", "/").rsplit("/", 1)[-1]
+    name = "".join(c for c in name if c.isprintable())[:80]
+    return name or fallback
+
+
+def check_image(data: bytes, what: str, limits: UploadLimits) -> torch.Tensor:
+    """Decode an uploaded image after checking its header; a ``UserError`` naming ``what`` when it is refused."""
+    if not data:
+        raise UserError(f"{what} is empty")
+    limit = min(limits.max_pixels, MAX_INPUT_PIXELS)
+    refuse = f"above this server's {pixels(limit)} limit for uploads; refusing to decode it"
+    try:
+        # Pillow refuses by itself past twice its MAX_IMAGE_PIXELS (and warns past it, which the limit here,
+        # at most MAX_INPUT_PIXELS, makes moot); no warnings filter: it is process-wide, and requests are
+        # checked in threads.
+        with Image.open(io.BytesIO(data), formats=DECODABLE) as img:
+            width, height = img.size  # from the header: nothing is decoded yet
+            if width * height > limit:
+                raise UserError(f"{what} is {width}x{height} = {pixels(width * height)}, {refuse}")
+            img.load()
+            return pil_to_tensor(img)
+    except Image.DecompressionBombError:
+        raise UserError(f"{what} declares a size {refuse}") from None
+    except UnidentifiedImageError:
+        raise UserError(f"{what} is not an image in a format this server reads ({', '.join(DECODABLE)})") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:  # Pillow's words for truncated or corrupt data
+        if isinstance(exc, UserError):
+            raise
+        detail = str(exc).split("\n")[0][:100]
+        raise UserError(f"{what} could not be decoded; it is truncated or damaged ({detail})") from None

@@ -1,0 +1,133 @@
+"""Starting and stopping real ``nst serve`` processes for the tests (``python -m serve``, the same code as
+``nst serve``), on a free loopback port, and following their jobs through httpx."""
+
+from __future__ import annotations
+
+import json
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+from helpers import ENV
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+START_SECONDS = 120  # torch's import and the VGG weights, on a loaded machine
+# Small and single-scale (min_size = size), shallow layers: a job of a few seconds on the CPU.
+SMALL = {"size": "48", "min_size": "48", "steps": "12"}
+# The server's network: shallow layers (set per server, not per job: the Engine is built with them).
+LAYERS = ("--content-layers", "relu2_2", "--style-layers", "relu1_1,relu2_1")
+
+
+class Server:
+    def __init__(self, state_dir: Path, *args: str, env: dict | None = None, token: str | None = None):
+        self.state_dir = Path(state_dir)
+        if token:
+            args = (*args, "--token", token)
+        command = [
+            sys.executable,
+            "-m",
+            "serve",
+            "--port",
+            "0",
+            "--state-dir",
+            str(state_dir),
+            "--device",
+            "cpu",
+            *LAYERS,
+        ]
+        self.proc = subprocess.Popen(
+            [*command, *args],
+            env={**ENV, **(env or {})},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.lines: queue.Queue = queue.Queue()
+        self.stderr: list[str] = []
+        threading.Thread(target=self._read, args=(self.proc.stdout, self.lines.put), daemon=True).start()
+        threading.Thread(target=self._read, args=(self.proc.stderr, self.stderr.append), daemon=True).start()
+        self.url = self._address()
+        self.client = httpx.Client(
+            base_url=self.url, timeout=60, headers={"Authorization": f"Bearer {token}"} if token else None
+        )
+
+    @staticmethod
+    def _read(stream, put) -> None:
+        for line in stream:
+            put(line)
+
+    def _address(self) -> str:
+        deadline = time.monotonic() + START_SECONDS
+        while time.monotonic() < deadline:
+            try:
+                line = self.lines.get(timeout=0.5)
+            except queue.Empty:
+                line = ""
+            if not line and self.proc.poll() is not None:
+                time.sleep(0.2)  # the rest of stderr
+                raise RuntimeError(f"nst serve exited with {self.proc.returncode}: {''.join(self.stderr)}")
+            if "listening on " in line:
+                return line.split("listening on ", 1)[1].strip()
+        self.kill()
+        raise RuntimeError(f"nst serve did not start within {START_SECONDS} s: {''.join(self.stderr)}")
+
+    def stop(self, sig=signal.SIGTERM, timeout: float = 60) -> bool:
+        """Send ``sig`` and wait; whether the server stopped cleanly (it says so, and nothing else went wrong).
+
+        uvicorn re-raises the signal it stopped for, so a clean stop by SIGTERM exits with -SIGTERM."""
+        self.client.close()
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise
+        time.sleep(0.2)  # the last of stderr
+        said = "".join(self.stderr)
+        return code in (0, -sig) and "stopped; " in said and "Traceback" not in said
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    # Jobs --------------------------------------------------------------------------------------------------
+
+    def submit(self, options: dict | None = None, files: list | None = None, samples: bool = True, **kwargs):
+        data = {**SMALL, **(options or {})}
+        if samples:
+            data.update(content_sample="tubingen.jpg", style_sample="starry_night.jpg")
+        return self.client.post("/jobs", data=data, files=files, **kwargs)
+
+    def events(self, job_id: str, until=None):
+        """The job's server-sent events, parsed, in order; ``until(event)`` true stops reading early."""
+        out = []
+        with self.client.stream("GET", f"/jobs/{job_id}/events", timeout=300) as response:
+            assert response.status_code == 200, response.read()
+            assert response.headers["content-type"].startswith("text/event-stream")
+            kind = None
+            for line in response.iter_lines():
+                if line.startswith("event: "):
+                    kind = line[7:]
+                elif line.startswith("data: "):
+                    event = json.loads(line[6:])
+                    assert event["type"] == kind
+                    out.append(event)
+                    if event["type"] != "progress" or (until is not None and until(event)):
+                        break
+        return out
+
+    def wait(self, job_id: str, states=("done", "failed", "cancelled"), timeout: float = 300) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            job = self.client.get(f"/jobs/{job_id}").json()
+            if job["state"] in states:
+                return job
+            time.sleep(0.2)
+        raise TimeoutError(f"job {job_id} still {job['state']} after {timeout} s")
