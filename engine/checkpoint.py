@@ -23,7 +23,9 @@ from .config import Config
 from .errors import UserError
 from .files import write_atomically
 
-FORMAT = "nst-checkpoint-1"
+# 2: Adam's state and the average carry across scales, and Config has `padding`: a version-1 run would
+# not go on as it began.
+FORMAT = "nst-checkpoint-2"
 
 
 @dataclass

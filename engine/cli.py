@@ -27,7 +27,16 @@ EXIT_INTERRUPTED = 130
 # Fields the CLI exposes under a shorter name.
 SHORT = {"size": ["-s"], "steps": ["-n"]}
 # The settings that define the extractor, for `nst export` and `nst validate`.
-EXTRACTOR_FIELDS = ("model", "weights", "preprocess", "pooling", "content_layers", "style_layers", "device")
+EXTRACTOR_FIELDS = (
+    "model",
+    "weights",
+    "preprocess",
+    "pooling",
+    "padding",
+    "content_layers",
+    "style_layers",
+    "device",
+)
 EXPORT_FORMATS = ("torchscript", "onnx")
 FORMAT_OF_SUFFIX = {".pt": "torchscript", ".ts": "torchscript", ".torchscript": "torchscript", ".onnx": "onnx"}
 

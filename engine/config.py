@@ -18,7 +18,7 @@ from .errors import UserError, option, plural
 from .images import FORMATS as IMAGE_FORMATS
 from .runtime import MEMORY_FORMATS, PRECISIONS, SWITCHES
 from .sizes import DEFAULT_MAX_PIXELS
-from .vgg import MODELS, POOLINGS, check_layers
+from .vgg import MODELS, PADDINGS, POOLINGS, check_layers
 from .weights import PREPROCESS
 
 OPTIMIZERS = ("adam", "lbfgs")
@@ -42,6 +42,14 @@ class Config:
         default="auto", metadata={"help": "input preprocessing; 'auto' follows the weights", "choices": PREPROCESS}
     )
     pooling: str = field(default="max", metadata={"help": "pooling layers", "choices": POOLINGS})
+    padding: str = field(
+        default="zeros",
+        metadata={
+            "help": "how the first convolution extends the image past its border: zeros (the mean colour), "
+            "replicate (the edge pixels) or reflect",
+            "choices": PADDINGS,
+        },
+    )
     # What to match.
     content_layers: tuple[str, ...] = field(default=("relu4_2",), metadata={"help": "content layers"})
     content_layer_weights: Optional[tuple[float, ...]] = field(

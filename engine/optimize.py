@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, ContextManager, Optional
 
 import torch
+import torch.nn.functional as F
 
 from .errors import UserError, option
 
@@ -328,6 +329,55 @@ def make_step(image: torch.Tensor, objective: Callable, optimizer: str, lr: floa
     return GraphedStep(step) if graphs else step
 
 
+@dataclass
+class Carry:
+    """What one scale hands on to the next: Adam's state and the moving average, at the size it ended at.
+
+    ``optimizer`` is Adam's ``state_dict`` (None with L-BFGS, which starts each scale with a fresh history:
+    its curvature pairs are differences of images and gradients of the old scale's objective; resampled,
+    they are not secant pairs of the new one, and nothing keeps ``s.y`` positive, which its update needs).
+    ``average`` is the moving average before bias correction and ``average_steps`` the steps it has summed.
+    """
+
+    optimizer: Optional[dict] = None
+    average: Optional[torch.Tensor] = None
+    average_steps: int = 0
+
+
+def resample_state(carry: Carry, like: torch.Tensor) -> Carry:
+    """``carry`` resampled to the size of ``like`` (the new scale's image), laid out like it.
+
+    Adam's first moment and the average are resampled as the image is (antialiased bicubic, unclamped:
+    they are signed or unnormalised); the second moment bilinearly, whose weights are non-negative, so it
+    stays >= 0 (clamped as well, against rounding). The step count is kept: the moments are not empty,
+    so Adam's bias correction must not start again. The per-pixel gradient of every loss here is
+    proportional to 1 / (pixel count) (each is a mean over pixels), so the first moment is multiplied by
+    the ratio of the pixel counts and the second by its square: the carried moments then have the scale
+    the new gradients will have, and the first steps move the pixels as far as the last ones did.
+    """
+    size = tuple(like.shape[-2:])
+
+    def resample(t: torch.Tensor, mode: str, gain: float = 1.0) -> torch.Tensor:
+        if tuple(t.shape[-2:]) == size:
+            out = t.to(like.dtype)
+        else:
+            out = F.interpolate(t.to(like.dtype), size=size, mode=mode, align_corners=False, antialias=True)
+        return torch.empty_like(like).copy_(out.mul_(gain) if gain != 1.0 else out)
+
+    optimizer = None
+    if carry.optimizer is not None:
+        optimizer = {"param_groups": carry.optimizer["param_groups"], "state": {}}
+        for key, entry in carry.optimizer["state"].items():
+            old = entry["exp_avg"]
+            ratio = old.shape[-2] * old.shape[-1] / (size[0] * size[1])
+            moved = dict(entry)
+            moved["exp_avg"] = resample(old, "bicubic", ratio)
+            moved["exp_avg_sq"] = resample(entry["exp_avg_sq"], "bilinear", ratio * ratio).clamp_min_(0)
+            optimizer["state"][key] = moved
+    average = None if carry.average is None else resample(carry.average, "bicubic")
+    return Carry(optimizer, average, carry.average_steps)
+
+
 class StepPool:
     """Captured CUDA-graph steps kept for a later scale of the same shape and settings (an Engine holds one).
 
@@ -473,10 +523,16 @@ class ScaleProblem:
     checkpointing: Checkpointing = field(default_factory=Checkpointing)
     after_step: Callable[[int], None] = lambda i: None
     steps_pool: Optional["StepPool"] = None
+    carry: Optional[Carry] = None  # what the previous scale returned: Adam's state and the average go on
 
 
-def optimize_scale(problem: ScaleProblem) -> torch.Tensor:
-    """Run ``problem.steps`` steps from ``problem.image`` and return the result.
+def optimize_scale(problem: ScaleProblem) -> tuple[torch.Tensor, Carry]:
+    """Run ``problem.steps`` steps from ``problem.image``; returns the result and the state to carry on.
+
+    ``problem.carry`` is what the previous scale returned: Adam's moments and step count and the moving
+    average go on from there, resampled to this scale (``resample_state``), instead of starting afresh.
+    It is consumed: its tensors are dropped once resampled. A resumed scale (``Checkpointing.resume``)
+    holds its carried state already.
 
     With ``ema_decay`` > 0 the result is the exponential moving average of
     the iterates (bias-corrected, as Adam corrects its moments), which
@@ -487,6 +543,11 @@ def optimize_scale(problem: ScaleProblem) -> torch.Tensor:
     resume, steps, ema_decay = saving.resume, problem.steps, problem.ema_decay
     start = 0 if resume is None else int(resume["step"])
     source = p.image if resume is None else resume["image"].to(p.image)
+    carried = None
+    if p.carry is not None and resume is None:
+        # Resampled before a kept graph step is lent: the carry may hold another kept step's tensors.
+        carried = resample_state(p.carry, source)
+        p.carry.optimizer = p.carry.average = None  # the old scale's tensors are released now
     lent = p.steps_pool.lend(p, source) if p.steps_pool is not None and resume is None else None
     if lent is not None:
         step, param = lent, lent.step.image
@@ -498,16 +559,25 @@ def optimize_scale(problem: ScaleProblem) -> torch.Tensor:
     pending: list[tuple[int, torch.Tensor]] = []
     names: list[str] = []
     average = torch.zeros_like(param, requires_grad=False) if ema_decay else None
+    summed = 0  # steps the average had summed before this scale began
     if resume is not None:
         load_optimizer_state(step.optimizer, resume["optimizer"])
         if step.loss_scale is not None and resume.get("loss_scale") is not None:
             step.loss_scale.load_state_dict(resume["loss_scale"])
         if average is not None:
             average.copy_(resume["ema"])
+        summed = int(resume.get("ema_steps", start)) - start
+    elif carried is not None:
+        if carried.optimizer is not None and p.optimizer == "adam":
+            load_optimizer_state(step.optimizer, carried.optimizer, copy=False)
+        if average is not None and carried.average is not None:
+            average.copy_(carried.average)
+            summed = carried.average_steps
+        carried = None
 
     def current(i):
         # What a callback, a snapshot or an interrupt sees: the average when there is one.
-        return param.detach() if average is None else (average / (1 - ema_decay**i)).clamp(0, 1)
+        return param.detach() if average is None else (average / (1 - ema_decay ** (summed + i))).clamp(0, 1)
 
     for i in range(start + 1, steps + 1):
         total, parts = step()
@@ -531,6 +601,7 @@ def optimize_scale(problem: ScaleProblem) -> torch.Tensor:
                     "image": param.detach().cpu().clone(),
                     "optimizer": _to_cpu(step.optimizer.state_dict()),
                     "ema": None if average is None else average.cpu().clone(),
+                    "ema_steps": summed + i,
                     "loss_scale": None if step.loss_scale is None else step.loss_scale.state_dict(),
                 }
             )
@@ -541,23 +612,25 @@ def optimize_scale(problem: ScaleProblem) -> torch.Tensor:
         result = p.steps_pool.give_back(p, step)  # a copy: the step's image is reused by the next job
     else:
         result = step.finish()
-    if average is not None and steps > 0:
-        result = (average / (1 - ema_decay**steps)).clamp_(0, 1)
-    return result
+    if average is not None and summed + steps > 0:
+        result = (average / (1 - ema_decay ** (summed + steps))).clamp_(0, 1)
+    adam = step.optimizer.state_dict() if p.optimizer == "adam" else None
+    return result, Carry(adam, average, summed + steps)
 
 
 # Param-group settings that belong to this run's device, not to the checkpoint's.
 _DEVICE_FLAGS = ("capturable", "fused", "foreach")
 
 
-def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict, copy: bool = True) -> None:
     """Load a checkpoint's optimiser state, keeping this run's device settings.
 
     ``load_state_dict`` also brings back the saved param-group flags: a checkpoint written on the CPU
     would leave a CUDA run's Adam with ``capturable=False`` and its step count on the host, which CUDA
     graph replay refuses, and one written on CUDA would ask the CPU for a fused update. The flags are
     put back to this run's, and Adam's step count moves where they want it (the param's device when
-    capturable or fused, else the host). ``state`` itself is not modified.
+    capturable or fused, else the host). ``state`` itself is not modified, unless ``copy`` is False
+    (a state made for this call alone, such as a resampled one, whose tensors the optimiser may keep).
 
     State tensors the optimiser already has (a step captured in a CUDA graph, kept by a ``StepPool``,
     reads and writes those very tensors) are kept, and the loaded values copied into them.
@@ -566,7 +639,7 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
     before = {param: dict(entry) for param, entry in optimizer.state.items()}
     # A copy: load_state_dict keeps the very tensors it is given where they already fit, and the steps
     # would then change the caller's checkpoint in place (resuming it twice would not start from the same state).
-    optimizer.load_state_dict(_to_cpu(state))
+    optimizer.load_state_dict(_to_cpu(state) if copy else state)
     for group, flags in zip(optimizer.param_groups, ours):
         group.update(flags)
         on_device = group.get("capturable") or group.get("fused")

@@ -73,7 +73,7 @@ def build_extractor(config: Config, device: Optional[torch.device] = None) -> VG
     """The truncated VGG for ``config``'s layers and weights, on ``device`` (eager, float32, contiguous)."""
     needed = [n for n in truncated_names(config.model, config.feature_layers) if n in conv_shapes(config.model)]
     convs, normalize = load_weights(config.model, config.weights, config.preprocess, needed)
-    extractor = VGGFeatures(config.model, convs, normalize, config.feature_layers, config.pooling)
+    extractor = VGGFeatures(config.model, convs, normalize, config.feature_layers, config.pooling, config.padding)
     return extractor.to(device or resolve_device(config.device))
 
 
@@ -248,6 +248,7 @@ def run_batch(session: Session, batch: Batch) -> list[Result]:
     total_steps = sum(s.steps for s in batch.schedule)
     every, seconds, image_due = _reporting(batch.callback)
     image = None
+    carry = None  # Adam's state and the average, handed from each scale to the next
     done = 0  # steps of the scales before this one
     for scale in batch.schedule:
         if resume is not None and scale.index < resume["scale"]:
@@ -321,7 +322,7 @@ def run_batch(session: Session, batch: Batch) -> list[Result]:
                 },
             )
 
-        image = optimize_scale(
+        image, carry = optimize_scale(
             ScaleProblem(
                 image,
                 objective,
@@ -339,6 +340,7 @@ def run_batch(session: Session, batch: Batch) -> list[Result]:
                 ),
                 after_step=lambda i: batch.after_step(),
                 steps_pool=session.steps_pool,
+                carry=carry,
             )
         )
         done += scale.steps

@@ -45,6 +45,7 @@ FIXED = (
     "weights",
     "preprocess",
     "pooling",
+    "padding",
     "content_layers",
     "style_layers",
     "device",

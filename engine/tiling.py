@@ -7,8 +7,9 @@ runs through the network with a *halo* of context around it, so that every
 feature of the tile's own region is exactly the untiled network's:
 
 * the halo is at least the receptive-field radius of the deepest layer used
-  (``Geometry.halo``), so the zero padding at a crop's edge never reaches an
-  owned feature;
+  (``Geometry.halo``), so the padding at a crop's edge never reaches an
+  owned feature (whatever its mode: where a crop's edge is the image's own,
+  it is padded as the untiled image is);
 * tile edges and crop edges lie on multiples of the network's total stride
   (``Geometry.stride``), so every pooling window is the untiled network's;
 * at a layer that has halved the image ``k`` times, a tile owns the features

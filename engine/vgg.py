@@ -22,6 +22,12 @@ BLOCKS = {"vgg16": (2, 2, 3, 3, 3), "vgg19": (2, 2, 4, 4, 4)}
 CHANNELS = (64, 128, 256, 512, 512)
 MODELS = tuple(BLOCKS)
 POOLINGS = ("max", "avg")
+PADDINGS = ("zeros", "replicate", "reflect")
+# The convolutions ``padding`` applies to; every other one pads with zeros. Only the first sees pixels:
+# there a zero is the training set's mean colour (see ``Normalize``), a frame of it around the image is an
+# edge the first filters answer, and the style loss then paints against it. Deeper convolutions see ReLU
+# features, whose zero is "nothing here", the neutral value to pad with.
+PADDED_CONVS = ("conv1_1",)
 
 
 def layer_names(model: str) -> tuple[str, ...]:
@@ -77,7 +83,7 @@ class Normalize(nn.Module):
     ``y[c] = x[perm[c]] * scale / std[c] - mean[c] / std[c]``: covers both the
     Caffe convention (BGR, 0..255, mean subtracted) and torchvision's ImageNet
     mean/std. Kept as its own layer (not folded into conv1_1) because the
-    zero padding of conv1_1 is defined in the normalised space.
+    padding of conv1_1 is defined in the normalised space (zeros: the mean colour).
     """
 
     def __init__(self, perm: tuple[int, int, int], scale: float, mean, std):
@@ -100,7 +106,8 @@ class VGGFeatures(nn.Module):
     """A VGG cut after its deepest requested layer; returns ``{name: features}``.
 
     Parameters are frozen: the optimisation needs gradients with respect to
-    the input image only.
+    the input image only. ``padding`` is how the convolutions of
+    ``PADDED_CONVS`` extend the image past its border (zeros, replicate, reflect).
     """
 
     def __init__(
@@ -110,19 +117,24 @@ class VGGFeatures(nn.Module):
         normalize: Normalize,
         layers: Iterable[str],
         pooling: str = "max",
+        padding: str = "zeros",
     ):
         super().__init__()
         if pooling not in POOLINGS:
             raise UserError(f"unknown pooling {pooling!r}; allowed: {', '.join(POOLINGS)}")
+        if padding not in PADDINGS:
+            raise UserError(f"unknown padding {padding!r}; allowed: {', '.join(PADDINGS)}")
         self.layers = tuple(dict.fromkeys(layers))
         self.model_name = model
         self.pooling = pooling
+        self.padding = padding
         self.normalize = normalize
         body = OrderedDict()
         for name in truncated_names(model, self.layers):
             if name.startswith("conv"):
                 weight, bias = convs[name]
-                conv = nn.Conv2d(weight.shape[1], weight.shape[0], 3, padding=1)
+                mode = padding if name in PADDED_CONVS else "zeros"
+                conv = nn.Conv2d(weight.shape[1], weight.shape[0], 3, padding=1, padding_mode=mode)
                 with torch.no_grad():
                     conv.weight.copy_(weight)
                     conv.bias.copy_(bias)

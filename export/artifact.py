@@ -2,7 +2,7 @@
 
 Every artifact (TorchScript or ONNX) carries a small JSON description of the
 graph it holds. The description names everything that changes the graph, so
-its hash is the cache key: a different weight file, layer set, pooling,
+its hash is the cache key: a different weight file, layer set, pooling, padding,
 dtype, device or torch version gives a different key and a rebuild.
 """
 
@@ -27,6 +27,7 @@ def describe(extractor: torch.nn.Module) -> dict:
         "format": FORMAT_VERSION,
         "model": extractor.model_name,
         "pooling": extractor.pooling,
+        "padding": extractor.padding,
         "outputs": list(extractor.output_names),
         "weights_sha256": weights_digest(extractor),
         "dtype": str(param.dtype).removeprefix("torch."),
@@ -60,6 +61,11 @@ def weights_digest(module: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+def _described(meta: dict, key: str):
+    # Descriptions written before padding was a setting were all of zero-padded graphs.
+    return meta.get(key, "zeros" if key == "padding" and meta else None)
+
+
 def default_cache_dir() -> Path:
     """``$NST_CACHE_DIR``, else ``$XDG_CACHE_HOME/nst-engine``, else ``~/.cache/nst-engine``."""
     if os.environ.get("NST_CACHE_DIR"):
@@ -68,12 +74,12 @@ def default_cache_dir() -> Path:
     return Path(base) / "nst-engine"
 
 
-def mismatches(found: dict, wanted: dict, keys=("model", "pooling", "weights_sha256", "dtype")) -> list[str]:
+def mismatches(found: dict, wanted: dict, keys=("model", "pooling", "padding", "weights_sha256", "dtype")) -> list[str]:
     """Human-readable differences between two descriptions, for error messages."""
     out = []
     for key in keys:
-        if found.get(key) != wanted.get(key):
-            out.append(f"{key} {found.get(key)!r} instead of {wanted.get(key)!r}")
+        if _described(found, key) != _described(wanted, key):
+            out.append(f"{key} {_described(found, key)!r} instead of {_described(wanted, key)!r}")
     missing = [name for name in wanted.get("outputs", []) if name not in found.get("outputs", [])]
     if missing:
         out.append(f"no output {missing[0]!r}")

@@ -36,7 +36,7 @@ BACKENDS = ("torchscript", "onnxruntime")
 TOLERANCE = {"cpu": 1e-4, "cuda": 5e-3}
 DEFAULT_SIZES = ("256", "161")  # long sides: the second gives odd heights and widths
 # The settings an artifact's description fixes; validate reads them from it unless the caller gives them.
-DESCRIBED = ("model", "pooling", "content_layers", "style_layers")
+DESCRIBED = ("model", "pooling", "padding", "content_layers", "style_layers")
 Size = Union[int, tuple[int, int]]
 
 
@@ -203,7 +203,7 @@ def validate(
 
 
 def config_from_artifact(config: Config, torchscript_path=None, onnx_path=None, given=()) -> Config:
-    """``config`` with the model, pooling and layers an artifact describes (those not in ``given``).
+    """``config`` with the model, pooling, padding and layers an artifact describes (those not in ``given``).
 
     The description does not name the weights' source, only their hash: a
     VGG16 artifact is read with ImageNet weights (the bundled ones are VGG19),
@@ -219,6 +219,7 @@ def config_from_artifact(config: Config, torchscript_path=None, onnx_path=None, 
     changes = {
         "model": meta["model"],
         "pooling": meta.get("pooling", config.pooling),
+        "padding": meta.get("padding", "zeros"),  # older descriptions: all their graphs padded with zeros
         "content_layers": (),
         "style_layers": tuple(meta["outputs"]),
     }

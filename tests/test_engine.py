@@ -161,6 +161,8 @@ def test_a_job_speaks_the_words_of_whoever_submitted_it(engine):
 def test_settings_the_engine_fixed_are_refused_with_the_field_named(engine):
     with pytest.raises(UserError, match=r"^pooling is 'avg' but this engine was built with 'max'"):
         engine.submit(picture(32, 32, 1), picture(32, 32, 2), Config(**TINY, pooling="avg"))
+    with pytest.raises(UserError, match=r"^padding is 'replicate' but this engine was built with 'zeros'"):
+        engine.submit(picture(32, 32, 1), picture(32, 32, 2), Config(**TINY, padding="replicate"))
 
 
 def test_events_arrive_in_order_with_one_terminal_event(engine):

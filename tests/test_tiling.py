@@ -38,9 +38,9 @@ def rand(*shape, seed=0, dtype=torch.float64):
     return torch.rand(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
 
 
-def problem(loss="gram", dtype=torch.float64, size=(46, 58), batch=2, masks=False, layers=SHALLOW):
+def problem(loss="gram", dtype=torch.float64, size=(46, 58), batch=2, masks=False, layers=SHALLOW, padding="zeros"):
     """Extractor, untiled criterion and an image for ``batch`` jobs; the second job blends two styles."""
-    config = Config(device="cpu", style_loss=loss, **layers)
+    config = Config(device="cpu", style_loss=loss, padding=padding, **layers)
     extractor = build_extractor(config).to(dtype)
     content = rand(batch, 3, *size, seed=1, dtype=dtype)
     styles = [
@@ -110,6 +110,19 @@ def test_tiled_loss_and_gradient_equal_untiled_in_float64(loss, masks, tile):
     torch.testing.assert_close(tiled, total, rtol=1e-10, atol=0)
     for name in ("content", "style", "tv"):
         torch.testing.assert_close(tiled_parts[name], parts[name], rtol=1e-10, atol=0)
+    assert float((tiled_grad - grad).abs().max() / grad.abs().max()) < 1e-10
+
+
+@pytest.mark.parametrize("padding", ["replicate", "reflect"])
+def test_tiled_equals_untiled_with_edge_padding(padding):
+    """The first convolution pads the image's own edge; a tile's crop edge inside the image lies in the halo."""
+    config, extractor, criterion, *_, image = problem("gram", padding=padding)
+    total, _, grad = loss_and_grad(Objective(extractor, criterion), image)
+    zeros = problem("gram")
+    assert not torch.allclose(total, loss_and_grad(Objective(zeros[1], zeros[2]), zeros[-1])[0])  # it matters
+    grid = Tiling(16, Geometry.of(config.model, config.feature_layers)).grid(*image.shape[-2:])
+    tiled, _, tiled_grad = loss_and_grad(TiledObjective(extractor, criterion, grid, contextlib.nullcontext), image)
+    torch.testing.assert_close(tiled, total, rtol=1e-10, atol=0)
     assert float((tiled_grad - grad).abs().max() / grad.abs().max()) < 1e-10
 
 
