@@ -18,7 +18,7 @@ import typing
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .config import Config
+from .config import EXTRACTOR_FIELDS, Config
 from .errors import UserError, cli_wording, plural
 
 EXIT_FAILED_CHECK = 1
@@ -26,17 +26,6 @@ EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 # Fields the CLI exposes under a shorter name.
 SHORT = {"size": ["-s"], "steps": ["-n"]}
-# The settings that define the extractor, for `nst export` and `nst validate`.
-EXTRACTOR_FIELDS = (
-    "model",
-    "weights",
-    "preprocess",
-    "pooling",
-    "padding",
-    "content_layers",
-    "style_layers",
-    "device",
-)
 EXPORT_FORMATS = ("torchscript", "onnx")
 FORMAT_OF_SUFFIX = {".pt": "torchscript", ".ts": "torchscript", ".torchscript": "torchscript", ".onnx": "onnx"}
 

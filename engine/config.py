@@ -26,6 +26,10 @@ INITS = ("content", "noise", "gray")
 DEVICES = ("auto", "cpu", "cuda")
 BACKENDS = ("eager", "torchscript")
 STYLE_LOSSES = ("gram", "ot", "w2")
+# The settings the extractor is built from (`nst export`, `nst validate`), and with the runtime's, those a
+# long-lived Engine is built from (engine.service.FIXED).
+EXTRACTOR_FIELDS = ("model", "weights", "preprocess", "pooling", "padding", "content_layers", "style_layers", "device")
+RUNTIME_FIELDS = ("precision", "memory_format", "backend", "cuda_graphs")
 # A sanity bound, not a memory estimate: beyond this a typo is far likelier than intent.
 MAX_SIZE = 16384
 

@@ -32,7 +32,7 @@ import torch
 
 from . import color
 from .checkpoint import CheckpointPlan
-from .config import Config
+from .config import EXTRACTOR_FIELDS, RUNTIME_FIELDS, Config
 from .errors import UserError, option
 from .images import ImageLike, resize
 from .optimize import SYNC_EVERY, Callback, Interrupted, StepInfo
@@ -40,20 +40,7 @@ from .runner import Batch, JobSpec, Result, Session, prepare_jobs, run_batch, ru
 from .runtime import Runtime, decide_runtime
 
 # Settings the extractor and runtime are built from: a job must ask for the Engine's.
-FIXED = (
-    "model",
-    "weights",
-    "preprocess",
-    "pooling",
-    "padding",
-    "content_layers",
-    "style_layers",
-    "device",
-    "precision",
-    "memory_format",
-    "backend",
-    "cuda_graphs",
-)
+FIXED = EXTRACTOR_FIELDS + RUNTIME_FIELDS
 PREVIEW_SECONDS = 0.1  # how often a running job's losses (and preview) are read at most
 
 
