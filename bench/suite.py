@@ -25,7 +25,6 @@ fitted to a cost model, a fixed cost per step plus a cost per pixel.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime
 import json
@@ -45,6 +44,7 @@ from engine.api import loop_extractor, scale_objective
 from engine.criterion import build_criterion
 from engine.errors import UserError
 from engine.images import load_image, resize
+from engine.losses import matmul_tf32
 from engine.memory import plan_scale
 from engine.optimize import make_step
 from engine.runtime import cpu_supports, resolve_device, resolve_runtime
@@ -157,23 +157,10 @@ def measure_matmul_peak(device: torch.device, precisions, repeats: int = 10) -> 
     for precision in dict.fromkeys(precisions):
         a = torch.randn(n, n, device=device, dtype=dtypes[precision])
         b = torch.randn(n, n, device=device, dtype=dtypes[precision])
-        with _tf32(device, precision == "tf32"):
+        with matmul_tf32(precision == "tf32"):  # a no-op off CUDA
             seconds = median_time(lambda a=a, b=b: torch.mm(a, b), device, warmup=3, repeats=repeats)
         peaks[precision] = 2 * n**3 / seconds / 1e12
     return peaks
-
-
-@contextlib.contextmanager
-def _tf32(device: torch.device, enabled: bool):
-    if device.type != "cuda":
-        yield
-        return
-    before = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = enabled
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = before
 
 
 def time_samples(fn: Callable, device: torch.device, warmup: int, repeats: int) -> list[float]:

@@ -36,7 +36,17 @@ def at_least_float32(t: torch.Tensor) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def full_float32() -> Iterator[None]:
+def matmul_tf32(enabled: bool) -> Iterator[None]:
+    """CUDA matmuls inside use TF32 or not, as ``enabled`` says; the previous setting comes back after."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def full_float32() -> contextlib.AbstractContextManager[None]:
     """Matmuls inside run in IEEE float32 even when the run's precision turned TF32 on (CUDA).
 
     TF32 keeps 10 mantissa bits of each matmul input, which a statistic that
@@ -45,12 +55,7 @@ def full_float32() -> Iterator[None]:
     host when each matmul is launched, so a CUDA graph captured with it off
     replays the float32 kernels. A no-op on the CPU, which has no TF32.
     """
-    before = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = before
+    return matmul_tf32(False)
 
 
 def gram_matrix(features: torch.Tensor) -> torch.Tensor:
