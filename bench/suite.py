@@ -39,7 +39,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from engine import Config
+from engine import Config, style_losses
 from engine.api import loop_extractor, scale_objective
 from engine.criterion import build_criterion
 from engine.errors import UserError
@@ -138,7 +138,8 @@ def matrix(device: torch.device, batch: int = 4) -> tuple[list[Lever], list[str]
     levers.append(Lever(f"all+batch{batch}", batch_size=batch, **together))
     # Not levers but costs: the other style losses on the baseline settings, and the memory modes that
     # buy room for larger images with time (see engine/memory.py).
-    levers += [Lever("loss_ot", style_loss="ot"), Lever("loss_w2", style_loss="w2")]
+    others = [name for name in style_losses.names() if name != BASELINE["style_loss"]]  # the registry's
+    levers += [Lever(f"loss_{name}", style_loss=name) for name in others]
     levers += [Lever("checkpoint", tile="checkpoint"), Lever(f"tiled{TILE}", tile=str(TILE))]
     return levers, skipped
 

@@ -18,7 +18,7 @@ import typing
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .config import EXTRACTOR_FIELDS, Config
+from .config import EXTRACTOR_FIELDS, STYLE_LOSSES, Config
 from .errors import UserError, cli_wording, plural
 
 EXIT_FAILED_CHECK = 1
@@ -231,9 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument(
         "--losses",
         type=_list_of(str),
-        default=("gram", "ot", "w2"),
+        default=None,
         metavar="A,B,...",
-        help="style losses, one column each (default: gram,ot,w2)",
+        help=f"style losses, one column each (default: every registered one: {','.join(STYLE_LOSSES)})",
     )
     cp.add_argument(
         "--vary",
@@ -302,12 +302,12 @@ def _run(name: str, args: argparse.Namespace) -> int:
 
 def run_compare(args: argparse.Namespace) -> int:
     from .compare import make_sheet, run_comparison, variants
-    from .config import STYLE_LOSSES
     from .files import write_atomically
     from .images import FORMATS, check_output_path
 
     config = config_from_args(args)
     output = check_output_path(args.output, args.overwrite)
+    args.losses = tuple(STYLE_LOSSES) if args.losses is None else args.losses
     for loss in args.losses:
         if loss not in STYLE_LOSSES:
             raise UserError(f"--losses must be among {', '.join(STYLE_LOSSES)}, not {loss!r}")

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from .linalg import sym_power
 from .losses import EPS
-from .style_losses import sym_power
 
 MODES = ("none", "luminance", "histogram")
 # NTSC YIQ (the transform the paper uses); rows give Y, I, Q from R, G, B.

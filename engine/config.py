@@ -18,6 +18,8 @@ from .errors import UserError, option, plural
 from .images import FORMATS as IMAGE_FORMATS
 from .runtime import MEMORY_FORMATS, PRECISIONS, SWITCHES
 from .sizes import DEFAULT_MAX_PIXELS
+from .style_losses import Names
+from .style_losses import style_loss as registered_loss
 from .vgg import MODELS, PADDINGS, POOLINGS, check_layers
 from .weights import PREPROCESS
 
@@ -25,7 +27,8 @@ OPTIMIZERS = ("adam", "lbfgs")
 INITS = ("content", "noise", "gray")
 DEVICES = ("auto", "cpu", "cuda")
 BACKENDS = ("eager", "torchscript")
-STYLE_LOSSES = ("gram", "ot", "w2")
+# The registered style losses (engine/style_losses/): a live view, so that a loss registered later is a choice.
+STYLE_LOSSES = Names()
 # The settings the extractor is built from (`nst export`, `nst validate`), and with the runtime's, those a
 # long-lived Engine is built from (engine.service.FIXED).
 EXTRACTOR_FIELDS = ("model", "weights", "preprocess", "pooling", "padding", "content_layers", "style_layers", "device")
@@ -74,7 +77,7 @@ class Config:
     style_loss: str = field(
         default="gram",
         metadata={
-            "help": "style loss: gram (Gatys), ot (sliced optimal transport) or w2 (Gaussian Wasserstein-2)",
+            "help": "style loss, one of the registered ones (see docs/losses.md)",
             "choices": STYLE_LOSSES,
         },
     )
@@ -196,8 +199,9 @@ class Config:
         _check_weights("style_blend_weights", self.style_blend_weights, None, "style image")
         if not (isinstance(self.ema_decay, (int, float)) and 0 <= self.ema_decay < 1):
             raise UserError(f"{option('ema_decay')} must be at least 0 and below 1, not {self.ema_decay!r}")
-        if self.style_masks is not None and self.style_loss != "gram":
-            raise UserError(f"{option('style_masks')} work with the gram style loss only, not {self.style_loss!r}")
+        if self.style_masks is not None and not registered_loss(self.style_loss).takes_masks:
+            takes = ", ".join(name for name in STYLE_LOSSES if registered_loss(name).takes_masks)
+            raise UserError(f"{option('style_masks')} work with the {takes} style loss only, not {self.style_loss!r}")
         for name in ("size", "min_size", "steps", "batch_size", "ot_projections", "max_pixels"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -14,16 +14,15 @@ from collections import OrderedDict
 from typing import Callable, Optional, Sequence
 
 import torch
-from torch import nn
 
 from .images import resize
-from .losses import ContentLoss, GramStyleLoss, MaskedGramStyleLoss, Moments, StyleTransferLoss, second_moment
+from .losses import ContentLoss, Moments, StyleTransferLoss
 from .sizes import style_size
-from .style_losses import GaussianW2StyleLoss, SlicedOTStyleLoss
+from .style_losses import style_loss
 from .tiling import Tiling, feature_maps, feature_moments
 
 StyleJob = tuple[Sequence[torch.Tensor], Sequence[float]]  # a job's style images and blend weights
-StyleFeatures = dict  # layer name -> feature map (sliced OT) or Moments (the other losses)
+StyleFeatures = dict  # layer name -> feature map or Moments, as the style loss needs
 
 
 class StyleFeatureCache:
@@ -109,13 +108,14 @@ def build_criterion(
         )
     long_side = round(config.style_ratio * max(content.shape[-2:]))
     cache: dict[int, dict[str, torch.Tensor | Moments]] = {}
+    loss_class = style_loss(config.style_loss)
 
     def features_of(style: torch.Tensor) -> dict[str, torch.Tensor | Moments]:
-        """The style's feature maps (sliced OT needs every pixel) or, for the other losses, their Moments."""
+        """The style's feature maps or their Moments, as the style loss declares it ``needs``."""
         if id(style) not in cache:
             h, w = style_size(*style.shape[-2:], long_side, min_side)  # checked by sizes.check_size beforehand
             resized = resize(style, (h, w)).unsqueeze(0)
-            keep = config.style_loss == "ot"  # masks go with the gram loss only
+            keep = loss_class.needs == "maps"
 
             def compute() -> StyleFeatures:
                 image = layout(resized)
@@ -136,7 +136,7 @@ def build_criterion(
             [(features_of(s)[name], w) for s, w in zip(imgs, blend) if w != 0 or masks is not None]
             for imgs, blend in styles
         ]
-        style[name] = _style_loss(config, name, per_job, masks, [blend for _, blend in styles])
+        style[name] = loss_class.build(config=config, layer=name, per_job=per_job, masks=masks)
     return StyleTransferLoss(
         content={name: ContentLoss(content_feats[name]) for name in config.content_layers},
         style=style,
@@ -146,19 +146,3 @@ def build_criterion(
         style_weight=config.style_weight,
         tv_weight=config.tv_weight,
     )
-
-
-def _style_loss(config, layer: str, per_job, masks, blends) -> nn.Module:
-    if masks is not None:
-        # No blending: each style keeps its own target, matched inside its own mask.
-        targets = torch.stack([torch.cat([second_moment(f).float() for f, _ in job]) for job in per_job])
-        return MaskedGramStyleLoss(targets, masks, blends[0])
-    if config.style_loss == "gram":
-        return GramStyleLoss.from_targets([GramStyleLoss.target_stats(job) for job in per_job])
-    if config.style_loss == "ot":
-        # One seed per layer: every layer draws its own directions, and a rerun draws the same ones.
-        seed = config.seed * 1000 + config.style_layers.index(layer)
-        return SlicedOTStyleLoss.from_targets(
-            [SlicedOTStyleLoss.target_stats(job) for job in per_job], config.ot_projections, seed
-        )
-    return GaussianW2StyleLoss.from_targets([GaussianW2StyleLoss.target_stats(job) for job in per_job])

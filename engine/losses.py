@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from typing import Iterator, Mapping, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 EPS = 1e-8
@@ -58,16 +57,20 @@ def full_float32() -> contextlib.AbstractContextManager[None]:
     return matmul_tf32(False)
 
 
-def gram_matrix(features: torch.Tensor) -> torch.Tensor:
-    """Batched Gram matrices ``(N, C, C)``, averaged over the H*W pixels, in float32.
+def scatter_sum(features: torch.Tensor) -> torch.Tensor:
+    """``sum_p f_p f_p^T`` over the H*W pixels of each image: ``(N, C, C)`` in at least float32.
 
     float32 whatever the features' dtype: in fp16, Caffe-VGG activations (up
-    to ~1e3) squared and summed over a million pixels overflow 65504 long
-    before the division by H*W.
+    to ~1e3) squared and summed over a million pixels overflow 65504.
     """
-    n, c, h, w = features.shape
-    flat = at_least_float32(features.reshape(n, c, h * w))
-    return torch.einsum("ncp,ndp->ncd", flat, flat) / (h * w)
+    flat = at_least_float32(features.flatten(2))
+    return torch.einsum("ncp,ndp->ncd", flat, flat)
+
+
+def gram_matrix(features: torch.Tensor) -> torch.Tensor:
+    """Batched Gram matrices ``(N, C, C)``, averaged over the H*W pixels, in float32 (see ``scatter_sum``)."""
+    h, w = features.shape[-2:]
+    return scatter_sum(features) / (h * w)
 
 
 @dataclass(frozen=True)
@@ -153,81 +156,6 @@ class ContentLoss(nn.Module):
         rows, cols = region
         err = (at_least_float32(features) - self.target[..., rows, cols]).pow(2).sum((1, 2, 3))
         return (err / self.scale).sum()
-
-
-class GramStyleLoss(nn.Module):
-    """Relative squared error between Gram matrices (Gatys et al.'s style loss).
-
-    The target is given as a Gram matrix, not as features, so several style
-    images can be blended into one target beforehand.
-    """
-
-    def __init__(self, target_gram: torch.Tensor):
-        super().__init__()
-        self.register_buffer("target", target_gram.detach())
-
-    @staticmethod
-    def target_stats(features: Sequence[tuple[FeaturesOrMoments, float]]) -> torch.Tensor:
-        """The blended target ``(1, C, C)``: the weighted mean of the styles' Grams (from maps or Moments)."""
-        total_w = float(sum(w for _, w in features))
-        return sum(second_moment(f).float() * (w / total_w) for f, w in features)
-
-    @classmethod
-    def from_targets(cls, per_job: Sequence[torch.Tensor]) -> "GramStyleLoss":
-        return cls(torch.cat(list(per_job)))
-
-    def stats(self, features: torch.Tensor) -> torch.Tensor:
-        return gram_matrix(features)
-
-    def loss_from_stats(self, gram: torch.Tensor) -> torch.Tensor:
-        return relative_squared_error(gram, self.target)
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.loss_from_stats(self.stats(features))
-
-
-class MaskedGramStyleLoss(nn.Module):
-    """Spatial control (Gatys et al. 2017): style ``s`` is matched only where mask ``s`` is on.
-
-    Each style image keeps its own Gram target (no blending); the image's
-    Gram for style ``s`` is taken over its features weighted by mask ``s``
-    (resized to the layer by area averaging) and normalised by the mask's
-    area, so a style tied to a small region is matched as strongly as one
-    tied to a large region.
-    """
-
-    def __init__(self, targets: torch.Tensor, masks: torch.Tensor, weights: Sequence[float]):
-        super().__init__()
-        self.register_buffer("target", targets.detach())  # (N or 1, S, C, C)
-        self.register_buffer("masks", masks.detach().float())  # (S, 1, H, W) at the image's size
-        total = float(sum(weights))
-        self.register_buffer("weights", torch.tensor([w / total for w in weights], device=masks.device))
-
-    def layer_masks(self, height: int, width: int) -> torch.Tensor:
-        """The masks resized to a layer of ``height x width`` by area averaging: ``(S, 1, h, w)``."""
-        return F.interpolate(self.masks, size=(height, width), mode="area")
-
-    @staticmethod
-    def masked_scatter(features: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-        """``sum_p m_sp f_p f_p^T`` for each style's mask: ``(N, S, C, C)``."""
-        n, c, h, w = features.shape
-        # sqrt on each side of the product: divided by sum_p m_p this is a weighted mean, which is right
-        # for the soft edges area-resizing gives a mask.
-        weighted = at_least_float32(features).unsqueeze(1) * masks.sqrt()  # (N, S, C, h, w)
-        flat = weighted.reshape(n, masks.shape[0], c, h * w)
-        return torch.einsum("nscp,nsdp->nscd", flat, flat)
-
-    def stats(self, features: torch.Tensor) -> torch.Tensor:
-        masks = self.layer_masks(*features.shape[-2:])
-        area = masks.sum((1, 2, 3)).clamp_min(EPS)  # (S,)
-        return self.masked_scatter(features, masks) / area[None, :, None, None]
-
-    def loss_from_stats(self, grams: torch.Tensor) -> torch.Tensor:
-        err = (grams - self.target).pow(2).sum((2, 3)) / self.target.pow(2).sum((2, 3)).clamp_min(EPS)
-        return (err * self.weights).sum()
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.loss_from_stats(self.stats(features))
 
 
 class TotalVariationLoss(nn.Module):

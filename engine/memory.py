@@ -29,7 +29,8 @@ import torch
 
 from .errors import UserError
 from .optimize import LBFGS_HISTORY
-from .tiling import Geometry, Tiling, check_tileable
+from .style_losses import check_tileable, style_loss
+from .tiling import Geometry, Tiling
 from .vgg import CHANNELS, truncated_names
 
 GiB = 1024**3
@@ -76,7 +77,10 @@ def state_bytes_per_pixel(config) -> float:
     if config.optimizer == "lbfgs":
         copies += 2 * LBFGS_HISTORY + 3  # curvature pairs, direction, previous gradient and point
     masks = len(config.style_masks or ()) * 4
-    return copies * 3 * 4 + content_targets + masks
+    loss = style_loss(config.style_loss).state_bytes_per_pixel(
+        config, layer_bytes(config.model, config.feature_layers, 4)
+    )
+    return copies * 3 * 4 + content_targets + masks + loss
 
 
 def available_bytes(device: torch.device) -> int:

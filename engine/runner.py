@@ -45,7 +45,6 @@ from .runtime import Runtime, resolve_device, resolve_runtime
 from .schedule import Scale, build_schedule
 from .sizes import check_size, style_size
 from .sizes import min_side as network_min_side
-from .style_losses import SlicedOTStyleLoss
 from .tiling import TiledObjective, TileShare
 from .vgg import BlockCheckpointed, VGGFeatures, conv_shapes, truncated_names
 from .weights import load_weights
@@ -281,7 +280,7 @@ def run_batch(session: Session, batch: Batch) -> list[Result]:
             style_cache=session.style_cache,
         )
         objective = scale_objective(memory, extractor, criterion, runtime, size, batch.share)
-        generators = [m.generator for m in criterion.style.values() if isinstance(m, SlicedOTStyleLoss)]
+        generators = [g for loss in criterion.style.values() for g in loss.generators()]
         if scale_resume is not None:
             ckpt.restore_generators(generators, resume)
 

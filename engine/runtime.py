@@ -28,6 +28,7 @@ from typing import Optional
 import torch
 
 from .errors import UserError, option
+from .style_losses import style_loss
 
 PRECISIONS = ("auto", "fp32", "tf32", "bf16", "fp16")
 MEMORY_FORMATS = ("auto", "contiguous", "channels_last")
@@ -143,13 +144,12 @@ def decide_runtime(config, device: Optional[torch.device] = None) -> Runtime:
         raise UserError(f"{option('cuda_graphs')} 'on' needs a CUDA GPU; use auto or off")
     if graphs == "on" and config.optimizer != "adam":
         raise UserError(f"{option('cuda_graphs')} 'on' works with the adam optimizer only, not {config.optimizer!r}")
-    # The OT loss draws fresh random directions each step from its own generator, which a graph replay
-    # would freeze; it runs uncaptured.
-    if graphs == "on" and config.style_loss == "ot":
+    # A loss that cannot be recorded (OT draws fresh random directions every step, which a replay would
+    # freeze) says so in its class, and runs uncaptured.
+    uncapturable = style_loss(config.style_loss).uncapturable
+    if graphs == "on" and uncapturable:
         raise UserError(
-            f"{option('cuda_graphs')} 'on' cannot capture the ot style loss (it draws new directions every step)"
+            f"{option('cuda_graphs')} 'on' cannot capture the {config.style_loss} style loss ({uncapturable})"
         )
-    use_graphs = graphs == "on" or (
-        graphs == "auto" and cuda and config.optimizer == "adam" and config.style_loss != "ot"
-    )
+    use_graphs = graphs == "on" or (graphs == "auto" and cuda and config.optimizer == "adam" and not uncapturable)
     return Runtime(device, precision, channels_last, use_graphs)

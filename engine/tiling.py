@@ -39,7 +39,8 @@ step (a backward without weight gradients costs about one forward) times the
 crop-to-tile area ratio. Style targets at a large size (a style image scaled
 with the output) are summed by the same pass 1, and content targets are put
 together from their tiles. Sliced OT sorts all of a layer's projections at
-once, so it is refused with tiles (see ``check_tileable``).
+once, so it is refused with tiles: each style loss declares its split form
+(``StyleLoss.tiled``, a ``style_losses.TileTerm``) or why it has none.
 """
 
 from __future__ import annotations
@@ -51,8 +52,7 @@ from typing import Callable, ContextManager, Mapping, Optional, Protocol, Sequen
 import torch
 
 from .errors import UserError
-from .losses import GramStyleLoss, MaskedGramStyleLoss, Moments, StyleTransferLoss, at_least_float32
-from .style_losses import GaussianW2StyleLoss, SlicedOTStyleLoss
+from .losses import Moments, StyleTransferLoss, at_least_float32
 from .vgg import truncated_names
 
 Box = tuple[int, int, int, int]  # y0, y1, x0, x1
@@ -157,14 +157,6 @@ def _cuts(length: int, tile: int, stride: int) -> list[tuple[int, int]]:
     return [(a, min(a + step, length)) for a in range(0, length, step)]
 
 
-def check_tileable(style_loss: str) -> None:
-    if style_loss == "ot":
-        raise UserError(
-            "the ot style loss sorts every pixel's projections of the whole image at once, so it cannot be "
-            "split into tiles exactly; use tile off or checkpoint (with a smaller size), or the gram or w2 style loss"
-        )
-
-
 class TileShare(Protocol):
     """This process's part in a tiled step that several processes compute together.
 
@@ -233,155 +225,6 @@ def feature_moments(
 # ------------------------------------------------------------------------------------------ the objective
 
 
-class _StyleTerm:
-    """One style layer's loss, split as tiling needs it: statistics summed over tiles, then a surrogate.
-
-    ``add`` takes a tile's own features (pass 1); ``finish`` turns the sums
-    into the whole image's statistics and returns the loss, keeping its
-    gradient with respect to them; ``surrogate`` takes a tile's own features
-    (pass 2, with gradients) and returns a scalar whose gradient is the
-    whole-image loss gradient for those features.
-    """
-
-    def __init__(self, loss, map_size: tuple[int, int]):
-        self.loss, self.pixels = loss, map_size[0] * map_size[1]
-        self.grads: tuple[torch.Tensor, ...] = ()
-        self.dtype = torch.float32  # float64 when the features are (the tests' references)
-
-    def add(self, features: torch.Tensor, tile: Tile, factor: int) -> None:
-        self.dtype = at_least_float32(features).dtype
-        self.accumulate(features, tile, factor)
-
-    def shared(self, like: torch.Tensor) -> list[torch.Tensor]:
-        """This process's float64 sums in a form that adds up across processes (zeros if it had no tile)."""
-        if self.empty():
-            self.dtype = at_least_float32(like).dtype
-            return [like.new_zeros(shape, dtype=torch.float64) for shape in self.shapes(like.shape[0])]
-        return self.to_sums()
-
-    def finish(self) -> torch.Tensor:
-        # The sums are float64; the loss is evaluated in the features' precision, as untiled.
-        stats = tuple(s.detach().to(self.dtype).requires_grad_(True) for s in self.whole())
-        with torch.enable_grad():
-            value = self.loss.loss_from_stats(*stats)
-            self.grads = torch.autograd.grad(value, stats)
-        return value.detach()
-
-
-class _GramTerm(_StyleTerm):
-    def __init__(self, loss: GramStyleLoss, map_size):
-        super().__init__(loss, map_size)
-        self.sum: Optional[torch.Tensor] = None
-
-    @staticmethod
-    def _scatter(features: torch.Tensor) -> torch.Tensor:
-        flat = at_least_float32(features).flatten(2)
-        return torch.einsum("ncp,ndp->ncd", flat, flat)
-
-    def accumulate(self, features: torch.Tensor, tile: Tile, factor: int) -> None:
-        part = self._scatter(features).double()
-        self.sum = part if self.sum is None else self.sum + part
-
-    def whole(self):
-        return (self.sum / self.pixels,)
-
-    def empty(self) -> bool:
-        return self.sum is None
-
-    def shapes(self, batch: int):
-        channels = self.loss.target.shape[-1]
-        return [(batch, channels, channels)]
-
-    def to_sums(self):
-        return [self.sum]
-
-    def from_sums(self, sums) -> None:
-        (self.sum,) = sums
-
-    def surrogate(self, features: torch.Tensor, tile: Tile, factor: int) -> torch.Tensor:
-        return (self.grads[0] * self._scatter(features)).sum() / self.pixels
-
-
-class _MaskedGramTerm(_StyleTerm):
-    def __init__(self, loss: MaskedGramStyleLoss, map_size):
-        super().__init__(loss, map_size)
-        self.masks = loss.layer_masks(*map_size)  # the whole layer's masks, sliced per tile
-        self.area = self.masks.sum((1, 2, 3)).clamp_min(1e-8)[None, :, None, None]
-        self.sum: Optional[torch.Tensor] = None
-
-    def _scatter(self, features, tile, factor):
-        return self.loss.masked_scatter(features, self.masks[(..., *tile.in_image(factor))])
-
-    def accumulate(self, features, tile, factor) -> None:
-        part = self._scatter(features, tile, factor).double()
-        self.sum = part if self.sum is None else self.sum + part
-
-    def whole(self):
-        return (self.sum / self.area,)
-
-    def empty(self) -> bool:
-        return self.sum is None
-
-    def shapes(self, batch: int):
-        channels = self.loss.target.shape[-1]
-        return [(batch, self.masks.shape[0], channels, channels)]
-
-    def to_sums(self):
-        return [self.sum]
-
-    def from_sums(self, sums) -> None:
-        (self.sum,) = sums
-
-    def surrogate(self, features, tile, factor) -> torch.Tensor:
-        return (self.grads[0] * self._scatter(features, tile, factor) / self.area).sum()
-
-
-class _W2Term(_StyleTerm):
-    def __init__(self, loss: GaussianW2StyleLoss, map_size):
-        super().__init__(loss, map_size)
-        self.moments: Optional[Moments] = None
-        self.mean: Optional[torch.Tensor] = None
-
-    def accumulate(self, features, tile, factor) -> None:
-        part = Moments.of(features)
-        self.moments = part if self.moments is None else self.moments + part
-
-    def whole(self):
-        self.mean = self.moments.mean.to(self.dtype)
-        return self.mean, self.moments.covariance
-
-    def empty(self) -> bool:
-        return self.moments is None
-
-    def shapes(self, batch: int):
-        channels = self.loss.mean.shape[-1]
-        return [(batch, channels), (batch, channels, channels)]
-
-    def to_sums(self):
-        # Centred moments do not add; the raw sums of f and f f^T do (float64 keeps the cancellation harmless:
-        # it costs about |mean|^2 / variance of the 16 digits, where float32 features carry 7).
-        m = self.moments
-        total = m.mean * m.count
-        return [total, m.scatter + torch.einsum("nc,nd->ncd", total, m.mean)]
-
-    def from_sums(self, sums) -> None:
-        total, raw = sums
-        mean = total / self.pixels  # every feature of the layer is some process's: the count is the map's
-        self.moments = Moments(self.pixels, mean, raw - torch.einsum("nc,nd->ncd", total, mean))
-
-    def surrogate(self, features, tile, factor) -> torch.Tensor:
-        # mean = sum f / P and cov = sum (f - mean)(f - mean)^T / P; the mean's own effect on cov is zero
-        # at the whole image's mean (the centred features sum to zero), so the mean is held fixed here.
-        grad_mean, grad_cov = self.grads
-        flat = at_least_float32(features).flatten(2)
-        centred = flat - self.mean[..., None]
-        scatter = torch.einsum("ncp,ndp->ncd", centred, centred)
-        return ((grad_mean * flat.sum(2)).sum() + (grad_cov * scatter).sum()) / self.pixels
-
-
-_TERMS = {GramStyleLoss: _GramTerm, MaskedGramStyleLoss: _MaskedGramTerm, GaussianW2StyleLoss: _W2Term}
-
-
 class TiledObjective:
     """The same loss and gradient as ``optimize.Objective``, computed over ``grid``'s tiles (two passes).
 
@@ -402,15 +245,16 @@ class TiledObjective:
         share: Optional[TileShare] = None,
     ):
         for module in criterion.style.values():
-            if isinstance(module, SlicedOTStyleLoss):
-                check_tileable("ot")
+            refusal = module.tile_refusal()
+            if refusal is not None:
+                raise UserError(refusal)
         self.extractor, self.criterion, self.grid, self.autocast = extractor, criterion, grid, autocast
         self.share = share
         self.tiles = grid.tiles if share is None else tuple(grid.tiles[i] for i in share.mine(grid.tiles))
 
     def __call__(self, image: torch.Tensor, scale: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict]:
         criterion, grid, factors = self.criterion, self.grid, self.grid.geometry.factors
-        terms = {name: _TERMS[type(loss)](loss, grid.map_size(name)) for name, loss in criterion.style.items()}
+        terms = {name: loss.tiled(grid.map_size(name)) for name, loss in criterion.style.items()}
         with torch.no_grad():  # pass 1: the whole image's style statistics
             for tile in self.tiles:
                 with self.autocast():

@@ -8,13 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from engine.losses import (
-    ContentLoss,
-    GramStyleLoss,
-    StyleTransferLoss,
-    TotalVariationLoss,
-    gram_matrix,
-)
+from engine.losses import ContentLoss, StyleTransferLoss, TotalVariationLoss, gram_matrix
+from engine.style_losses import GramStyleLoss
 
 
 def np_gram(f):

@@ -11,10 +11,18 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from engine import Config, UserError, style_losses, stylize
+from engine import Config, UserError, stylize
 from engine.color import join_luminance, luminance_pair, match_colours, rgb_to_yiq
-from engine.losses import MaskedGramStyleLoss, gram_matrix
-from engine.style_losses import GaussianW2StyleLoss, SlicedOTStyleLoss, sliced_ot, sqrtm_eigh, trace_sqrtm
+from engine.losses import gram_matrix
+from engine.style_losses import (
+    GaussianW2StyleLoss,
+    MaskedGramStyleLoss,
+    SlicedOTStyleLoss,
+    sliced_ot,
+    sqrtm_eigh,
+    trace_sqrtm,
+    w2,
+)
 
 
 def rand(*shape, seed=0, dtype=torch.float64):
@@ -247,7 +255,7 @@ def test_w2_stays_float32_exact_under_emulated_tf32(method, tf32_on, monkeypatch
     torch.backends.cuda.matmul.allow_tf32 = True
     with EmulatedTF32():
         emulated = w2_error_floor(loss, feats)
-        monkeypatch.setattr(style_losses, "full_float32", contextlib.nullcontext)  # the local switch removed
+        monkeypatch.setattr(w2, "full_float32", contextlib.nullcontext)  # the local switch removed
         unswitched = w2_error_floor(loss, feats)
     assert plain < 2e-6 and emulated <= 1.5 * plain
     assert unswitched > 20 * plain  # the emulation bites: measured 2e-5 (eigh), 5e-4 (Newton-Schulz)
@@ -341,7 +349,7 @@ def test_masked_gram_equals_plain_gram_with_a_full_mask():
     feats = rand(2, 4, 6, 6, seed=20)
     target = gram_matrix(rand(1, 4, 5, 5, seed=21))
     masked = MaskedGramStyleLoss(target[:, None], torch.ones(1, 1, 12, 12, dtype=torch.float64), [1.0])
-    from engine.losses import GramStyleLoss
+    from engine.style_losses import GramStyleLoss
 
     assert masked(feats).item() == pytest.approx(GramStyleLoss(target)(feats).item(), rel=1e-10)
 

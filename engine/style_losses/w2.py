@@ -1,25 +1,13 @@
-"""The other style losses: sliced optimal transport and the Gaussian Wasserstein-2 distance.
+"""The Gaussian Wasserstein-2 style loss (``--style-loss w2``).
 
-Both compare the *distribution* of a layer's feature vectors (one C-vector per
-pixel) with the style's, where the Gram loss compares second moments only.
-
-* ``SlicedOTStyleLoss``: project both pixel sets onto K random unit
-  directions, sort each projection, and compare the sorted values: in one
-  dimension, sorting solves optimal transport exactly. Fresh directions every
-  step (from a seeded generator), so over the run all directions are seen.
-* ``GaussianW2StyleLoss``: fit a Gaussian (mean, covariance) to each side and
-  take the closed-form 2-Wasserstein distance between them:
-  ``|mu_x - mu_s|^2 + tr S_x + tr S_s - 2 tr (S_s^1/2 S_x S_s^1/2)^1/2``.
-  ``S_s^1/2`` is computed once, in float64 by eigendecomposition. The trace of
-  the square root on the image side, which needs gradients, is a custom
-  autograd function (``trace_sqrtm``): ``eigh`` on the CPU, a Newton-Schulz
-  iteration elsewhere, and the closed-form gradient ``X^-1/2 / 2``, all in
-  IEEE float32 whatever the run's precision.
-
-As with the other losses, each is made relative (divided by the target's own
-size) so weights mean the same across layers, and summed over the batch.
-Targets are built by ``target_stats`` from one or more style images with
-blend weights, then stacked per job by ``from_targets``.
+Fit a Gaussian (mean, covariance) to the image's feature vectors and to the style's and take the
+closed-form 2-Wasserstein distance between them:
+``|mu_x - mu_s|^2 + tr S_x + tr S_s - 2 tr (S_s^1/2 S_x S_s^1/2)^1/2``.
+``S_s^1/2`` is computed once, in float64 by eigendecomposition. The trace of the square root on the
+image side, which needs gradients, is a custom autograd function (``trace_sqrtm``): ``eigh`` on the CPU,
+a Newton-Schulz iteration elsewhere, and the closed-form gradient ``X^-1/2 / 2``, all in IEEE float32
+whatever the run's precision. Made relative (divided by the target's own size) like the other losses,
+and summed over the batch; tiles sum its moments exactly.
 """
 
 from __future__ import annotations
@@ -28,11 +16,11 @@ import contextlib
 from typing import Iterator, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 from torch.autograd.function import once_differentiable
 
-from .losses import EPS, FeaturesOrMoments, Moments, at_least_float32, full_float32
+from ..linalg import sym_power
+from ..losses import EPS, FeaturesOrMoments, Moments, at_least_float32, full_float32
+from .base import PerJob, StyleLoss, TileTerm, register
 
 NEWTON_SCHULZ_ITERS = 20  # trace within 1.1e-3 of eigh on the samples at relu1_1-relu5_1 (2e-6 to 1.1e-3)
 SQRTM_METHODS = ("eigh", "newton_schulz")
@@ -47,74 +35,16 @@ def _pixels(features: torch.Tensor) -> torch.Tensor:
     return at_least_float32(features.reshape(n, c, h * w))
 
 
-class SlicedOTStyleLoss(nn.Module):
-    """Sliced optimal transport between the image's and the style's feature vectors."""
-
-    def __init__(self, targets: Sequence[torch.Tensor], projections: int, generator: torch.Generator):
-        super().__init__()
-        # One (C, P) pixel set per job; P differs between styles, so they are kept apart.
-        self.targets = [t.detach() for t in targets]
-        self.projections = projections
-        self.generator = generator
-
-    @staticmethod
-    def target_stats(features: Sequence[tuple[torch.Tensor, float]]) -> torch.Tensor:
-        """The style's pixel set ``(C, P)``; several styles are mixed by their weights.
-
-        A mixture is approximated by taking from each style a share of pixels
-        proportional to its weight (evenly spaced, so deterministic).
-        """
-        sets = [_pixels(f)[0] for f, _ in features]
-        if len(sets) == 1:
-            return sets[0]
-        total_w = sum(w for _, w in features)
-        budget = max(s.shape[1] for s in sets)
-        parts = []
-        for s, (_, w) in zip(sets, features):
-            take = max(1, round(budget * w / total_w))
-            index = torch.linspace(0, s.shape[1] - 1, take, device=s.device).round().long()
-            parts.append(s[:, index])
-        return torch.cat(parts, dim=1)
-
-    @classmethod
-    def from_targets(cls, per_job: Sequence[torch.Tensor], projections: int = 64, seed: int = 0):
-        device = per_job[0].device
-        generator = torch.Generator(device=device).manual_seed(seed)
-        return cls(per_job, projections, generator)
-
-    def directions(self, channels: int, device, dtype) -> torch.Tensor:
-        d = torch.randn(self.projections, channels, generator=self.generator, device=device, dtype=dtype)
-        return d / d.norm(dim=1, keepdim=True)
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        x = _pixels(features)  # (N, C, P)
-        directions = self.directions(x.shape[1], x.device, x.dtype)
-        total = x.new_zeros(())
-        for n in range(x.shape[0]):
-            target = self.targets[n if len(self.targets) > 1 else 0]
-            total = total + sliced_ot(x[n], target, directions)
-        return total
-
-
-def sliced_ot(x: torch.Tensor, target: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
-    """Relative sliced OT between pixel sets ``x (C, P)`` and ``target (C, Q)`` along ``directions (K, C)``.
-
-    When Q != P the sorted target projections are resampled to P values by
-    linear interpolation of their quantile function.
-    """
-    px, _ = torch.sort(directions @ x, dim=1)  # (K, P)
-    pt, _ = torch.sort(directions @ at_least_float32(target), dim=1)  # (K, Q)
-    if pt.shape[1] != px.shape[1]:
-        pt = F.interpolate(pt[None], size=px.shape[1], mode="linear", align_corners=True)[0]
-    return (px - pt).pow(2).sum() / pt.pow(2).sum().clamp_min(EPS)
-
-
-class GaussianW2StyleLoss(nn.Module):
+@register
+class GaussianW2StyleLoss(StyleLoss):
     """Closed-form 2-Wasserstein distance between Gaussian fits of the image's and the style's features.
 
     ``method`` picks how ``tr (S_s^1/2 S_x S_s^1/2)^1/2`` is computed (see
     ``trace_sqrtm``); None chooses by the device.
     """
+
+    name = "w2"
+    help = "closed-form Wasserstein-2 distance between Gaussian fits of the features (mean and covariance)"
 
     def __init__(
         self,
@@ -144,6 +74,13 @@ class GaussianW2StyleLoss(nn.Module):
             mean = mean + (w / total_w) * m.mean[0]
             second = second + (w / total_w) * m.second_moment[0]
         return mean, second - torch.outer(mean, mean)
+
+    @classmethod
+    def build(cls, *, config, layer: str, per_job: PerJob, masks: Optional[torch.Tensor] = None) -> StyleLoss:
+        return cls.from_targets([cls.target_stats(job) for job in per_job])
+
+    def tiled(self, map_size: tuple[int, int]) -> TileTerm:
+        return _W2Term(self, map_size)
 
     @classmethod
     def from_targets(cls, per_job: Sequence[tuple[torch.Tensor, torch.Tensor]], method: Optional[str] = None):
@@ -176,12 +113,6 @@ class GaussianW2StyleLoss(nn.Module):
 
 def _trace(m: torch.Tensor) -> torch.Tensor:
     return m.diagonal(dim1=-2, dim2=-1).sum(-1)
-
-
-def sym_power(m: torch.Tensor, p: float, floor: float = 0.0) -> torch.Tensor:
-    """``m ** p`` of a symmetric positive semi-definite matrix by ``eigh``, eigenvalues clamped at ``floor``."""
-    values, vectors = torch.linalg.eigh(m)
-    return (vectors * values.clamp_min(floor) ** p) @ vectors.T
 
 
 def sqrtm_eigh(cov: torch.Tensor) -> torch.Tensor:
@@ -324,3 +255,46 @@ def _sqrt_newton_schulz(x: torch.Tensor, iters: int) -> tuple[torch.Tensor, tupl
         y, z = torch.where(improving, y @ t, y), torch.where(improving, t @ z, z)
     scale = norm.sqrt()
     return _trace(y) * scale[:, 0, 0], (z / scale,)
+
+
+class _W2Term(TileTerm):
+    def __init__(self, loss: GaussianW2StyleLoss, map_size):
+        super().__init__(loss, map_size)
+        self.moments: Optional[Moments] = None
+        self.mean: Optional[torch.Tensor] = None
+
+    def accumulate(self, features, tile, factor) -> None:
+        part = Moments.of(features)
+        self.moments = part if self.moments is None else self.moments + part
+
+    def whole(self):
+        self.mean = self.moments.mean.to(self.dtype)
+        return self.mean, self.moments.covariance
+
+    def empty(self) -> bool:
+        return self.moments is None
+
+    def shapes(self, batch: int):
+        channels = self.loss.mean.shape[-1]
+        return [(batch, channels), (batch, channels, channels)]
+
+    def to_sums(self):
+        # Centred moments do not add; the raw sums of f and f f^T do (float64 keeps the cancellation harmless:
+        # it costs about |mean|^2 / variance of the 16 digits, where float32 features carry 7).
+        m = self.moments
+        total = m.mean * m.count
+        return [total, m.scatter + torch.einsum("nc,nd->ncd", total, m.mean)]
+
+    def from_sums(self, sums) -> None:
+        total, raw = sums
+        mean = total / self.pixels  # every feature of the layer is some process's: the count is the map's
+        self.moments = Moments(self.pixels, mean, raw - torch.einsum("nc,nd->ncd", total, mean))
+
+    def surrogate(self, features, tile, factor) -> torch.Tensor:
+        # mean = sum f / P and cov = sum (f - mean)(f - mean)^T / P; the mean's own effect on cov is zero
+        # at the whole image's mean (the centred features sum to zero), so the mean is held fixed here.
+        grad_mean, grad_cov = self.grads
+        flat = at_least_float32(features).flatten(2)
+        centred = flat - self.mean[..., None]
+        scatter = torch.einsum("ncp,ndp->ncd", centred, centred)
+        return ((grad_mean * flat.sum(2)).sum() + (grad_cov * scatter).sum()) / self.pixels
