@@ -217,8 +217,8 @@ def cli_step_samples(
     read waits for the device, so all the work between two reads is counted, syncs included. One
     sample per group: its time divided by its steps.
     """
+    from cli.stylize import Progress
     from engine import Callback, stylize
-    from engine.cli_run import Progress
 
     warmup = max(warmup, 1)  # the timed span starts on a read, after at least one step
     config = dataclasses.replace(

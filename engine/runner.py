@@ -80,12 +80,20 @@ def loop_extractor(config: Config, runtime: Optional[Runtime] = None) -> Callabl
     """The extractor the optimisation runs on: laid out for ``runtime``, eager or TorchScript as configured."""
     runtime = runtime or resolve_runtime(config)
     extractor = runtime.prepare(build_extractor(config, runtime.device))
-    if config.backend == "torchscript":
-        # export/ builds on engine/, so it is imported only here, when asked for.
-        from export.torchscript import cached
-
-        return cached(extractor)
+    if config.backend != "eager":
+        return _backend(config.backend)(extractor)
     return extractor
+
+
+def _backend(name: str) -> Callable:
+    """The function that turns the eager extractor into backend ``name``'s: export/ registers its own through
+    the ``nst.backends`` entry point, since export/ builds on engine/ and engine/ never imports it."""
+    from importlib.metadata import entry_points
+
+    found = [e for e in entry_points(group="nst.backends") if e.name == name]
+    if not found:
+        raise UserError(f"{option('backend')} {name!r} is not installed here; reinstall nst-engine (pip install -e .)")
+    return found[0].load()
 
 
 @dataclass

@@ -110,8 +110,8 @@ def init_process_group() -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from engine.cli import EXIT_USER_ERROR, build_parser
-    from engine.cli_run import run_resume, run_stylize
+    from cli.main import EXIT_USER_ERROR, build_parser
+    from cli.stylize import run_resume, run_stylize
     from engine.errors import UserError, cli_wording
 
     argv = list(sys.argv[1:] if argv is None else argv)

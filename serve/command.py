@@ -72,7 +72,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def add_engine_options(p: argparse.ArgumentParser) -> None:
     """The settings the server's one Engine is built with (network, layers, device, precision); every job
     uses these, and chooses the rest per request."""
-    from engine.cli import add_config_options
+    from cli.options import add_config_options
     from engine.service import FIXED
 
     add_config_options(p, only=FIXED)
@@ -173,7 +173,7 @@ def _server(config, service):
 
 def main(argv=None) -> int:
     """``python -m serve``: the same as ``nst serve`` without the ``nst`` entry point installed."""
-    from engine.cli import EXIT_USER_ERROR
+    from cli.main import EXIT_USER_ERROR
     from engine.errors import cli_wording
 
     parser = argparse.ArgumentParser(prog="nst serve")

@@ -155,7 +155,7 @@ def compare(args) -> dict:
         started = time.monotonic()
         for k in range(n):
             subprocess.run(
-                [sys.executable, "-m", "engine", "stylize", str(EXAMPLES / "tubingen.jpg"),
+                [sys.executable, "-m", "cli", "stylize", str(EXAMPLES / "tubingen.jpg"),
                  str(EXAMPLES / "starry_night.jpg"), "-o", str(Path(state) / f"cli{k}.png"), "--device", "cpu",
                  "--size", str(args.size), "--min-size", str(args.size), "--steps", str(args.steps), "-q"],
                 env=env, check=True,

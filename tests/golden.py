@@ -36,8 +36,8 @@ SMALL = dict(device="cpu", size=96, min_size=64, steps=12, seed=3)
 # ``nst`` from whichever package holds the command line (it moved out of engine/ in a redesign).
 NST = (
     "import sys\n"
-    "try:\n    from cli.main import main\n"
-    "except ImportError:\n    from engine.cli import main\n"
+    "try:\n    from engine.cli import main\n"
+    "except ImportError:\n    from cli.main import main\n"
     "sys.argv[0] = 'nst'\nsys.exit(main())"
 )
 CLI_SMALL = ["--device", "cpu", "--size", "96", "--min-size", "64", "--steps", "12", "--seed", "3", "-q"]

@@ -13,12 +13,12 @@ TIMEOUT = 300
 
 
 def run_together(jobs, env=None):
-    """Run ``{key: (args, cwd)}`` of ``python -m engine ARGS`` at once; ``{key: CompletedProcess}``."""
+    """Run ``{key: (args, cwd)}`` of ``python -m cli ARGS`` at once; ``{key: CompletedProcess}``."""
     procs = {}
     try:
         for key, (args, cwd) in jobs.items():
             procs[key] = subprocess.Popen(
-                [sys.executable, "-m", "engine", *map(str, args)],
+                [sys.executable, "-m", "cli", *map(str, args)],
                 cwd=cwd,
                 env={**ENV, **(env or {})},
                 stdout=subprocess.PIPE,

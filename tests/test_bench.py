@@ -19,8 +19,8 @@ from bench.memory import peak_memory
 from bench.plot import charts, write_charts
 from bench.stats import fit_cost, ratio_interval, summary
 from bench.suite import Lever, build_step
+from cli.main import main
 from engine import Config
-from engine.cli import main
 
 MIB = 2**20
 
@@ -414,7 +414,7 @@ def test_bench_unknown_configuration_or_sweep_is_one_sentence(bench_runs):
     ],
 )
 def test_bench_refuses_before_timing_and_touches_nothing(tmp_path, monkeypatch, capsys, case, args, message):
-    from engine.cli import main
+    from cli.main import main
 
     (tmp_path / "taken.json").write_text("the user's earlier results\n")
     monkeypatch.chdir(tmp_path)

@@ -8,8 +8,8 @@ import torch
 from helpers import one_error_line, run_together
 from PIL import Image
 
+from cli.compare import PAD, Column, make_sheet, variants
 from engine import Config, UserError
-from engine.compare import PAD, Column, make_sheet, variants
 
 
 def flat(h, w, value):

@@ -185,7 +185,7 @@ def _option_folder(folder):
 
 def _main(args, folder, monkeypatch, capsys):
     """``nst ARGS`` in this process, from ``folder``: ``(exit status, stdout, stderr)``."""
-    from engine.cli import main
+    from cli.main import main
 
     monkeypatch.chdir(folder)
     try:

@@ -151,7 +151,7 @@ CLI_ARGS = [
 
 def start(args, cwd):
     return subprocess.Popen(
-        [sys.executable, "-m", "engine", *args],
+        [sys.executable, "-m", "cli", *args],
         cwd=cwd,
         env=ENV,
         stdout=subprocess.PIPE,
@@ -277,7 +277,7 @@ def test_cli_refuses_damaged_or_mismatched_checkpoints(tmp_path):
     ids=["cuda", "cpu"],
 )
 def test_out_of_memory_is_one_sentence_naming_the_size(tmp_path, monkeypatch, capsys, error):
-    from engine import cli
+    import cli.main as cli
     from engine.optimize import StepFunction
 
     write_pics(tmp_path)

@@ -1,4 +1,4 @@
-"""``nst stylize --log`` / ``--animate`` and ``nst plot`` (engine/runlog.py): the files they write, and their errors."""
+"""``nst stylize --log`` / ``--animate`` and ``nst plot`` (engine/runlog.py, cli/plot.py): files and errors."""
 
 import json
 
@@ -7,7 +7,7 @@ import pytest
 from helpers import run_together, tree
 from PIL import Image
 
-from engine.cli import main
+from cli.main import main
 from engine.optimize import StepInfo
 from engine.runlog import StepLog, read_log
 

@@ -372,7 +372,8 @@ def test_nan_guard_stops_with_the_step_number(sync_every):
 def test_nan_guard_reaches_the_cli_as_one_sentence(monkeypatch, tmp_path):
     from PIL import Image
 
-    from engine import cli, losses
+    import cli.main as cli
+    from engine import losses
 
     monkeypatch.setattr(losses.TotalVariationLoss, "forward", lambda self, image: image.sum() * float("inf"))
     for name in ("c.png", "s.png"):

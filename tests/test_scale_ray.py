@@ -32,7 +32,7 @@ pytestmark = pytest.mark.slow
 def nst(*args, cwd):
     # The worktree's own entry points (nst.runners) are those of the python running the tests. A local Ray
     # cluster takes a token (Ray >= 2.59), which a second driver sends when told to, from ~/.ray/auth_token.
-    code = "import sys; from engine.cli import main; sys.exit(main())"
+    code = "import sys; from cli.main import main; sys.exit(main())"
     env = {**ENV, "HOME": os.path.expanduser("~"), "RAY_AUTH_MODE": "token"}
     return subprocess.run(
         [sys.executable, "-c", code, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=TIMEOUT

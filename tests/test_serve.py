@@ -214,7 +214,7 @@ def test_token_is_required_everywhere_but_health(server):
 
 def test_binding_beyond_loopback_needs_a_token(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "engine", "serve", "--host", "0.0.0.0", "--state-dir", str(tmp_path / "s")],
+        [sys.executable, "-m", "cli", "serve", "--host", "0.0.0.0", "--state-dir", str(tmp_path / "s")],
         env=ENV,
         capture_output=True,
         text=True,

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
+from cli.stylize import Progress
 from engine import Config, UserError, stylize
 from engine.api import Result
-from engine.cli_run import Progress
 from engine.errors import cli_wording, pixels, plural
 from engine.images import load_image
 from engine.optimize import StepInfo

@@ -14,18 +14,17 @@ import difflib
 import re
 import sys
 import time
-import typing
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .config import EXTRACTOR_FIELDS, STYLE_LOSSES, Config
-from .errors import UserError, cli_wording, plural
+from engine.config import EXTRACTOR_FIELDS, STYLE_LOSSES, Config
+from engine.errors import UserError, cli_wording, plural
+
+from .options import _list_of, add_config_options, config_from_args
 
 EXIT_FAILED_CHECK = 1
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
-# Fields the CLI exposes under a shorter name.
-SHORT = {"size": ["-s"], "steps": ["-n"]}
 EXPORT_FORMATS = ("torchscript", "onnx")
 FORMAT_OF_SUFFIX = {".pt": "torchscript", ".ts": "torchscript", ".torchscript": "torchscript", ".onnx": "onnx"}
 
@@ -253,57 +252,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def add_config_options(parser: argparse.ArgumentParser, only: Optional[Sequence[str]] = None) -> None:
-    """One option per ``Config`` field (or the fields in ``only``), help and default taken from the field."""
-    group = parser.add_argument_group("settings (defaults come from engine.Config)")
-    hints = typing.get_type_hints(Config)
-    for f in dataclasses.fields(Config):
-        if only is not None and f.name not in only:
-            continue
-        kind = hints[f.name]
-        flags = SHORT.get(f.name, []) + ["--" + f.name.replace("_", "-")]
-        kwargs = {"help": f.metadata.get("help", ""), "default": argparse.SUPPRESS, "dest": f.name}
-        if f.metadata.get("choices"):
-            kwargs["choices"] = f.metadata["choices"]
-        if "tuple" in str(kind):
-            item = float if "float" in str(kind) else str
-            kwargs["type"] = _list_of(item)
-            kwargs["metavar"] = "A,B,..."
-        else:
-            plain = typing.get_args(kind)[0] if typing.get_origin(kind) is typing.Union else kind  # Optional[int]
-            kwargs["type"] = {int: int, float: float}.get(plain, str)
-        if f.default is not None:  # None defaults explain themselves in their help
-            default = ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
-            kwargs["help"] += f" (default: {default})"
-        group.add_argument(*flags, **kwargs)
-
-
-def _list_of(item):
-    def parse(text: str):
-        parts = [p.strip() for p in text.split(",") if p.strip()]
-        try:
-            return tuple(item(p) for p in parts)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
-
-    return parse
-
-
-def config_from_args(args: argparse.Namespace) -> Config:
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if hasattr(args, f.name)}
-    return Config(**given)  # its messages name --options: main() runs under cli_wording()
-
-
 def _run(name: str, args: argparse.Namespace) -> int:
-    from . import cli_run
+    from . import stylize as cli_run
 
     return getattr(cli_run, name)(args)
 
 
 def run_compare(args: argparse.Namespace) -> int:
+    from engine.files import write_atomically
+    from engine.images import FORMATS, check_output_path
+
     from .compare import make_sheet, run_comparison, variants
-    from .files import write_atomically
-    from .images import FORMATS, check_output_path
 
     config = config_from_args(args)
     output = check_output_path(args.output, args.overwrite)
@@ -319,7 +278,7 @@ def run_compare(args: argparse.Namespace) -> int:
         vary.append((name.strip().lstrip("-").replace("-", "_"), [v.strip() for v in values.split(",") if v.strip()]))
     runs = variants(config, args.losses, vary)  # every combination is a validated Config before the first run
     started = time.perf_counter()
-    from .cli_run import Progress
+    from .stylize import Progress
 
     bar = Progress(args.quiet)
     finished = [0]  # runs done so far: the bar is labelled with the one in progress
@@ -344,7 +303,9 @@ def run_compare(args: argparse.Namespace) -> int:
 
 
 def run_plot(args: argparse.Namespace) -> int:
-    from .runlog import check_plot_output, plot_log, read_log
+    from engine.runlog import read_log
+
+    from .plot import check_plot_output, plot_log
 
     check_plot_output(Path(args.output), args.overwrite)  # before reading: a bad name costs nothing
     records = read_log(Path(args.log))
@@ -354,7 +315,7 @@ def run_plot(args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from .files import check_writable
+    from engine.files import check_writable
 
     config = config_from_args(args)
     implied = FORMAT_OF_SUFFIX.get(Path(args.output).suffix.lower())
@@ -373,7 +334,7 @@ def run_export(args: argparse.Namespace) -> int:
         raise UserError("--external-data applies to ONNX files only")
     output = check_writable(args.output, args.overwrite, what="artifact")
 
-    from .api import build_extractor
+    from engine.api import build_extractor
 
     started = time.perf_counter()
     extractor = build_extractor(config)

@@ -17,10 +17,10 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from .api import stylize
-from .config import Config
-from .errors import UserError
-from .images import ImageLike, load_image, to_pil
+from engine.api import stylize
+from engine.config import Config
+from engine.errors import UserError
+from engine.images import ImageLike, load_image, to_pil
 
 PAD = 8
 BACKGROUND = (255, 255, 255)

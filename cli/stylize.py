@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import UserError, plural
+from engine.errors import UserError, plural
 
 
 class Progress:
@@ -34,7 +34,7 @@ class Progress:
         """The step callback every nst command runs with: the bar, labelled ``describe(info)``, then
         ``then(info)``. The losses are read from the device in groups (``engine.optimize.Callback``), so
         a CUDA run does not wait at every step; ``info.image`` is built every ``image_every`` steps only."""
-        from .optimize import Callback
+        from engine.optimize import Callback
 
         def on_step(info):
             self.step(info, describe(info))
@@ -91,7 +91,7 @@ class Progress:
 
 def run_stylize(args: argparse.Namespace, share=None) -> int:
     """``nst stylize``; ``share``: this process is one of several computing one image (see ``run_job``)."""
-    from .cli import config_from_args
+    from .options import config_from_args
 
     config = config_from_args(args)
     if Path(args.content).is_dir():
@@ -110,7 +110,7 @@ def run_stylize(args: argparse.Namespace, share=None) -> int:
         )
     resume = None
     if args.resume:
-        from . import checkpoint
+        from engine import checkpoint
 
         resume = checkpoint.load(args.resume)
     else:
@@ -151,7 +151,7 @@ def _absolute(job: dict) -> dict:
 
 def run_resume(args: argparse.Namespace, share=None) -> int:
     """``nst resume CHECKPOINT``: the job and settings are those stored in the checkpoint."""
-    from . import checkpoint
+    from engine import checkpoint
 
     state = checkpoint.load(args.checkpoint)
     state["path"] = args.checkpoint
@@ -170,10 +170,10 @@ def run_job(job: dict, config, quiet: bool, resume, fresh_output: bool, share=No
     """Run one job to its output file. With ``share`` (``tiling.TileShare``) every process of the group runs
     this with the same job; they check the same things and fail alike, and only the leader shows progress
     and writes files (output, snapshots, checkpoints, the interrupted image)."""
-    from . import checkpoint
-    from .api import stylize
-    from .images import check_output_path, save_image
-    from .optimize import Interrupted
+    from engine import checkpoint
+    from engine.api import stylize
+    from engine.images import check_output_path, save_image
+    from engine.optimize import Interrupted
 
     output = Path(job["output"])
     # A resumed job may replace the file only where the original command was allowed to.
@@ -203,14 +203,14 @@ def run_job(job: dict, config, quiet: bool, resume, fresh_output: bool, share=No
                 raise UserError(f"--{name} {job[name]!r} is also the output or an input; choose another name")
             taken.add(Path(job[name]).resolve())
     if animate is not None:
-        from .runlog import check_animation
+        from .plot import check_animation
 
         check_animation(animate, job["overwrite"], job["snapshot_every"])
     started = time.perf_counter()
     leader = share is None or share.leader
     log = None
     if job.get("log") and leader:  # the processes of a shared run: the leader writes the files
-        from .runlog import StepLog
+        from engine.runlog import StepLog
 
         # A resumed job (nst resume) appends to its log; a fresh one starts it (never over a file without --overwrite).
         log = StepLog(Path(job["log"]), job["overwrite"], append=not fresh_output)
@@ -276,7 +276,7 @@ def run_job(job: dict, config, quiet: bool, resume, fresh_output: bool, share=No
         return 0
     written = result.save(output, overwrite=job["overwrite"], bit_depth=job["bit_depth"])
     if animate is not None:
-        from .runlog import write_animation
+        from .plot import write_animation
 
         frames = sorted(snapshots.glob(f"step*_scale*{output.suffix}"))  # this run's (and, resumed, the first part's)
         write_animation(frames, result.image, animate, job["overwrite"])
@@ -362,9 +362,9 @@ def run_folder(args: argparse.Namespace, config) -> int:
     an interruption does only the rest. SIGINT and SIGTERM stop after the current step; the batch in
     progress is dropped, the images written so far stay.
     """
-    from .api import stylize_batch
-    from .files import check_writable
-    from .images import FORMATS, SIXTEEN_BIT
+    from engine.api import stylize_batch
+    from engine.files import check_writable
+    from engine.images import FORMATS, SIXTEEN_BIT
 
     folder, outdir = Path(args.content), Path(args.output)
     contents = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in FORMATS)
