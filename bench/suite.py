@@ -217,7 +217,7 @@ def cli_step_samples(
     read waits for the device, so all the work between two reads is counted, syncs included. One
     sample per group: its time divided by its steps.
     """
-    from cli.stylize import Progress
+    from cli.stylize import ProgressBar
     from engine import Callback, stylize
 
     warmup = max(warmup, 1)  # the timed span starts on a read, after at least one step
@@ -234,7 +234,7 @@ def cli_step_samples(
     style = load_image(EXAMPLES / "starry_night.jpg")
     reads = []
     with open(os.devnull, "w") as sink:
-        bar = Progress(quiet=False, file=sink)
+        bar = ProgressBar(quiet=False, file=sink)
         cli = bar.callback(lambda info: f"scale {info.scale + 1}/{info.scales} {info.width}x{info.height}")
 
         def timed(info):

@@ -278,9 +278,9 @@ def run_compare(args: argparse.Namespace) -> int:
         vary.append((name.strip().lstrip("-").replace("-", "_"), [v.strip() for v in values.split(",") if v.strip()]))
     runs = variants(config, args.losses, vary)  # every combination is a validated Config before the first run
     started = time.perf_counter()
-    from .stylize import Progress
+    from .stylize import ProgressBar
 
-    bar = Progress(args.quiet)
+    bar = ProgressBar(args.quiet)
     finished = [0]  # runs done so far: the bar is labelled with the one in progress
 
     callback = bar.callback(lambda info: runs[finished[0]][0].replace("\n", ", "))

@@ -10,14 +10,18 @@ uninterrupted run.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
-from engine.errors import UserError, plural
+from engine.control import Control
+from engine.errors import UserError, is_out_of_memory, plural
 
 
-class Progress:
+class ProgressBar:
     """A tqdm bar made at the first step, so that a run failing before it leaves no empty bar behind.
 
     When stderr is not a terminal (a log file, a pipe) there is no bar, whose carriage returns would
@@ -89,166 +93,214 @@ class Progress:
             self.bar.close()
 
 
-def run_stylize(args: argparse.Namespace, share=None) -> int:
-    """``nst stylize``; ``share``: this process is one of several computing one image (see ``run_job``)."""
+@dataclass(frozen=True, kw_only=True)
+class FileJob:
+    """One ``nst stylize`` job from files to a file: what a checkpoint keeps so that ``nst resume`` can finish it."""
+
+    content: str
+    styles: tuple[str, ...]
+    output: str
+    overwrite: bool = False
+    bit_depth: int = 8
+    snapshot_every: int = 0
+    checkpoint_every: int = 0
+    log: Optional[str] = None
+    animate: Optional[str] = None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "FileJob":
+        return cls(
+            content=args.content,
+            styles=tuple(args.styles),
+            output=args.output,
+            overwrite=args.overwrite,
+            bit_depth=args.bit_depth,
+            snapshot_every=args.snapshot_every,
+            checkpoint_every=args.checkpoint_every,
+            log=args.log,
+            animate=args.animate,
+        )
+
+    @classmethod
+    def from_state(cls, state: dict) -> "FileJob":
+        """The job a checkpoint's ``cli`` entry holds (lists, as a checkpoint stores them)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in state.items() if k in known}
+        return cls(**{**values, "styles": tuple(values.get("styles", ()))})
+
+    def to_state(self) -> dict:
+        """Plain values with absolute paths, for a checkpoint (so that ``nst resume`` works from anywhere)."""
+        absolute = lambda p: str(Path(p).resolve()) if Path(p).exists() or p == self.output else p  # noqa: E731
+        written = lambda p: str(Path(p).resolve()) if p else p  # noqa: E731  (outputs: they need not exist yet)
+        return dict(
+            dataclasses.asdict(self),
+            content=absolute(self.content),
+            styles=[absolute(p) for p in self.styles],
+            output=absolute(self.output),
+            log=written(self.log),
+            animate=written(self.animate),
+        )
+
+
+def prepare_stylize(args: argparse.Namespace):
+    """``nst stylize``'s arguments for one image, checked and made into ``(job, config, resume)`` for
+    ``run_file_job`` (``scale.tiled`` calls it too: the processes there share one image)."""
     from .options import config_from_args
 
     config = config_from_args(args)
     if Path(args.content).is_dir():
-        if share is not None:
-            raise UserError("processes share one image, not a folder of contents; a folder's jobs go to --ray")
-        if args.checkpoint_every or args.resume:
-            raise UserError("--checkpoint-every and --resume work with one content image, not a folder")
-        if args.log or args.animate:
-            raise UserError("--log and --animate work with one content image, not a folder")
-        return run_folder(args, config)
+        raise UserError("processes share one image, not a folder of contents; a folder's jobs go to --ray")
     if getattr(args, "ray", None) is not None:
         raise UserError("--ray runs the jobs of a folder of contents; give a folder, or drop --ray for one image")
     if args.output_format:
         raise UserError(
             "--output-format applies to a folder of contents; a single output takes its format from its extension"
         )
-    resume = None
-    if args.resume:
-        from engine import checkpoint
-
-        resume = checkpoint.load(args.resume)
-    else:
-        left = Path(args.output).with_name(Path(args.output).name + ".ckpt")
-        if left.exists() and not args.overwrite:
-            # The same command again after Ctrl-C: starting afresh would replace the saved progress.
-            raise UserError(
-                f"{_shown(left)} holds an unfinished run of this output; go on with: nst resume "
-                f"{_shown(left)} (or pass --overwrite to start afresh and replace it)"
-            )
-    job = {
-        "content": args.content,
-        "styles": list(args.styles),
-        "output": args.output,
-        "overwrite": args.overwrite,
-        "bit_depth": args.bit_depth,
-        "snapshot_every": args.snapshot_every,
-        "checkpoint_every": args.checkpoint_every,
-        "log": args.log,
-        "animate": args.animate,
-    }
-    return run_job(job, config, args.quiet, resume, fresh_output=resume is None, share=share)
+    return FileJob.from_args(args), config, _resume_of(args)
 
 
-def _absolute(job: dict) -> dict:
-    """The job with absolute paths, as stored in checkpoints (so that ``nst resume`` works from anywhere)."""
-    absolute = lambda p: str(Path(p).resolve()) if Path(p).exists() or p == job["output"] else p  # noqa: E731
-    written = lambda p: str(Path(p).resolve()) if p else p  # noqa: E731  (outputs: they need not exist yet)
-    return dict(
-        job,
-        content=absolute(job["content"]),
-        styles=[absolute(p) for p in job["styles"]],
-        output=absolute(job["output"]),
-        log=written(job.get("log")),
-        animate=written(job.get("animate")),
-    )
-
-
-def run_resume(args: argparse.Namespace, share=None) -> int:
-    """``nst resume CHECKPOINT``: the job and settings are those stored in the checkpoint."""
+def prepare_resume(args: argparse.Namespace):
+    """``nst resume``'s argument made into ``(job, config, resume)``: all as stored in the checkpoint."""
     from engine import checkpoint
 
     state = checkpoint.load(args.checkpoint)
     state["path"] = args.checkpoint
-    job = state.get("cli") or {}
-    if not job.get("output"):
+    if not (state.get("cli") or {}).get("output"):
         raise UserError(
             f"checkpoint {args.checkpoint!r} was written from Python, not by nst stylize; "
             "resume it with engine.stylize(..., resume=...)"
         )
-    job = dict(job, overwrite=job["overwrite"] or args.overwrite)
-    config = checkpoint.config_from_state(state["config"])
-    return run_job(job, config, args.quiet, state, fresh_output=False, share=share)
+    job = FileJob.from_state(state["cli"])
+    job = dataclasses.replace(job, overwrite=job.overwrite or args.overwrite)
+    return job, checkpoint.config_from_state(state["config"]), state
 
 
-def run_job(job: dict, config, quiet: bool, resume, fresh_output: bool, share=None) -> int:
-    """Run one job to its output file. With ``share`` (``tiling.TileShare``) every process of the group runs
-    this with the same job; they check the same things and fail alike, and only the leader shows progress
-    and writes files (output, snapshots, checkpoints, the interrupted image)."""
+def run_stylize(args: argparse.Namespace) -> int:
+    """``nst stylize``: one image, or a folder of them."""
+    from .options import config_from_args
+
+    config = config_from_args(args)
+    if Path(args.content).is_dir():
+        if args.checkpoint_every or args.resume:
+            raise UserError("--checkpoint-every and --resume work with one content image, not a folder")
+        if args.log or args.animate:
+            raise UserError("--log and --animate work with one content image, not a folder")
+        return run_folder(args, config)
+    job, config, resume = prepare_stylize(args)
+    return run_file_job(job, config, resume=resume, quiet=args.quiet)
+
+
+def _resume_of(args: argparse.Namespace) -> Optional[dict]:
+    """``--resume``'s checkpoint, loaded; without it, a refusal to start over an unfinished run's checkpoint."""
+    if args.resume:
+        from engine import checkpoint
+
+        return checkpoint.load(args.resume)
+    left = Path(args.output).with_name(Path(args.output).name + ".ckpt")
+    if left.exists() and not args.overwrite:
+        # The same command again after Ctrl-C: starting afresh would replace the saved progress.
+        raise UserError(
+            f"{_shown(left)} holds an unfinished run of this output; go on with: nst resume "
+            f"{_shown(left)} (or pass --overwrite to start afresh and replace it)"
+        )
+    return None
+
+
+def run_resume(args: argparse.Namespace) -> int:
+    """``nst resume CHECKPOINT``: the job and settings are those stored in the checkpoint."""
+    job, config, state = prepare_resume(args)
+    return run_file_job(job, config, resume=state, quiet=args.quiet)
+
+
+def run_file_job(job: FileJob, config, *, resume: Optional[dict] = None, quiet: bool = False, share=None) -> int:
+    """Run one job to its output file (``resume``: a loaded checkpoint of it); the exit status.
+
+    With ``share`` (``tiling.TileShare``) every process of the group runs this with the same job; they
+    check the same things and fail alike, and only the leader shows progress and writes files (output,
+    snapshots, checkpoints, the interrupted image).
+    """
     from engine import checkpoint
     from engine.api import stylize
+    from engine.control import Interrupted
     from engine.images import check_output_path, save_image
-    from engine.optimize import Interrupted
 
-    output = Path(job["output"])
+    fresh_output = resume is None
+    output = Path(job.output)
     # A resumed job may replace the file only where the original command was allowed to.
-    check_output_path(output, job["overwrite"], job["bit_depth"])
-    for src in [job["content"], *job["styles"], *(config.style_masks or ())]:
+    check_output_path(output, job.overwrite, job.bit_depth)
+    for src in [job.content, *job.styles, *(config.style_masks or ())]:
         if Path(src).exists() and Path(src).resolve() == output.resolve():
             raise UserError(f"output {str(output)!r} is also an input; choose another output name")
     for name in ("snapshot_every", "checkpoint_every"):
-        if job[name] < 0:
-            raise UserError(f"--{name.replace('_', '-')} must be 0 or more, not {job[name]}")
+        if getattr(job, name) < 0:
+            raise UserError(f"--{name.replace('_', '-')} must be 0 or more, not {getattr(job, name)}")
     snapshots = output.with_name(output.stem + "_snapshots")
-    if (
-        fresh_output
-        and job["snapshot_every"]
-        and snapshots.exists()
-        and any(snapshots.iterdir())
-        and not job["overwrite"]
-    ):
+    if fresh_output and job.snapshot_every and snapshots.exists() and any(snapshots.iterdir()) and not job.overwrite:
         raise UserError(f"snapshot directory {str(snapshots)!r} is not empty; pass --overwrite or move it")
     ckpt_path = output.with_name(output.name + ".ckpt")
     partial = output.with_name(f"{output.stem}_interrupted{output.suffix}")
-    animate = Path(job["animate"]) if job.get("animate") else None
-    taken = {Path(p).resolve() for p in [output, job["content"], *job["styles"]] if Path(p).exists() or p == output}
+    animate = Path(job.animate) if job.animate else None
+    taken = {Path(p).resolve() for p in [output, job.content, *job.styles] if Path(p).exists() or p == output}
     for name in ("log", "animate"):
-        if job.get(name):
-            if Path(job[name]).resolve() in taken:
-                raise UserError(f"--{name} {job[name]!r} is also the output or an input; choose another name")
-            taken.add(Path(job[name]).resolve())
+        if getattr(job, name):
+            if Path(getattr(job, name)).resolve() in taken:
+                raise UserError(f"--{name} {getattr(job, name)!r} is also the output or an input; choose another name")
+            taken.add(Path(getattr(job, name)).resolve())
     if animate is not None:
         from .plot import check_animation
 
-        check_animation(animate, job["overwrite"], job["snapshot_every"])
+        check_animation(animate, job.overwrite, job.snapshot_every)
     started = time.perf_counter()
     leader = share is None or share.leader
     log = None
-    if job.get("log") and leader:  # the processes of a shared run: the leader writes the files
+    if job.log and leader:  # the processes of a shared run: the leader writes the files
         from engine.runlog import StepLog
 
         # A resumed job (nst resume) appends to its log; a fresh one starts it (never over a file without --overwrite).
-        log = StepLog(Path(job["log"]), job["overwrite"], append=not fresh_output)
-    bar = Progress(quiet or not leader)
+        log = StepLog(Path(job.log), job.overwrite, append=not fresh_output)
+    bar = ProgressBar(quiet or not leader)
     seen = {}
 
     def after_step(info):
         seen["info"] = info
         if log is not None:
             log.write(info)
-        if leader and job["snapshot_every"] and info.total_step % job["snapshot_every"] == 0:
-            if fresh_output and job["overwrite"] and "cleared" not in seen and snapshots.is_dir():
+        if leader and job.snapshot_every and info.total_step % job.snapshot_every == 0:
+            if fresh_output and job.overwrite and "cleared" not in seen and snapshots.is_dir():
                 # --overwrite replaces the earlier run's snapshots too, not only its result; other files stay.
                 for old in snapshots.glob(f"step*_scale*{output.suffix}"):
                     old.unlink()
             seen["cleared"] = True
             snapshots.mkdir(exist_ok=True)
             name = snapshots / f"step{info.total_step:05d}_scale{info.scale + 1}{output.suffix}"
-            save_image(info.image[0], name, overwrite=True, bit_depth=job["bit_depth"])
+            save_image(info.image[0], name, overwrite=True, bit_depth=job.bit_depth)
 
     callback = bar.callback(
         lambda info: f"scale {info.scale + 1}/{info.scales} {info.width}x{info.height}",
         then=after_step,
-        image_every=job["snapshot_every"],
+        image_every=job.snapshot_every,
     )
 
-    stop = StopOnSignal()
-    plan = checkpoint.CheckpointPlan(str(ckpt_path), job["checkpoint_every"], extra=_absolute(job), should_stop=stop)
+    control = Control()
+    stop = StopOnSignal(control.interrupt)
+    plan = checkpoint.CheckpointPlan(str(ckpt_path), job.checkpoint_every, extra=job.to_state())
     try:
         with stop:
             result = stylize(
-                job["content"], job["styles"], config, callback=callback, checkpoint=plan, resume=resume, share=share
+                job.content,
+                list(job.styles),
+                config,
+                callback=callback,
+                checkpoint=plan,
+                resume=resume,
+                control=control,
+                share=share,
             )
     except Interrupted as exc:
         bar.close()
         if not leader:  # the leader reports it; this process may have stopped only because the leader was asked to
             return 128 + stop.signum if stop.signum else 0
-        save_image(exc.image[0], partial, overwrite=True, bit_depth=job["bit_depth"])
+        save_image(exc.image[0], partial, overwrite=True, bit_depth=job.bit_depth)
         info = seen.get("info")
         where = f"step {info.total_step}/{info.total_steps}" if info else "the first step"
         print(
@@ -258,7 +310,7 @@ def run_job(job: dict, config, quiet: bool, resume, fresh_output: bool, share=No
         )
         return 128 + stop.signum
     except Exception as exc:
-        if not _is_out_of_memory(exc):
+        if not is_out_of_memory(exc):
             raise
         info = seen.get("info")
         where = (
@@ -274,17 +326,15 @@ def run_job(job: dict, config, quiet: bool, resume, fresh_output: bool, share=No
             log.close()
     if not leader:
         return 0
-    written = result.save(output, overwrite=job["overwrite"], bit_depth=job["bit_depth"])
+    written = result.save(output, overwrite=job.overwrite, bit_depth=job.bit_depth)
     if animate is not None:
         from .plot import write_animation
 
         frames = sorted(snapshots.glob(f"step*_scale*{output.suffix}"))  # this run's (and, resumed, the first part's)
-        write_animation(frames, result.image, animate, job["overwrite"])
+        write_animation(frames, result.image, animate, job.overwrite)
     # The job is done: its checkpoints could only repeat it (stylize removed the ones it was given; this also
     # covers a run interrupted before its first step), and a resumed job's interrupted picture is superseded.
-    for leftover in [ckpt_path] + ([partial] if resume is not None else []):
-        if leftover.exists():
-            leftover.unlink()
+    checkpoint.discard(str(ckpt_path), str(partial) if resume is not None else None)
     h, w = result.image.shape[-2:]
     print(f"wrote {_shown(written)} ({w}x{h}, {len(result.history)} steps) in {time.perf_counter() - started:.1f} s")
     return 0
@@ -298,25 +348,15 @@ def _shown(path: Path) -> str:
         return str(path)
 
 
-def _is_out_of_memory(exc: Exception) -> bool:
-    import torch
-
-    if isinstance(exc, torch.OutOfMemoryError):
-        return True
-    text = str(exc)
-    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
-
-
 class StopOnSignal:
-    """While active, SIGINT and SIGTERM ask the run to stop after the current step (a second SIGINT stops now)."""
+    """While active, SIGINT and SIGTERM call ``stop()`` (a ``Control``'s ``interrupt`` or ``cancel``): the run
+    stops after the current step. A second SIGINT stops at once (``KeyboardInterrupt``)."""
 
-    def __init__(self):
+    def __init__(self, stop):
+        self.stop = stop
         self.signum = 0
         self.name = ""
         self._previous = {}
-
-    def __call__(self) -> bool:
-        return bool(self.signum)
 
     def _handle(self, signum, frame):
         import signal
@@ -324,6 +364,7 @@ class StopOnSignal:
         if self.signum and signum == signal.SIGINT:
             raise KeyboardInterrupt  # asked twice: the user wants out now
         self.signum, self.name = signum, signal.Signals(signum).name
+        self.stop()
 
     def __enter__(self):
         import signal
@@ -351,10 +392,6 @@ def _runner(name: str):
     raise UserError(f"--{name} needs the {name} runner of nst-engine's {name} extra: pip install 'nst-engine[{name}]'")
 
 
-class _Stopped(Exception):
-    """Raised from a folder run's callback once a signal asked it to stop."""
-
-
 def run_folder(args: argparse.Namespace, config) -> int:
     """CONTENT is a folder: every image in it against the same style(s), same-size ones batched.
 
@@ -363,6 +400,7 @@ def run_folder(args: argparse.Namespace, config) -> int:
     progress is dropped, the images written so far stay.
     """
     from engine.api import stylize_batch
+    from engine.control import Stopped
     from engine.files import check_writable
     from engine.images import FORMATS, SIXTEEN_BIT
 
@@ -409,19 +447,16 @@ def run_folder(args: argparse.Namespace, config) -> int:
     if getattr(args, "ray", None) is not None and todo:
         return _runner("ray")(args, config, [(contents[i], args.styles) for i in todo], [outputs[i] for i in todo])
     started = time.perf_counter()
-    bar = Progress(args.quiet)
-    stop = StopOnSignal()
+    bar = ProgressBar(args.quiet)
+    control = Control()
+    stop = StopOnSignal(control.cancel)
 
     def describe(info):
         first, last = todo[info.jobs[0]] + 1, todo[info.jobs[-1]] + 1
         jobs = f"image {first}" if first == last else f"images {first}-{last}"
         return f"{jobs}/{len(contents)} scale {info.scale + 1}/{info.scales} {info.width}x{info.height}"
 
-    def stop_if_asked(info):
-        if stop():
-            raise _Stopped
-
-    callback = bar.callback(describe, then=stop_if_asked)
+    callback = bar.callback(describe)
 
     written = []
 
@@ -431,8 +466,14 @@ def run_folder(args: argparse.Namespace, config) -> int:
     try:
         with stop:
             if todo:
-                stylize_batch([(contents[i], args.styles) for i in todo], config, callback=callback, on_result=save)
-    except _Stopped:
+                stylize_batch(
+                    [(contents[i], args.styles) for i in todo],
+                    config,
+                    callback=callback,
+                    on_result=save,
+                    control=control,
+                )
+    except Stopped:
         bar.close()
         print(
             f"nst: stopped by {stop.name}; {plural(len(written), 'image')} of {len(todo)} written to "

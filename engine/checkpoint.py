@@ -15,13 +15,14 @@ import hashlib
 import io
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
 from .config import Config
 from .errors import UserError
 from .files import write_atomically
+from .images import digest
 
 # 2: Adam's state and the average carry across scales, and Config has `padding`: a version-1 run would
 # not go on as it began.
@@ -30,19 +31,21 @@ FORMAT = "nst-checkpoint-2"
 
 @dataclass
 class CheckpointPlan:
-    """Where and how often a run writes checkpoints, and what the CLI wants kept in them."""
+    """Where and how often a run writes checkpoints, and what the CLI wants kept in them.
+
+    A run writes one every ``every`` steps, and when its ``Control`` is interrupted (``engine.control``).
+    """
 
     path: str
     every: int = 0  # steps; 0: only when interrupted
     extra: dict = field(default_factory=dict)
-    should_stop: Callable[[], bool] = lambda: False
 
 
-def digest(image: torch.Tensor) -> str:
-    t = image.detach().to("cpu", torch.float32).contiguous()
-    h = hashlib.sha256(str(tuple(t.shape)).encode())
-    h.update(t.numpy().tobytes())
-    return h.hexdigest()
+def discard(*paths: Optional[str]) -> None:
+    """Delete the checkpoints of a job that is done (each path once; missing ones and None are skipped)."""
+    for path in dict.fromkeys(p for p in paths if p):
+        if os.path.isfile(path):
+            os.unlink(path)
 
 
 def config_state(config: Config) -> dict:

@@ -8,14 +8,13 @@ image, however many jobs or losses use them.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import threading
 from collections import OrderedDict
 from typing import Callable, Optional, Sequence
 
 import torch
 
-from .images import resize
+from .images import digest, resize
 from .losses import ContentLoss, Moments, StyleTransferLoss
 from .sizes import style_size
 from .style_losses import style_loss
@@ -40,15 +39,8 @@ class StyleFeatureCache:
         self._entries: "OrderedDict[tuple, tuple[StyleFeatures, int]]" = OrderedDict()
         self._lock = threading.Lock()
 
-    @staticmethod
-    def digest(image: torch.Tensor) -> str:
-        t = image.detach().to("cpu", torch.float32).contiguous()
-        h = hashlib.sha256(str(tuple(t.shape)).encode())
-        h.update(t.numpy().tobytes())
-        return h.hexdigest()
-
     def get(self, image: torch.Tensor, settings: tuple, compute: Callable[[], StyleFeatures]) -> StyleFeatures:
-        key = (self.digest(image), settings)
+        key = (digest(image), settings)
         with self._lock:
             if key in self._entries:
                 self.hits += 1

@@ -53,3 +53,13 @@ def pixels(count: float) -> str:
     if count < 1e6:
         return f"{count:.0f} px"
     return f"{count / 1e6:.1f} Mpx"
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is the device running out of memory (CUDA's own error, or the CPU allocator's)."""
+    import torch  # here, so that this module stays importable without torch's start-up cost
+
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)

@@ -8,6 +8,7 @@ never replaces an existing file unless asked to.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import warnings
 from pathlib import Path
@@ -192,3 +193,18 @@ def _write_16bit(fh, arr: np.ndarray, ext: str) -> None:
 def to_pil(image: torch.Tensor) -> Image.Image:
     arr = image.detach().float().cpu().clamp(0, 1).permute(1, 2, 0).numpy()
     return Image.fromarray(np.rint(arr * 255).astype(np.uint8), "RGB")
+
+
+def digest(image: torch.Tensor) -> str:
+    """SHA-256 of a tensor's float32 values and shape: what a checkpoint and the style cache know an image by."""
+    t = image.detach().to("cpu", torch.float32).contiguous()
+    h = hashlib.sha256(str(tuple(t.shape)).encode())
+    h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def at_most(image: torch.Tensor, size: int) -> torch.Tensor:
+    """``image`` shrunk so that its long side is at most ``size`` (as it is when it is no larger)."""
+    if max(image.shape[-2:]) <= size:
+        return image
+    return resize(image, fit_long_side(*image.shape[-2:], size))

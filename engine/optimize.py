@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Callable, ContextManager, Optional
 import torch
 import torch.nn.functional as F
 
+from .control import Interrupted
 from .errors import UserError, option
 
 if TYPE_CHECKING:
@@ -42,7 +43,7 @@ class NonFiniteLoss(UserError):
     """The loss became NaN or infinite: the run stops rather than write garbage."""
 
 
-@dataclass
+@dataclass(kw_only=True)
 class StepInfo:
     """What a per-step callback receives.
 
@@ -459,19 +460,11 @@ class StepPool:
         self._steps.clear()
 
 
-class Interrupted(Exception):
-    """A stop was requested (SIGINT/SIGTERM) and honoured after a whole step; ``image`` is the current result."""
-
-    def __init__(self, image: torch.Tensor, step: int):
-        super().__init__(f"stopped after step {step}")
-        self.image, self.step = image, step
-
-
 def _never(i: int) -> bool:
     return False
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Reporting:
     """How a scale's steps are reported.
 
@@ -488,13 +481,14 @@ class Reporting:
     due: Callable[[int], bool] = _never
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Checkpointing:
     """Where a scale's state goes and where it comes from.
 
     ``save(state)`` receives the scale's complete state (step, image, optimiser state, average) after
     every step ``i`` for which ``due(i)``, and before ``Interrupted`` is raised when ``should_stop()``
-    turns true. ``resume`` is such a state: the scale goes on from there exactly as if it had not stopped.
+    (the run's ``Control.poll``) turns true. ``resume`` is such a state: the scale goes on from there
+    exactly as if it had not stopped.
     """
 
     save: Optional[Callable[[dict], None]] = None
@@ -503,13 +497,14 @@ class Checkpointing:
     resume: Optional[dict] = None
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ScaleProblem:
     """One scale's optimisation: the starting ``image`` (not modified), what to minimise, and how.
 
-    ``after_step(i)`` runs after every step, on the host, without reading the device: raising there
-    stops the run at once (a cancelled job, a time limit). ``steps_pool`` (CUDA graphs) lends a step
-    captured by an earlier scale of the same shape and settings, and takes this one back at the end.
+    ``after_step(i)`` runs after every step that did not stop, on the host, without reading the device:
+    the run's ``Control.check``, which raises ``Stopped`` for a cancel or a time limit. ``steps_pool`` (CUDA
+    graphs) lends a step captured by an earlier scale of the same shape and settings, and takes this one
+    back at the end.
     """
 
     image: torch.Tensor

@@ -1,9 +1,10 @@
-"""The long-lived ``Engine`` a service holds (one per device), and its ``Job``s.
+"""The long-lived ``Engine`` a service holds (one per device), and its ``Job``s: a thin threaded wrapper
+over the synchronous ``core.Core``.
 
-An Engine resolves the runtime and builds the extractor once, keeps the style features of recent
-styles and, on CUDA, the captured graphs of recent shapes (``runner.Session``), and runs the jobs
-submitted to it on one worker thread, one batch at a time: queued jobs of the same size and
-settings are optimised together (up to ``batch_size``, with Adam). Every job's inputs are decoded
+An Engine opens one ``Core`` (the runtime, decided once, the extractor, the style features of recent
+styles and, on CUDA, the captured graphs of recent shapes) and runs the jobs submitted to it on one
+worker thread, one batch at a time: queued jobs that ``core.plan_batches`` would group (the same size
+and settings) are optimised together (up to ``batch_size``, with Adam). Every job's inputs are decoded
 and checked when it is submitted, so bad input is refused at once and nothing is queued.
 
 Threads: ``submit``, ``Job.cancel``, ``Job.result``, ``Job.events`` and ``Job.preview`` may be
@@ -20,7 +21,6 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 import enum
-import math
 import secrets
 import threading
 import time
@@ -30,17 +30,26 @@ from typing import Callable, Iterator, Optional, Sequence, Union
 
 import torch
 
-from . import color
 from .checkpoint import CheckpointPlan
-from .config import EXTRACTOR_FIELDS, RUNTIME_FIELDS, Config
-from .errors import UserError, option
-from .images import ImageLike, resize
-from .optimize import SYNC_EVERY, Callback, Interrupted, StepInfo
-from .runner import Batch, JobSpec, Result, Session, prepare_jobs, run_batch, run_jobs
-from .runtime import Runtime, decide_runtime
+from .config import Config
+from .control import Control, Interrupted, Stopped
+from .core import FIXED, Batch, Core, JobSpec, Result, plan_batches, prepare_jobs
+from .errors import UserError, is_out_of_memory, option
+from .images import ImageLike
+from .optimize import SYNC_EVERY, Callback, StepInfo
+from .runtime import Runtime
 
-# Settings the extractor and runtime are built from: a job must ask for the Engine's.
-FIXED = EXTRACTOR_FIELDS + RUNTIME_FIELDS
+__all__ = [
+    "FIXED",
+    "Engine",
+    "Job",
+    "JobCancelled",
+    "JobFailed",
+    "JobInterrupted",
+    "JobProgress",
+    "JobState",
+    "QueueFull",
+]
 PREVIEW_SECONDS = 0.1  # how often a running job's losses (and preview) are read at most
 
 
@@ -76,7 +85,7 @@ TERMINAL = (JobState.DONE, JobState.FAILED, JobState.CANCELLED, JobState.INTERRU
 
 
 @dataclass
-class Progress:
+class JobProgress:
     """Where a job is: ``step`` of ``total_steps`` over all scales, ``scale`` (0-based) of ``scales``.
 
     ``loss`` and ``parts`` are the loss of the batch the job runs in (the sum over its jobs: one job
@@ -95,14 +104,14 @@ class Progress:
 class Job:
     """A submitted job: its state, progress, preview and result. Made by ``Engine.submit``."""
 
-    def __init__(self, engine: "Engine", config: Config, runtime: Runtime, inputs, masks, saving, time_limit):
+    def __init__(self, *, engine: "Engine", config: Config, runtime: Runtime, inputs, masks, saving, control: Control):
         self.id = secrets.token_urlsafe(16)
         self.config = config
         self.state = JobState.QUEUED
-        self.progress = Progress(total_steps=sum(s.steps for s in inputs.schedule(config, engine.session.min_side)))
+        self.progress = JobProgress(total_steps=sum(s.steps for s in inputs.schedule(config, engine.core.min_side)))
         self.error: Optional[str] = None
         self.exception: Optional[BaseException] = None  # what stopped it, for those who want more than the error
-        self.time_limit = time_limit
+        self.control = control  # cancel(), interrupt() and the time limit act through it
         self.submitted = time.time()
         self._engine, self._runtime, self._inputs, self._masks, self._saving = engine, runtime, inputs, masks, saving
         self._context = contextvars.copy_context()  # the submitter's wording of messages (CLI or Python)
@@ -110,15 +119,18 @@ class Job:
         self._events: list[dict] = []
         self._preview: Optional[torch.Tensor] = None
         self._result: Optional[Result] = None
-        self._cancel = False
         self._started: Optional[float] = None
 
     def __repr__(self) -> str:
         return f"<Job {self.id} {self.state.value} step {self.progress.step}/{self.progress.total_steps}>"
 
     @property
+    def time_limit(self) -> Optional[float]:
+        return self.control.time_limit
+
+    @property
     def schedule(self):
-        return self._inputs.schedule(self.config, self._engine.session.min_side)
+        return self._inputs.schedule(self.config, self._engine.core.min_side)
 
     # ---------------------------------------------------------------------------------- for callers
 
@@ -128,9 +140,7 @@ class Job:
             if self._result is not None:
                 return self._result.image
             image = self._preview
-        if image is not None and self._inputs.colours is not None:  # luminance mode: give it its colours
-            image = color.join_luminance(image, resize(self._inputs.colours, tuple(image.shape[-2:])))
-        return image
+        return None if image is None else self._inputs.with_colours(image)
 
     def result(self, timeout: Optional[float] = None) -> Result:
         """Wait for the job: its ``Result``, or ``JobFailed``/``JobCancelled``/``JobInterrupted``/``TimeoutError``."""
@@ -149,10 +159,17 @@ class Job:
         """Stop the job: a queued one is removed at once, a running one stops after its current step."""
         if self._engine._unqueue(self):
             return
-        self._cancel = True  # the worker checks it after every step
+        self.control.cancel()  # the worker checks it after every step
         if self.state == JobState.RUNNING and len(self._engine._running) > 1:
             # Batched with others: it ends now, and the batch goes on for them (until all have ended).
             self._engine._end(self, JobState.CANCELLED)
+
+    def interrupt(self) -> None:
+        """Stop the job after its current step, writing its checkpoint (a job submitted with one): it ends
+        ``interrupted`` and can be submitted again with ``resume``. A queued job ends ``interrupted`` at once."""
+        if self._engine._unqueue(self, JobState.INTERRUPTED):
+            return
+        self.control.interrupt()  # the worker checks it after every step
 
     def events(self, timeout: Optional[float] = None, start: int = 0) -> Iterator[dict]:
         """Every event of the job from its start, in order; ends after the one terminal event.
@@ -184,6 +201,7 @@ class Job:
         with self._cond:
             self.state = JobState.RUNNING
             self._started = time.perf_counter()
+            self.control.start()
 
     def _step(self, info: StepInfo, image: Optional[torch.Tensor]) -> None:
         with self._cond:
@@ -195,9 +213,6 @@ class Job:
             if image is not None:
                 self._preview = image
             self._emit({"type": "progress", **dataclasses.asdict(p)})
-
-    def _overdue(self) -> bool:
-        return self.time_limit is not None and time.perf_counter() - self._started > self.time_limit
 
     def _finish(self, state: JobState, error: Optional[str] = None, result=None, exception=None) -> None:
         """Set the terminal state once (a later call is ignored) and send the terminal event."""
@@ -215,10 +230,6 @@ class Job:
             self._emit(event)
 
 
-class _Stopped(Exception):
-    """Every job of the running batch has ended (cancelled, over its time limit): stop optimising."""
-
-
 class Engine:
     """A long-lived style-transfer engine: one runtime, extractor and cache, one worker, a bounded queue.
 
@@ -228,9 +239,6 @@ class Engine:
     scale shape (more than a job's scales, or a repeated job would evict its own graphs). Use as a
     context manager, or call ``close()``.
     """
-
-    _open: dict[int, str] = {}  # the precision of every open Engine on CUDA: they share the process's flags
-    _open_lock = threading.Lock()
 
     def __init__(
         self,
@@ -244,12 +252,7 @@ class Engine:
         if isinstance(max_queued, bool) or not isinstance(max_queued, int) or max_queued < 0:
             raise UserError(f"max_queued must be a whole number, 0 or more, not {max_queued!r}")
         self.max_queued = max_queued
-        self._claim_flags(decide_runtime(self.config))
-        try:
-            self.session = Session.open(self.config, style_cache_bytes, graphs_kept)
-        except BaseException:
-            self._release_flags()
-            raise
+        self.core = Core.open(self.config, style_cache_bytes=style_cache_bytes, graphs_kept=graphs_kept)
         self._cond = threading.Condition()  # the queue, the running batch and the closed flag
         self._device = threading.RLock()  # one batch on the device at a time (the worker, or stylize inline)
         self._queue: deque[Job] = deque()
@@ -258,31 +261,19 @@ class Engine:
         self._worker: Optional[threading.Thread] = None
         self._counts = {"batches": 0, "done": 0, "failed": 0, "cancelled": 0, "interrupted": 0}
 
-    def _claim_flags(self, runtime: Runtime) -> None:
-        if runtime.device.type != "cuda":
-            return
-        with Engine._open_lock:
-            other = next((p for p in Engine._open.values() if p != runtime.precision), None)
-            if other is not None:
-                raise UserError(
-                    f"an open Engine with {option('precision')} {other!r} set this process's CUDA math flags; "
-                    f"one with {runtime.precision!r} would change them under it (close it first)"
-                )
-            Engine._open[id(self)] = runtime.precision
-
     @property
     def runtime(self) -> Runtime:
-        return self.session.runtime
+        return self.core.runtime
 
     @property
     def extractor(self):
-        return self.session.extractor
+        return self.core.extractor
 
     @property
     def stats(self) -> dict:
         """Counters for monitoring and tests: style-feature cache hits/misses, graphs kept/reused, batches run
         by the worker, jobs by how they ended."""
-        cache, pool = self.session.style_cache, self.session.steps_pool
+        cache, pool = self.core.style_cache, self.core.steps_pool
         with self._cond:
             return {
                 "queued": len(self._queue),
@@ -306,22 +297,26 @@ class Engine:
         checkpoint: Optional[CheckpointPlan] = None,
         resume: Optional[dict] = None,
         time_limit: Optional[float] = None,
+        control: Optional[Control] = None,
     ) -> Job:
-        """Queue a job and return it at once; bad input or settings raise ``UserError`` and queue nothing."""
+        """Queue a job and return it at once; bad input or settings raise ``UserError`` and queue nothing.
+
+        ``control`` (``engine.control.Control``, made from ``time_limit`` when not given) is the job's own:
+        ``Job.cancel`` and ``Job.interrupt`` act through it, and its ``watch`` runs once per step.
+        """
         config = config or self.config
-        runtime = self._job_runtime(config)
-        if time_limit is not None and (
-            isinstance(time_limit, bool)
-            or not isinstance(time_limit, (int, float))
-            or not math.isfinite(time_limit)
-            or time_limit <= 0
-        ):
-            raise UserError(f"time_limit must be a number of seconds greater than zero, not {time_limit!r}")
+        runtime = self.core.runtime_for(config)
+        if control is None:
+            control = Control(time_limit=time_limit)
+        elif time_limit is not None:
+            raise UserError("give time_limit or a control with its own time limit, not both")
         self._check_room()  # before the decoding, which may take a while
         decoded, masks, saving = prepare_jobs([(content, styles)], config, checkpoint is not None, resume)
         if saving is not None:
             saving.plan = checkpoint
-        job = Job(self, config, runtime, decoded[0], masks, saving, time_limit)
+        job = Job(
+            engine=self, config=config, runtime=runtime, inputs=decoded[0], masks=masks, saving=saving, control=control
+        )
         with self._cond:
             self._check_room()
             self._queue.append(job)
@@ -338,77 +333,70 @@ class Engine:
             if len(self._queue) >= self.max_queued:
                 raise QueueFull(f"the queue is full ({self.max_queued} jobs waiting); try again later")
 
-    def _job_runtime(self, config: Config) -> Runtime:
-        """The job's runtime on the Engine's device; refuses settings the Engine fixed."""
-        for name in FIXED:
-            if getattr(config, name) != getattr(self.config, name):
-                raise UserError(
-                    f"{option(name)} is {getattr(config, name)!r} but this engine was built with "
-                    f"{getattr(self.config, name)!r}; a job may change every setting but {', '.join(FIXED)}"
-                )
-        runtime = decide_runtime(config, self.runtime.device)
-        if runtime.channels_last != self.runtime.channels_last:
-            raise UserError(
-                f"{option('optimizer')} {config.optimizer!r} needs another memory layout than this engine's "
-                f"({config.memory_format!r} with {self.config.optimizer!r}); build the engine with "
-                f"{option('memory_format')} contiguous to mix optimizers"
-            )
-        return runtime
-
-    def _unqueue(self, job: Job) -> bool:
+    def _unqueue(self, job: Job, state: JobState = JobState.CANCELLED) -> bool:
         with self._cond:
             if job not in self._queue:
                 return False
             self._queue.remove(job)
-        self._end(job, JobState.CANCELLED)
+        if state == JobState.INTERRUPTED:
+            self._end(job, state, f"job {job.id} was interrupted before it started; submit it again")
+        else:
+            self._end(job, state)
         return True
 
     # ---------------------------------------------------------------------------------- the simple entry points
 
-    def stylize(self, content, styles, config=None, callback=None, checkpoint=None, resume=None) -> Result:
-        """``engine.stylize`` on this Engine's extractor and caches (see ``engine.api.stylize``)."""
-        return self.stylize_batch([(content, styles)], config, callback, checkpoint=checkpoint, resume=resume)[0]
+    def stylize(self, content, styles, config=None, **options) -> Result:
+        """``engine.stylize`` on this Engine's core (see ``engine.api.stylize``)."""
+        return self.stylize_batch([(content, styles)], config, **options)[0]
 
     def stylize_batch(
         self,
         jobs: Sequence[JobSpec],
         config: Optional[Config] = None,
+        *,
         callback: Optional[Callable[[StepInfo], None]] = None,
         on_result: Optional[Callable[[int, Result], None]] = None,
         checkpoint: Optional[CheckpointPlan] = None,
         resume: Optional[dict] = None,
-        share=None,
+        control: Optional[Control] = None,
     ) -> list[Result]:
-        """``engine.stylize_batch`` on this Engine (see ``engine.api.stylize_batch``).
+        """``engine.stylize_batch`` on this Engine's core (see ``engine.api.stylize_batch``).
 
         It runs in the caller's thread, so the callback is called there and exceptions (``Interrupted``,
         the callback's own) reach the caller as they are; it takes the device between the worker's batches.
         """
-        config = config or self.config
-        runtime = self._job_runtime(config)
         if self._closed:
             raise UserError("this Engine is closed and runs no more jobs")
         with self._device:
-            return run_jobs(self.session, jobs, config, runtime, callback, on_result, checkpoint, resume, share)
+            return self.core.stylize_batch(
+                jobs,
+                config or self.config,
+                callback=callback,
+                on_result=on_result,
+                checkpoint=checkpoint,
+                resume=resume,
+                control=control,
+            )
 
     # ---------------------------------------------------------------------------------- the worker
 
     def _next_batch(self) -> Optional[list[Job]]:
-        """The oldest queued job and the queued jobs that can run with it; None once closed and empty."""
+        """The oldest queued job and the queued jobs that ``plan_batches`` would group with it (the same
+        schedule, up to ``batch_size`` with Adam) and that share its settings; None once closed and empty.
+        A job with checkpoints runs alone: its checkpoint holds one image."""
         with self._cond:
             self._cond.wait_for(lambda: self._queue or self._closed)
             if not self._queue:
                 return None
             first = self._queue.popleft()
-            batch = [first]
-            if first._saving is None and first.config.optimizer == "adam":
-                schedule = first.schedule
-                for job in list(self._queue):
-                    if len(batch) >= first.config.batch_size:
-                        break
-                    if job._saving is None and job.config == first.config and job.schedule == schedule:
-                        self._queue.remove(job)
-                        batch.append(job)
+            candidates = [first]
+            if first._saving is None:
+                candidates += [j for j in self._queue if j._saving is None and j.config == first.config]
+            members = plan_batches([job.schedule for job in candidates], first.config)[0]  # the first job's batch
+            batch = [candidates[i] for i in members]
+            for job in batch[1:]:
+                self._queue.remove(job)
             for job in batch:
                 job._start()
             self._running = batch
@@ -439,43 +427,48 @@ class Engine:
             for k, job in enumerate(jobs):
                 job._step(info, None if image is None else image[k].detach().float().cpu().clone())
 
-        def after_step() -> None:
+        def watch() -> None:  # once per step: each job's own control (its watch, interrupt, cancel, time limit)
             alive = False
             for job in jobs:
-                if job.state not in TERMINAL and job._overdue():
-                    limit = f"{job.time_limit:g}"
+                if job.state in TERMINAL:
+                    continue
+                if job.control.poll():
+                    control.interrupt()  # a job with checkpoints runs alone: the batch is that job
+                limit = job.control.time_limit
+                if limit is not None and job.control.elapsed > limit:
                     self._end(
                         job,
                         JobState.FAILED,
-                        f"the job ran past its time limit of {limit} s and was stopped after step {job.progress.step}",
+                        f"the job ran past its time limit of {limit:g} s "
+                        f"and was stopped after step {job.progress.step}",
                     )
-                elif job.state not in TERMINAL and job._cancel:
+                elif job.control.cancelled is not None:
                     self._end(job, JobState.CANCELLED)
                 alive = alive or job.state not in TERMINAL
             if not alive:
-                raise _Stopped
+                control.cancel("every job of the batch has ended")
 
         first = jobs[0]
+        control = Control(watch=watch)
         batch = Batch(
-            [job._inputs for job in jobs],
-            first.config,
-            first.schedule,
-            first._runtime,
-            first._masks,
-            Callback(on_step, every=SYNC_EVERY, seconds=PREVIEW_SECONDS),
-            tuple(range(len(jobs))),
-            first._saving,
-            after_step,
+            jobs=[job._inputs for job in jobs],
+            config=first.config,
+            runtime=first._runtime,
+            masks=first._masks,
+            callback=Callback(on_step, every=SYNC_EVERY, seconds=PREVIEW_SECONDS),
+            indices=tuple(range(len(jobs))),
+            saving=first._saving,
+            control=control,
         )
         results, failure = None, None
         try:
             with self._device:
-                results = run_batch(self.session, batch)
+                results = self.core.run(batch)
         except Exception as exc:  # one job's failure is that job's; the engine goes on
             # Without its traceback: the frames would keep the failed run's tensors (after an OOM, all of them).
             failure = exc.with_traceback(None)
         self._idle()  # before the jobs end: whoever sees a job end sees the engine idle
-        if isinstance(failure, _Stopped):
+        if isinstance(failure, Stopped):
             return
         if isinstance(failure, Interrupted):
             first._preview = failure.image[0].float().cpu()
@@ -483,7 +476,7 @@ class Engine:
             self._end(first, JobState.INTERRUPTED, f"job {first.id} was interrupted after {where}")
         elif failure is not None:
             message = _sentence(failure, first)
-            if _is_out_of_memory(failure) and self.runtime.device.type == "cuda":
+            if is_out_of_memory(failure) and self.runtime.device.type == "cuda":
                 torch.cuda.empty_cache()
             for job in jobs:
                 self._end(job, JobState.FAILED, message, exception=failure)
@@ -522,21 +515,13 @@ class Engine:
                 self._end(job, JobState.INTERRUPTED, f"the engine closed before job {job.id} started; submit it again")
         if cancel:
             for job in running:
-                job._cancel = True
+                job.control.cancel()
         worker = self._worker
         if worker is not None and worker is not threading.current_thread():
             worker.join(timeout)
             if worker.is_alive():
                 raise TimeoutError(f"the engine's running job did not finish within {timeout:g} s")
-        if self.session.style_cache is not None:
-            self.session.style_cache.clear()
-        if self.session.steps_pool is not None:
-            self.session.steps_pool.clear()
-        self._release_flags()
-
-    def _release_flags(self) -> None:
-        with Engine._open_lock:
-            Engine._open.pop(id(self), None)
+        self.core.close()
 
     def __enter__(self) -> "Engine":
         return self
@@ -546,18 +531,11 @@ class Engine:
         self.close(cancel=exc[0] is not None, drain=exc[0] is None)
 
 
-def _is_out_of_memory(exc: BaseException) -> bool:
-    if isinstance(exc, torch.OutOfMemoryError):
-        return True
-    text = str(exc)
-    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
-
-
 def _sentence(exc: BaseException, job: Job) -> str:
     """A failure as one sentence for the job's ``error``."""
     if isinstance(exc, UserError):
         return str(exc)
-    if _is_out_of_memory(exc):
+    if is_out_of_memory(exc):
         p = job.progress
         return (
             f"ran out of memory at step {p.step} of {p.total_steps} (scale {p.scale + 1} of {p.scales}); "

@@ -42,9 +42,9 @@ import torch
 from PIL import Image
 
 from engine.config import Config
+from engine.core import JobSpec, Result, plan_batches
 from engine.errors import UserError, plural
-from engine.images import ImageLike, fit_long_side, load_image, resize
-from engine.runner import JobSpec, Result
+from engine.images import ImageLike, at_most, fit_long_side, load_image
 from engine.schedule import build_schedule
 from engine.sizes import min_side
 
@@ -72,21 +72,22 @@ def _ray():
 
 
 class Worker:
-    """The actor: one ``Engine`` for the worker's life; ``run`` stylises one batch of decoded jobs."""
+    """The actor: one synchronous ``Core`` for the worker's life; ``run`` stylises one batch of decoded jobs."""
 
     def __init__(self, config: Config, threads: int):
         torch.set_num_threads(threads)
-        from engine import Engine
+        from engine.core import Core
 
         self.config = config
-        self.engine = Engine(config, max_queued=0)
+        # The batches of a folder run share their style images: their features are kept for the next batch.
+        self.core = Core.open(config, style_cache_bytes=256 << 20, graphs_kept=16)  # as an Engine keeps
 
     def run(self, batch: list[tuple[int, torch.Tensor, list]]) -> list[tuple[int, Optional[Result], str]]:
         """``[(index, content, style refs)]`` -> ``[(index, result or None, error sentence or "")]``."""
         ray = _ray()
         specs = [(content, ray.get(list(styles))) for _, content, styles in batch]
         try:
-            results = self.engine.stylize_batch(specs, self.config)
+            results = self.core.stylize_batch(specs, self.config)
         except UserError as exc:
             if len(batch) == 1:
                 return [(batch[0][0], None, str(exc))]
@@ -201,7 +202,7 @@ class _Run:
     def _batches(self) -> list[list[int]]:
         """Job indices grouped as ``stylize_batch`` groups them (same schedule, ``batch_size`` at a time)."""
         need = min_side(self.config.model, self.config.feature_layers)
-        groups: dict[tuple, list[int]] = {}
+        indices, schedules = [], []
         for index, (content, _) in enumerate(self.jobs):
             try:
                 height, width = _size(content)
@@ -211,13 +212,12 @@ class _Run:
             if max(height, width) > self.config.size:
                 height, width = fit_long_side(height, width, self.config.size)
             try:
-                key = tuple(build_schedule(height, width, self.config.size, self.config.min_size, 1, need))
+                schedules.append(build_schedule(height, width, self.config.size, self.config.min_size, 1, need))
             except UserError as exc:
                 self._done(index, JobFailed(index, str(exc)))
                 continue
-            groups.setdefault(key, []).append(index)
-        per_batch = self.config.batch_size if self.config.optimizer == "adam" else 1
-        return [members[i : i + per_batch] for members in groups.values() for i in range(0, len(members), per_batch)]
+            indices.append(index)
+        return [[indices[k] for k in batch] for batch in plan_batches(schedules, self.config)]
 
     def _decoded(self, batch) -> list[tuple[int, torch.Tensor, list]]:
         """The batch's contents decoded (as ``stylize_batch`` would: shrunk to ``size``), styles as refs.
@@ -230,9 +230,7 @@ class _Run:
         for index in batch:
             content, styles = self.jobs[index]
             try:
-                image = load_image(content, "content image")
-                if max(image.shape[-2:]) > self.config.size:
-                    image = resize(image, fit_long_side(*image.shape[-2:], self.config.size))
+                image = at_most(load_image(content, "content image"), self.config.size)
                 refs = [self._style(s) for s in (styles if isinstance(styles, (list, tuple)) else [styles])]
             except UserError as exc:
                 self._done(index, JobFailed(index, str(exc)))

@@ -111,7 +111,7 @@ def init_process_group() -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from cli.main import EXIT_USER_ERROR, build_parser
-    from cli.stylize import run_resume, run_stylize
+    from cli.stylize import prepare_resume, prepare_stylize, run_file_job
     from engine.errors import UserError, cli_wording
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -124,15 +124,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return EXIT_USER_ERROR
     parser = build_parser()
     parser.prog = "torchrun ... -m scale.tiled"
-    runs = {"stylize": run_stylize, "resume": run_resume}
+    prepare = {"stylize": prepare_stylize, "resume": prepare_resume}
     init_process_group()
     share = ProcessShare()
     try:
         with cli_wording():
             args = parser.parse_args(argv)
-            if args.command not in runs:
+            if args.command not in prepare:
                 raise UserError(f"scale.tiled runs stylize or resume, not {args.command}")
-            return runs[args.command](args, share)
+            job, config, resume = prepare[args.command](args)
+            return run_file_job(job, config, resume=resume, quiet=args.quiet, share=share)
     except UserError as exc:
         # Every process checks the same inputs and usually fails alike: the leader says so, the others name
         # themselves (a failure of one process alone, such as its device running out of memory, is still told).

@@ -24,7 +24,7 @@ from typing import Optional
 
 import torch
 
-from engine import Config, Engine, UserError
+from engine import Config, Control, Engine, UserError
 from engine import checkpoint as ckpt
 from engine.errors import pixels
 from engine.images import fit_long_side, save_image
@@ -109,8 +109,8 @@ class Service:
         """Stop: queued jobs stay queued (in the table), the running one checkpoints; then the engine closes."""
         self.begin_stop()
         self._stop_queued()
-        # Not cancel=True, which would cancel the running job instead of letting it checkpoint: by default
-        # the running job ends at its next step (should_stop, set above) and queued ones end "interrupted".
+        # Not cancel=True, which would cancel the running job instead of letting it checkpoint: by default the
+        # running job ends at its next step (its control watches the flag set above), queued ones "interrupted".
         try:
             self.engine.close(timeout=timeout)
         except TimeoutError as exc:  # a step longer than the timeout: the last periodic checkpoint remains
@@ -180,14 +180,17 @@ class Service:
 
     def _run(self, row: Row, config: Config, content, styles, resume: Optional[dict]) -> None:
         folder = self.store.folder(row.id)
-        plan = ckpt.CheckpointPlan(
-            str(folder / "checkpoint.pt"), every=self.limits.checkpoint_every, should_stop=self._stopping.is_set
-        )
+        plan = ckpt.CheckpointPlan(str(folder / "checkpoint.pt"), every=self.limits.checkpoint_every)
+        control = Control(time_limit=self.limits.time_limit)
+
+        def watch() -> None:  # once per step: a stopping server has the running job checkpoint and end
+            if self._stopping.is_set():
+                control.interrupt()
+
+        control.watch = watch
         live = Live(curve=[list(p) for p in row.history])
         self.live[row.id] = live
-        live.job = self.engine.submit(
-            content, styles, config, checkpoint=plan, resume=resume, time_limit=self.limits.time_limit
-        )
+        live.job = self.engine.submit(content, styles, config, checkpoint=plan, resume=resume, control=control)
         thread = threading.Thread(target=self._follow, args=(row.id, live), name=f"job-{row.id[:6]}", daemon=True)
         self._threads.append(thread)
         thread.start()

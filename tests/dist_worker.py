@@ -14,8 +14,8 @@ from test_tiling import loss_and_grad, problem
 
 from engine import Config, stylize
 from engine.checkpoint import CheckpointPlan, load
+from engine.control import Control, Interrupted
 from engine.errors import UserError
-from engine.optimize import Interrupted
 from engine.tiling import Geometry, TiledObjective, Tiling
 from scale.tiled import ProcessShare, init_process_group
 
@@ -60,14 +60,16 @@ def main(content: str, style: str, outdir: str) -> None:
     # process must stop after the same step, and only the leader writes its checkpoint.
     asked = {"steps": 0}
 
-    def should_stop():
+    def watch():
         asked["steps"] += 1
-        return rank == 0 and asked["steps"] >= 3
+        if rank == 0 and asked["steps"] >= 3:
+            control.interrupt()
 
+    control = Control(watch=watch)
     path = out / f"rank{rank}.ckpt"
-    plan = CheckpointPlan(str(path), every=0, should_stop=should_stop)
+    plan = CheckpointPlan(str(path), every=0)
     try:
-        stylize(content, style, RUNS["gram"], checkpoint=plan, share=share)
+        stylize(content, style, RUNS["gram"], checkpoint=plan, control=control, share=share)
         raise AssertionError("the run was not interrupted")
     except Interrupted as stop:
         save("interrupted", torch.tensor(stop.step))

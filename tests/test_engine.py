@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from engine import Config, Engine, JobCancelled, JobFailed, JobInterrupted, QueueFull, UserError, stylize
+from engine import Config, Control, Engine, JobCancelled, JobFailed, JobInterrupted, QueueFull, UserError, stylize
 from engine import checkpoint as ckpt
 from engine.optimize import NonFiniteLoss
 
@@ -81,14 +81,14 @@ def test_cancel_stops_a_running_job_within_one_step(engine, tmp_path):
     steps_run = []
     job = None
 
-    def should_stop():  # called by the worker once per step: cancel from there at step 3, deterministically
+    def watch():  # called by the worker once per step: cancel from there at step 3, deterministically
         steps_run.append(len(steps_run) + 1)
         if len(steps_run) == 3:
             job.cancel()
-        return False
 
-    plan = ckpt.CheckpointPlan(str(tmp_path / "c.ckpt"), should_stop=should_stop)
-    job = engine.submit(picture(32, 32, 1), picture(32, 32, 2), Config(**{**TINY, "steps": 200}), checkpoint=plan)
+    job = engine.submit(
+        picture(32, 32, 1), picture(32, 32, 2), Config(**{**TINY, "steps": 200}), control=Control(watch=watch)
+    )
     with pytest.raises(JobCancelled, match="was cancelled"):
         job.result(60)
     assert steps_run == [1, 2, 3]  # no step after the one that saw the cancel

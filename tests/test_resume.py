@@ -17,6 +17,7 @@ from PIL import Image
 
 from engine import Config, UserError, stylize
 from engine import checkpoint as ckpt
+from engine.control import Control
 from engine.optimize import Interrupted
 
 SMALL = dict(
@@ -34,13 +35,16 @@ def pair():
 
 
 def stop_after(n):
+    """A control that asks for an interrupt at the ``n``-th step (its watch runs once per step)."""
     calls = [0]
 
-    def should_stop():
+    def watch():
         calls[0] += 1
-        return calls[0] == n
+        if calls[0] == n:
+            control.interrupt()
 
-    return should_stop
+    control = Control(watch=watch)
+    return control
 
 
 @pytest.mark.parametrize("loss", ["gram", "ot"])
@@ -48,9 +52,9 @@ def stop_after(n):
 def test_resumed_run_equals_uninterrupted(pair, tmp_path, loss, stop_at):
     config = Config(**SMALL, style_loss=loss)
     full = stylize(*pair, config)
-    plan = ckpt.CheckpointPlan(str(tmp_path / "run.ckpt"), should_stop=stop_after(stop_at))
+    plan = ckpt.CheckpointPlan(str(tmp_path / "run.ckpt"))
     with pytest.raises(Interrupted) as stopped:
-        stylize(*pair, config, checkpoint=plan)
+        stylize(*pair, config, checkpoint=plan, control=stop_after(stop_at))
     assert stopped.value.step == (stop_at - 1) % 6 + 1
     state = ckpt.load(tmp_path / "run.ckpt")
     assert (state["scale"], len(state["history"])) == ((stop_at - 1) // 6, stop_at)
@@ -83,9 +87,9 @@ def test_periodic_checkpoints_hold_the_complete_state(pair, tmp_path):
 
 
 def test_checkpoint_from_other_settings_or_inputs_is_refused(pair, tmp_path):
-    plan = ckpt.CheckpointPlan(str(tmp_path / "run.ckpt"), should_stop=stop_after(2))
+    plan = ckpt.CheckpointPlan(str(tmp_path / "run.ckpt"))
     with pytest.raises(Interrupted):
-        stylize(*pair, Config(**SMALL), checkpoint=plan)
+        stylize(*pair, Config(**SMALL), checkpoint=plan, control=stop_after(2))
     state = ckpt.load(tmp_path / "run.ckpt")
     with pytest.raises(UserError, match=r"made with other settings \(style_weight 4.0 in the checkpoint, 9.0 now\)"):
         stylize(*pair, Config(**SMALL, style_weight=9.0), resume=state)
@@ -244,13 +248,14 @@ def test_sigkill_leaves_no_partial_output_and_last_checkpoint_resumes(tmp_path, 
 def test_cli_refuses_damaged_or_mismatched_checkpoints(tmp_path):
     write_pics(tmp_path)
     (tmp_path / "junk.ckpt").write_bytes(b"\x00" * 100)
-    plan = ckpt.CheckpointPlan(str(tmp_path / "other.ckpt"), should_stop=stop_after(1))
+    plan = ckpt.CheckpointPlan(str(tmp_path / "other.ckpt"))
     with pytest.raises(Interrupted):
         stylize(
             str(tmp_path / "c.png"),
             str(tmp_path / "s.png"),
             Config(**{**SMALL, "steps": 60, "style_weight": 7.0}),
             checkpoint=plan,
+            control=stop_after(1),
         )
     results = run_together(
         {
@@ -339,9 +344,9 @@ def test_optimizer_state_resumes_under_this_runs_device_flags(saved, now):
 def test_ot_checkpoint_from_another_device_reseeds_deterministically(pair, tmp_path):
     config = Config(**SMALL, style_loss="ot")
     full = stylize(*pair, config)
-    plan = ckpt.CheckpointPlan(str(tmp_path / "run.ckpt"), should_stop=stop_after(3))
+    plan = ckpt.CheckpointPlan(str(tmp_path / "run.ckpt"))
     with pytest.raises(Interrupted):
-        stylize(*pair, config, checkpoint=plan)
+        stylize(*pair, config, checkpoint=plan, control=stop_after(3))
     state = ckpt.load(tmp_path / "run.ckpt")
     assert state["generator_device"] == "cpu"
     # What a CUDA run writes: its generators' states are 16 bytes, which a CPU generator cannot take.
@@ -369,9 +374,9 @@ def test_checkpoint_resumes_on_the_other_device(pair, tmp_path, loss, first, the
     graphs = "off" if loss == "ot" else "on"
     on = {"cpu": Config(**settings), "cuda": Config(**{**settings, "device": "cuda", "cuda_graphs": graphs})}
     full = stylize(*pair, on[then])
-    plan = ckpt.CheckpointPlan(str(tmp_path / "run.ckpt"), should_stop=stop_after(3))
+    plan = ckpt.CheckpointPlan(str(tmp_path / "run.ckpt"))
     with pytest.raises(Interrupted):
-        stylize(*pair, on[first], checkpoint=plan)
+        stylize(*pair, on[first], checkpoint=plan, control=stop_after(3))
     state = ckpt.load(tmp_path / "run.ckpt")
     assert state["generator_device"] == first
     resumed = stylize(*pair, on[then], resume=state)  # graph capture of Adam replays with the restored flags

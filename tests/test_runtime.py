@@ -574,7 +574,7 @@ def test_cuda_torchscript_backend_matches_eager(cuda_problem, keep_cuda_flags):
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_cuda_resume_equals_uninterrupted(cuda_problem, tmp_path, precision, deterministic_cudnn):
     from engine import checkpoint as ckpt
-    from engine.optimize import Interrupted
+    from engine.control import Control, Interrupted
 
     config = Config(device="cuda", size=256, min_size=128, steps=12, precision=precision)  # graphs on (auto)
     full = stylize(*cuda_problem, config)
@@ -582,12 +582,12 @@ def test_cuda_resume_equals_uninterrupted(cuda_problem, tmp_path, precision, det
 
     def stop_at_18():
         calls[0] += 1
-        return calls[0] == 18  # step 6 of the second scale (12 + 8 + 6 steps), after its graph was captured
+        if calls[0] == 18:  # step 6 of the second scale (12 + 8 + 6 steps), after its graph was captured
+            control.interrupt()
 
+    control = Control(watch=stop_at_18)
     with pytest.raises(Interrupted):
-        stylize(
-            *cuda_problem, config, checkpoint=ckpt.CheckpointPlan(str(tmp_path / "run.ckpt"), should_stop=stop_at_18)
-        )
+        stylize(*cuda_problem, config, checkpoint=ckpt.CheckpointPlan(str(tmp_path / "run.ckpt")), control=control)
     state = ckpt.load(tmp_path / "run.ckpt")
     assert (state["loss_scale"] is not None) == (precision == "fp16")
     resumed = stylize(*cuda_problem, config, resume=state)

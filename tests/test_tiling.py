@@ -192,24 +192,31 @@ def test_a_tiled_run_ends_at_the_untiled_image():
 @pytest.mark.slow
 def test_resume_of_a_tiled_run_equals_the_uninterrupted_run(tmp_path):
     from engine.checkpoint import CheckpointPlan, load
-    from engine.optimize import Interrupted
+    from engine.control import Control, Interrupted
 
     whole = stylize_with(None)
-    stops = iter([False, False, False, True])  # stop after the fourth step
-    plan = CheckpointPlan(str(tmp_path / "run.ckpt"), should_stop=lambda: next(stops, False))
+    steps = []
+
+    def watch():
+        steps.append(1)
+        if len(steps) == 4:  # stop after the fourth step
+            control.interrupt()
+
+    control = Control(watch=watch)
+    plan = CheckpointPlan(str(tmp_path / "run.ckpt"))
     with pytest.raises(Interrupted):
-        stylize_with(plan)
+        stylize_with(plan, control=control)
     state = load(plan.path)
     resumed = stylize_with(None, resume=state)
     assert torch.equal(resumed.image, whole.image)
 
 
-def stylize_with(plan, resume=None):
+def stylize_with(plan, resume=None, control=None):
     from engine.images import load_image
 
     content, style = load_image(ROOT / "examples/tubingen.jpg"), load_image(ROOT / "examples/starry_night.jpg")
     config = Config(device="cpu", size=64, min_size=64, ema_decay=0, steps=6, tile="16", **SHALLOW)
-    return stylize(content, style, config, checkpoint=plan, resume=resume)
+    return stylize(content, style, config, checkpoint=plan, resume=resume, control=control)
 
 
 # ------------------------------------------------------------------------------------------ memory model

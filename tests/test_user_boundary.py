@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from cli.stylize import Progress
+from cli.stylize import ProgressBar
 from engine import Config, UserError, stylize
 from engine.api import Result
 from engine.errors import cli_wording, pixels, plural
@@ -126,7 +126,7 @@ def test_image_arrays_in_other_ranges():
 def test_result_save_speaks_python(tmp_path):
     (tmp_path / "out.png").write_bytes(b"mine")
     with pytest.raises(UserError, match="already exists; pass overwrite=True to replace it"):
-        Result(picture(8, 8)).save(tmp_path / "out.png")
+        Result(image=picture(8, 8)).save(tmp_path / "out.png")
     assert (tmp_path / "out.png").read_bytes() == b"mine"
 
 
@@ -143,7 +143,7 @@ def test_init_from_an_image_file(tmp_path):
 
 
 def test_progress_bar_of_a_resumed_run_starts_at_the_resumed_step():
-    bar = Progress(quiet=False)
+    bar = ProgressBar(quiet=False)
     bar.plain = False  # a terminal's bar, whatever pytest's stderr is
     info = StepInfo(1, 3, 48, 40, 5, 30, 57, 132, 1.5, {}, torch.zeros(1, 3, 2, 2))
     bar.step(info, "scale 2/3")

@@ -1,34 +1,37 @@
-"""How jobs run: the one code path under ``stylize()``, ``stylize_batch()`` and ``Engine``.
+"""The synchronous core: the one code path under ``stylize()``, the CLI, ``Engine``, Ray workers and torchrun ranks.
 
 Three small objects, from the longest-lived to the shortest:
 
-* ``Session``: what stays the same for every job of a run or of a service's life: the runtime
-  (device, precision, layout), the extractor, the cache of style features, the kept CUDA graphs.
-* ``Batch``: jobs of one size optimised together through every scale, with one config, one
-  callback and, for a single job, its checkpoints (``Saving``).
-* ``optimize.ScaleProblem``: one scale of a batch (``run_batch`` builds one per scale).
+* ``Core``: what stays the same for every job of a run or of a service's life: the runtime (device,
+  precision, layout, decided once here), the extractor, the cache of style features, the kept CUDA
+  graphs, and the processes sharing each step's tiles (``share``), if any.
+* ``Batch``: jobs of one size optimised together through every scale, with one config, one callback,
+  one ``Control`` and, for a single job, its checkpoints (``Saving``).
+* ``optimize.ScaleProblem``: one scale of a batch (``Core.run`` builds one per scale).
 
-``run_batch(session, batch)`` is the only function that runs the optimisation; ``run_jobs`` groups
-jobs into batches for ``stylize_batch``, and ``service.Engine``'s worker builds its batches from its queue.
+``Core.run(batch)`` is the only function that runs the optimisation, to the end, in the caller's thread.
+``plan_batches`` is the one grouping of jobs into batches: ``Core.stylize_batch`` (scripts, CLI folders),
+``service.Engine``'s queue (a thin threaded wrapper over a ``Core``) and the Ray driver all use it.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
+import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, ClassVar, Optional, Sequence, Union
 
 import torch
 
 from . import checkpoint as ckpt
 from . import color
 from .checkpoint import CheckpointPlan
-from .config import INITS, Config
+from .config import EXTRACTOR_FIELDS, INITS, RUNTIME_FIELDS, Config
+from .control import Control
 from .criterion import StyleFeatureCache, build_criterion
 from .errors import UserError, option, plural
-from .images import ImageLike, fit_long_side, load_image, resize, save_image, to_pil
+from .images import ImageLike, at_most, fit_long_side, load_image, resize, save_image, to_pil
 from .memory import MemoryPlan, plan_scale
 from .optimize import (
     SYNC_EVERY,
@@ -41,7 +44,7 @@ from .optimize import (
     StepPool,
     optimize_scale,
 )
-from .runtime import Runtime, resolve_device, resolve_runtime
+from .runtime import Runtime, decide_runtime, resolve_device, resolve_runtime
 from .schedule import Scale, build_schedule
 from .sizes import check_size, style_size
 from .sizes import min_side as network_min_side
@@ -50,9 +53,11 @@ from .vgg import BlockCheckpointed, VGGFeatures, conv_shapes, truncated_names
 from .weights import load_weights
 
 JobSpec = tuple[ImageLike, Union[ImageLike, Sequence[ImageLike]]]  # (content, style or styles)
+# Settings the extractor and runtime are built from: every job a Core runs must ask for the Core's.
+FIXED = EXTRACTOR_FIELDS + RUNTIME_FIELDS
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Result:
     """The stylised image, ``(3, H, W)`` float32 on the CPU in [0, 1], and how it was made."""
 
@@ -96,9 +101,17 @@ def _backend(name: str) -> Callable:
     return found[0].load()
 
 
-@dataclass
-class Session:
-    """The resources every job of a run (or of an ``Engine``'s life) shares; built once by ``open``."""
+@dataclass(kw_only=True)
+class Core:
+    """The resources every job of a run (or of an ``Engine``'s life) shares; built once by ``open``.
+
+    ``share`` (``tiling.TileShare``, e.g. ``scale.tiled.ProcessShare``): this process is one of several
+    that run the same jobs together, each computing its share of every step's tiles; all of them end
+    with the same images, and only the leader writes or deletes files.
+    """
+
+    _open: ClassVar[dict[int, str]] = {}  # the precision of every open Core on CUDA: they share the process's flags
+    _open_lock: ClassVar[threading.Lock] = threading.Lock()
 
     config: Config  # the settings the extractor and runtime were made from
     runtime: Runtime
@@ -106,20 +119,108 @@ class Session:
     min_side: int
     style_cache: Optional[StyleFeatureCache] = None
     steps_pool: Optional[StepPool] = None
+    share: Optional[TileShare] = None
 
     @classmethod
-    def open(cls, config: Config, style_bytes: int = 0, graphs: int = 0) -> "Session":
-        """Resolve the runtime and build the extractor; keep up to ``style_bytes`` of style features and
-        ``graphs`` captured CUDA graphs for later jobs (0: none)."""
+    def open(
+        cls, config: Config, *, style_cache_bytes: int = 0, graphs_kept: int = 0, share: Optional[TileShare] = None
+    ) -> "Core":
+        """Decide the runtime and build the extractor; keep up to ``style_cache_bytes`` of style features and
+        ``graphs_kept`` captured CUDA graphs for later jobs (0: none)."""
+        if share is not None and not config.tile.isdigit():
+            raise UserError(
+                f"{option('tile')} must be a tile size in pixels when processes share the image, not {config.tile!r}"
+            )
+        # The runtime sets torch's TF32 and cuDNN flags, which belong to the process: a second open Core on
+        # CUDA with another precision would switch them under the first, so it is refused.
+        claim = decide_runtime(config)
+        with cls._open_lock:
+            other = next((p for p in cls._open.values() if p != claim.precision), None)
+            if claim.device.type == "cuda" and other is not None:
+                raise UserError(
+                    f"an open Engine with {option('precision')} {other!r} set this process's CUDA math flags; "
+                    f"one with {claim.precision!r} would change them under it (close it first)"
+                )
         runtime = resolve_runtime(config)
-        return cls(
-            config,
-            runtime,
-            loop_extractor(config, runtime),
-            network_min_side(config.model, config.feature_layers),
-            StyleFeatureCache(style_bytes) if style_bytes else None,
-            StepPool(graphs) if graphs and runtime.cuda_graphs else None,
+        core = cls(
+            config=config,
+            runtime=runtime,
+            extractor=loop_extractor(config, runtime),
+            min_side=network_min_side(config.model, config.feature_layers),
+            style_cache=StyleFeatureCache(style_cache_bytes) if style_cache_bytes else None,
+            steps_pool=StepPool(graphs_kept) if graphs_kept and runtime.cuda_graphs else None,
+            share=share,
         )
+        if runtime.device.type == "cuda":
+            with cls._open_lock:
+                cls._open[id(core)] = runtime.precision
+        return core
+
+    def close(self) -> None:
+        """Drop the kept style features and graphs, and the claim on the process's CUDA flags."""
+        if self.style_cache is not None:
+            self.style_cache.clear()
+        if self.steps_pool is not None:
+            self.steps_pool.clear()
+        with Core._open_lock:
+            Core._open.pop(id(self), None)
+
+    def runtime_for(self, config: Config) -> Runtime:
+        """A job's runtime on this core's device (its graph and layout choices); refuses settings the core fixed."""
+        for name in FIXED:
+            if getattr(config, name) != getattr(self.config, name):
+                raise UserError(
+                    f"{option(name)} is {getattr(config, name)!r} but this engine was built with "
+                    f"{getattr(self.config, name)!r}; a job may change every setting but {', '.join(FIXED)}"
+                )
+        runtime = decide_runtime(config, self.runtime.device)
+        if runtime.channels_last != self.runtime.channels_last:
+            raise UserError(
+                f"{option('optimizer')} {config.optimizer!r} needs another memory layout than this engine's "
+                f"({config.memory_format!r} with {self.config.optimizer!r}); build the engine with "
+                f"{option('memory_format')} contiguous to mix optimizers"
+            )
+        return runtime
+
+    def stylize_batch(
+        self,
+        specs: Sequence[JobSpec],
+        config: Optional[Config] = None,
+        *,
+        callback: Optional[Callable[[StepInfo], None]] = None,
+        on_result: Optional[Callable[[int, Result], None]] = None,
+        checkpoint: Optional[CheckpointPlan] = None,
+        resume: Optional[dict] = None,
+        control: Optional[Control] = None,
+    ) -> list[Result]:
+        """``engine.stylize_batch`` on this core: jobs decoded and checked, planned into batches, each run."""
+        config = config or self.config
+        runtime = self.runtime_for(config)
+        decoded, masks, saving = prepare_jobs(specs, config, checkpoint is not None, resume)
+        if saving is not None:
+            saving.plan = checkpoint
+        control = control or Control()
+        results: list[Optional[Result]] = [None] * len(decoded)
+        for members in plan_batches([job.schedule(config, self.min_side) for job in decoded], config):
+            batch = Batch(
+                jobs=[decoded[i] for i in members],
+                config=config,
+                runtime=runtime,
+                masks=masks,
+                callback=callback,
+                indices=tuple(members),
+                saving=saving,
+                control=control,
+            )
+            for i, result in zip(members, self.run(batch)):
+                results[i] = result
+                if on_result is not None:
+                    on_result(i, result)
+        return results
+
+    def run(self, batch: "Batch") -> list[Result]:
+        """Optimise a batch of same-size jobs through every scale, to the end; one ``Result`` per job."""
+        return run_batch(self, batch)
 
 
 @dataclass
@@ -135,6 +236,12 @@ class JobInput:
     def schedule(self, config: Config, min_side: int) -> list[Scale]:
         return build_schedule(*self.content.shape[-2:], config.size, config.min_size, config.steps, min_side)
 
+    def with_colours(self, image: torch.Tensor) -> torch.Tensor:
+        """A result (or preview) of this job as the user sees it: in luminance mode, with the content's chroma."""
+        if self.colours is None:
+            return image
+        return color.join_luminance(image, resize(self.colours, tuple(image.shape[-2:])))
+
 
 @dataclass
 class Saving:
@@ -145,24 +252,36 @@ class Saving:
     resume: Optional[dict] = None
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Batch:
-    """Same-size jobs optimised together through every scale.
+    """Same-size jobs optimised together through every scale (made by ``plan_batches``' grouping).
 
-    ``after_step()`` runs after every step on the host (raising stops the batch: a cancel, a time
-    limit); ``runtime`` is the job config's (its graph and layout decisions) on the session's device.
+    ``runtime`` is the job config's (its graph and layout decisions) on the core's device; ``control``
+    stops the batch from outside (see ``engine.control``).
     """
 
     jobs: list[JobInput]
     config: Config
-    schedule: list[Scale]
     runtime: Runtime
     masks: Optional[torch.Tensor] = None
     callback: Optional[Callable[[StepInfo], None]] = None
     indices: tuple[int, ...] = (0,)  # the jobs' places in the caller's list, for StepInfo.jobs
     saving: Optional[Saving] = None
-    after_step: Callable[[], None] = lambda: None
-    share: Optional[TileShare] = None  # processes computing these jobs together (see stylize_batch)
+    control: Control = field(default_factory=Control)
+
+    def schedule(self, min_side: int) -> list[Scale]:
+        return self.jobs[0].schedule(self.config, min_side)
+
+
+def plan_batches(schedules: Sequence[Sequence[Scale]], config: Config) -> list[list[int]]:
+    """Jobs, given by their schedules, grouped into batches of indices: the same schedule (so the same size
+    at every scale), in order of first appearance, at most ``config.batch_size`` together with Adam (L-BFGS
+    couples a batch's jobs through its line search, so it runs one at a time)."""
+    groups: dict[tuple, list[int]] = {}
+    for index, schedule in enumerate(schedules):
+        groups.setdefault(tuple(schedule), []).append(index)
+    per_batch = config.batch_size if config.optimizer == "adam" else 1
+    return [members[i : i + per_batch] for members in groups.values() for i in range(0, len(members), per_batch)]
 
 
 def prepare_jobs(
@@ -191,73 +310,30 @@ def prepare_jobs(
     return decoded, masks, plan
 
 
-def run_jobs(
-    session: Session,
-    specs: Sequence[JobSpec],
-    config: Config,
-    runtime: Runtime,
-    callback: Optional[Callable[[StepInfo], None]] = None,
-    on_result: Optional[Callable[[int, Result], None]] = None,
-    checkpoint: Optional[CheckpointPlan] = None,
-    resume: Optional[dict] = None,
-    share: Optional[TileShare] = None,
-) -> list[Result]:
-    """``stylize_batch``'s work on ``session``: jobs grouped by size into batches, one ``run_batch`` each."""
-    if share is not None and not config.tile.isdigit():
-        raise UserError(
-            f"{option('tile')} must be a tile size in pixels when processes share the image, not {config.tile!r}"
-        )
-    if share is not None and checkpoint is not None:
-        # One process alone stopping would leave the others waiting for it: a stop is everyone's or no one's.
-        asked = checkpoint.should_stop
-        checkpoint = dataclasses.replace(checkpoint, should_stop=lambda: share.any(asked()))
-    decoded, masks, saving = prepare_jobs(specs, config, checkpoint is not None, resume)
-    if saving is not None:
-        saving.plan = checkpoint
-    groups: dict[tuple, list[int]] = {}
-    for index, job in enumerate(decoded):
-        groups.setdefault(tuple(job.schedule(config, session.min_side)), []).append(index)
-    per_batch = config.batch_size if config.optimizer == "adam" else 1
-    results: list[Optional[Result]] = [None] * len(decoded)
-    for schedule, members in groups.items():
-        for start in range(0, len(members), per_batch):
-            chunk = members[start : start + per_batch]
-            batch = Batch(
-                [decoded[i] for i in chunk],
-                config,
-                list(schedule),
-                runtime,
-                masks,
-                callback,
-                tuple(chunk),
-                saving,
-                share=share,
-            )
-            for i, result in zip(chunk, run_batch(session, batch)):
-                results[i] = result
-                if on_result is not None:
-                    on_result(i, result)
-    return results
-
-
-def run_batch(session: Session, batch: Batch) -> list[Result]:
-    """Optimise a batch of same-size jobs through every scale; one ``Result`` per job.
+def run_batch(core: Core, batch: Batch) -> list[Result]:
+    """``Core.run``: optimise a batch of same-size jobs through every scale; one ``Result`` per job.
 
     A single job with checkpoints: the checkpoint it was given or resumed from is removed once the
     job is done (it could only repeat it).
     """
     started = time.perf_counter()
-    config, runtime, jobs = batch.config, batch.runtime, batch.jobs
-    leader = batch.share is None or batch.share.leader  # of processes sharing the jobs, only one writes files
+    config, runtime, jobs, share, control = batch.config, batch.runtime, batch.jobs, core.share, batch.control
+    schedule = batch.schedule(core.min_side)
+    leader = share is None or share.leader  # of processes sharing the jobs, only one writes files
     saving = batch.saving or Saving(None, {}, None)
     plan, resume = saving.plan, saving.resume
     history: list[dict] = [dict(h) for h in resume["history"]] if resume else []
-    total_steps = sum(s.steps for s in batch.schedule)
+    total_steps = sum(s.steps for s in schedule)
     every, seconds, image_due = _reporting(batch.callback)
     image = None
     carry = None  # Adam's state and the average, handed from each scale to the next
     done = 0  # steps of the scales before this one
-    for scale in batch.schedule:
+    if share is None:
+        should_interrupt = control.poll
+    else:  # one process alone stopping would leave the others waiting for it: a stop is everyone's or no one's
+        should_interrupt = lambda: share.any(control.poll())  # noqa: E731
+    control.start()
+    for scale in schedule:
         if resume is not None and scale.index < resume["scale"]:
             done += scale.steps
             continue
@@ -274,20 +350,20 @@ def run_batch(session: Session, batch: Batch) -> list[Result]:
             image = runtime.layout(resize(image, size))
         scale_masks = None if batch.masks is None else resize(batch.masks, size).to(runtime.device)
         styles = [(job.styles, job.blend) for job in jobs]
-        extractor = session.extractor
+        extractor = core.extractor
         memory = plan_scale(config, runtime, *size, len(jobs), checkpointable=isinstance(extractor, VGGFeatures))
         criterion = build_criterion(
             config,
             extractor,
             content,
             styles,
-            session.min_side,
+            core.min_side,
             runtime,
             scale_masks,
             tiling=memory.tiling,
-            style_cache=session.style_cache,
+            style_cache=core.style_cache,
         )
-        objective = scale_objective(memory, extractor, criterion, runtime, size, batch.share)
+        objective = scale_objective(memory, extractor, criterion, runtime, size, share)
         generators = [g for loss in criterion.style.values() for g in loss.generators()]
         if scale_resume is not None:
             ckpt.restore_generators(generators, resume)
@@ -297,18 +373,18 @@ def run_batch(session: Session, batch: Batch) -> list[Result]:
             if batch.callback is not None:
                 batch.callback(
                     StepInfo(
-                        scale.index,
-                        len(batch.schedule),
-                        scale.height,
-                        scale.width,
-                        i,
-                        scale.steps,
-                        len(history),
-                        total_steps,
-                        loss,
-                        dict(parts),
-                        current,
-                        batch.indices,
+                        scale=scale.index,
+                        scales=len(schedule),
+                        height=scale.height,
+                        width=scale.width,
+                        step=i,
+                        steps=scale.steps,
+                        total_step=len(history),
+                        total_steps=total_steps,
+                        loss=loss,
+                        parts=dict(parts),
+                        source=current,
+                        jobs=batch.indices,
                     )
                 )
 
@@ -331,37 +407,34 @@ def run_batch(session: Session, batch: Batch) -> list[Result]:
 
         image, carry = optimize_scale(
             ScaleProblem(
-                image,
-                objective,
-                scale.steps,
-                config.optimizer,
-                config.lr,
-                config.ema_decay,
-                runtime,
-                Reporting(on_step, every, seconds, lambda i, done=done: image_due(done + i)),
-                Checkpointing(
-                    save_state if plan is not None else None,
-                    lambda i, done=done: bool(plan.every) and (done + i) % plan.every == 0,
-                    plan.should_stop if plan is not None else (lambda: False),
-                    scale_resume,
+                image=image,
+                objective=objective,
+                steps=scale.steps,
+                optimizer=config.optimizer,
+                lr=config.lr,
+                ema_decay=config.ema_decay,
+                runtime=runtime,
+                reporting=Reporting(
+                    on_step=on_step, every=every, seconds=seconds, due=lambda i, done=done: image_due(done + i)
                 ),
-                after_step=lambda i: batch.after_step(),
-                steps_pool=session.steps_pool,
+                checkpointing=Checkpointing(
+                    save=save_state if plan is not None else None,
+                    due=lambda i, done=done: plan is not None and bool(plan.every) and (done + i) % plan.every == 0,
+                    should_stop=should_interrupt,
+                    resume=scale_resume,
+                ),
+                after_step=control.check,
+                steps_pool=core.steps_pool,
                 carry=carry,
             )
         )
         done += scale.steps
-    images = [im.float().cpu().contiguous() for im in image]
-    for k, job in enumerate(jobs):
-        if job.colours is not None:  # luminance mode: the result's Y with the content's chroma
-            images[k] = color.join_luminance(images[k], resize(job.colours, tuple(images[k].shape[-2:])))
+    images = [job.with_colours(im.float().cpu().contiguous()) for im, job in zip(image, jobs)]
     seconds = time.perf_counter() - started
     # The job is done: a checkpoint of it, written now or resumed from, could only repeat it.
-    done_with = [plan.path if plan is not None else None, (resume or {}).get("path")]
-    for path in dict.fromkeys(p for p in done_with if p and leader):
-        if os.path.isfile(path):
-            os.unlink(path)
-    return [Result(im, history, seconds, config) for im in images]
+    if leader:
+        ckpt.discard(plan.path if plan is not None else None, (resume or {}).get("path"))
+    return [Result(image=im, history=history, seconds=seconds, config=config) for im in images]
 
 
 def decode_jobs(specs: Sequence[JobSpec], config: Config) -> list[JobInput]:
@@ -394,10 +467,9 @@ def decode_jobs(specs: Sequence[JobSpec], config: Config) -> list[JobInput]:
             )
         content_t = load(content, "content image")
         check_size(config, *fit_long_side(*content_t.shape[-2:], config.size), "the output")
-        if max(content_t.shape[-2:]) > config.size:
-            # Only ever used at the output size or below: keeping the full-size decode of every photo in a
-            # folder would cost N x (camera resolution) of memory instead of N x size^2.
-            content_t = resize(content_t, fit_long_side(*content_t.shape[-2:], config.size))
+        # Only ever used at the output size or below: keeping the full-size decode of every photo in a
+        # folder would cost N x (camera resolution) of memory instead of N x size^2.
+        content_t = at_most(content_t, config.size)
         job = JobInput(content_t, [load(s, "style image") for s in style_list], tuple(blend))
         need = network_min_side(config.model, config.feature_layers)
         for number, style in enumerate(job.styles, start=1):
