@@ -98,7 +98,8 @@ def register(sub) -> None:
         "--modes",
         default="off,checkpoint,1024",
         metavar="A,B,...",
-        help="--tile values, off first for the overhead column (default: off,checkpoint,1024)",
+        help="--tile values, off first for the overhead column, TILE/lagged for tiles with --tile-stats lagged "
+        "(default: off,checkpoint,1024)",
     )
     h.add_argument("--steps", type=int, default=2, help="timed steps after an untimed one; 0 times a single step")
     h.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="(default: auto)")

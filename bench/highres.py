@@ -10,6 +10,7 @@ step first, then the median of ``--steps`` timed steps. The overhead of a
 mode is its time over the untiled row's at the same size, from the same run.
 
     nst bench highres --sizes 1024,2048 --modes off,checkpoint,512
+    nst bench highres --sizes 1024 --modes off,1024,1024/lagged   (tiles with lagged statistics)
     nst bench highres --sizes 6144x4608 --modes 1024 --steps 0
 """
 
@@ -31,8 +32,11 @@ from engine.files import write_atomically
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _build(height: int, width: int, tile: str, device: str, extractor=None):
-    """``(step, memory plan, runtime, extractor, seconds spent on the targets)`` for one mode."""
+def _build(height: int, width: int, mode: str, device: str, extractor=None):
+    """``(step, memory plan, runtime, extractor, seconds spent on the targets)`` for one mode.
+
+    ``mode`` is a ``--tile`` value, or ``TILE/lagged`` for tiles with ``--tile-stats lagged`` (the untimed
+    first step is the scale's exact one; the timed ones are lagged)."""
     from engine import Config
     from engine.api import loop_extractor, scale_objective
     from engine.criterion import build_criterion
@@ -42,7 +46,10 @@ def _build(height: int, width: int, tile: str, device: str, extractor=None):
     from engine.runtime import resolve_runtime
     from engine.vgg import VGGFeatures
 
-    config = Config(device=device, tile=tile, size=max(height, width), max_pixels=height * width)
+    tile, _, stats = mode.partition("/")
+    config = Config(
+        device=device, tile=tile, tile_stats=stats or "exact", size=max(height, width), max_pixels=height * width
+    )
     runtime = resolve_runtime(config)
     extractor = extractor or loop_extractor(config, runtime)
     content = runtime.layout(resize(load_image(ROOT / "examples/tubingen.jpg"), (height, width))[None])
@@ -51,7 +58,7 @@ def _build(height: int, width: int, tile: str, device: str, extractor=None):
     started = time.perf_counter()
     criterion = build_criterion(config, extractor, content, [([style], (1.0,))], 16, runtime, tiling=memory.tiling)
     targets = time.perf_counter() - started
-    objective = scale_objective(memory, extractor, criterion, runtime, (height, width))
+    objective = scale_objective(memory, extractor, criterion, runtime, (height, width), stats=config.tile_stats)
     step = make_step(content.clone().requires_grad_(True), objective, "adam", config.lr, runtime)
     return step, memory, runtime, extractor, targets
 
@@ -102,9 +109,10 @@ def measure(height: int, width: int, tile: str, steps: int, device: str) -> dict
     else:
         peak = int(re.search(r"VmHWM:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) * 1024
     tiles = len(memory.tiling.grid(height, width).tiles) if memory.tiling else 1
+    lagged = memory.mode == "tiled" and tile.endswith("/lagged")
     return {
         "size": f"{width}x{height}",
-        "mode": memory.mode,
+        "mode": "lagged" if lagged else memory.mode,
         "tile": memory.tiling.tile if memory.tiling else None,
         "tiles": tiles,
         "s_per_step": statistics.median(times),

@@ -94,7 +94,8 @@ PORTABLE = ("device", "tile", "memory_budget")
 
 def check_compatible(state: dict, config: Config, inputs: dict, path: os.PathLike) -> None:
     """Refuse a checkpoint made with other settings or other input images."""
-    saved = state["config"]
+    # tile_stats came after format 2; a checkpoint without it was written by a run with exact statistics.
+    saved = {"tile_stats": "exact", **state["config"]}
     ours = config_state(config)
     differences = [
         f"{k} {saved.get(k)!r} in the checkpoint, {v!r} now"

@@ -25,6 +25,7 @@ from .weights import PREPROCESS
 
 OPTIMIZERS = ("adam", "lbfgs")
 INITS = ("content", "noise", "gray")
+TILE_STATS = ("exact", "lagged")
 DEVICES = ("auto", "cpu", "cuda")
 BACKENDS = ("eager", "torchscript")
 # The registered style losses (engine/style_losses/): a live view, so that a loss registered later is a choice.
@@ -166,6 +167,16 @@ class Config:
             "tile size in pixels (exact tiling), or 'auto' (the fastest that fits the memory budget)"
         },
     )
+    tile_stats: str = field(
+        default="exact",
+        metadata={
+            "help": "with tiles: 'exact' sums the whole image's style statistics in a pass of their own before "
+            "the gradient pass (two passes per step); 'lagged' takes them from the previous step's gradient "
+            "pass (one pass per step; each scale's first step is exact; adam only; see "
+            "docs/high-resolution.md)",
+            "choices": TILE_STATS,
+        },
+    )
     memory_budget: float = field(
         default=0.0,
         metadata={"help": "GiB that --tile auto plans for; 0 means 80 percent of what the device has free"},
@@ -223,6 +234,10 @@ class Config:
                 f"larger than the {MAX_SIZE} px this engine accepts"
             )
         _check_tile(self)
+        if self.tile_stats == "lagged" and self.optimizer != "adam":
+            # A line search compares losses and gradients at trial points; a gradient one step behind its
+            # loss would mislead it, and "the previous step" is not defined between trial points.
+            raise UserError(f"{option('tile_stats')} lagged works with {option('optimizer')} adam only, not lbfgs")
         _check_number("memory_budget", self.memory_budget, allow_zero=True)
         if not isinstance(self.init, str) or (
             self.init not in INITS and os.path.splitext(self.init)[1].lower() not in IMAGE_FORMATS

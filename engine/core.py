@@ -363,10 +363,12 @@ def run_batch(core: Core, batch: Batch) -> list[Result]:
             tiling=memory.tiling,
             style_cache=core.style_cache,
         )
-        objective = scale_objective(memory, extractor, criterion, runtime, size, share)
+        objective = scale_objective(memory, extractor, criterion, runtime, size, share, stats=config.tile_stats)
         generators = [g for loss in criterion.style.values() for g in loss.generators()]
         if scale_resume is not None:
             ckpt.restore_generators(generators, resume)
+            if isinstance(objective, TiledObjective):  # lagged statistics: the gradient of the next step takes them
+                objective.load_state_dict(resume.get("tile_stats"))
 
         def on_step(i, loss, parts, current, scale=scale):
             history.append({"scale": scale.index, "step": i, "loss": loss, **parts})
@@ -388,9 +390,10 @@ def run_batch(core: Core, batch: Batch) -> list[Result]:
                     )
                 )
 
-        def save_state(state, scale=scale, generators=generators):
+        def save_state(state, scale=scale, generators=generators, objective=objective):
             if not leader:
                 return
+            tile_stats = objective.state_dict() if isinstance(objective, TiledObjective) else {}
             ckpt.save(
                 plan.path,
                 {
@@ -401,6 +404,7 @@ def run_batch(core: Core, batch: Batch) -> list[Result]:
                     "history": [dict(h) for h in history],
                     "generators": [g.get_state() for g in generators],
                     "generator_device": runtime.device.type,
+                    "tile_stats": tile_stats,
                     "cli": plan.extra,
                 },
             )
@@ -515,11 +519,14 @@ def scale_objective(
     runtime: Runtime,
     size: tuple[int, int],
     share: Optional[TileShare] = None,
+    *,
+    stats: str = "exact",
 ):
     """The objective of one scale of ``size``, run as ``memory`` plans: untiled, checkpointed or tiled
-    (this process's ``share`` of the tiles, if several processes share the image)."""
+    (this process's ``share`` of the tiles, if several processes share the image; ``stats``: how tiles
+    get the whole image's style statistics, ``Config.tile_stats``)."""
     if memory.mode == "tiled":
-        return TiledObjective(extractor, criterion, memory.tiling.grid(*size), runtime.autocast, share)
+        return TiledObjective(extractor, criterion, memory.tiling.grid(*size), runtime.autocast, share, stats)
     if memory.mode == "checkpoint":
         if not isinstance(extractor, VGGFeatures):
             raise UserError("tile 'checkpoint' needs the eager extractor; use backend eager, or a tile size")

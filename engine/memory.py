@@ -7,8 +7,9 @@ follows the layers and the precision a run asks for:
   output (``channels / factor^2`` values per input pixel, ``factor`` the
   layer's downsampling), the max-pool indices (int64), and the two largest
   gradient buffers alive during the backward pass;
-* **checkpointed** (``torch.utils.checkpoint`` per VGG block): the outputs the
-  losses read, the blocks' inputs, and one block's activations at a time;
+* **checkpointed** (``torch.utils.checkpoint`` on the first VGG blocks): the
+  outputs the losses read and the inputs of the checkpointed blocks, one of
+  them recomputed at a time, and the later blocks' activations whole;
 * **tiled**: the activations of one crop (tile plus halo), whatever the image;
 * the **image-side state**, which no mode removes: the image, its gradient,
   Adam's two moments, the moving average, the content image and the previous
@@ -31,7 +32,7 @@ from .errors import UserError
 from .optimize import LBFGS_HISTORY
 from .style_losses import check_tileable, style_loss
 from .tiling import Geometry, Tiling
-from .vgg import CHANNELS, truncated_names
+from .vgg import CHANNELS, blocks_of, recomputed_blocks, truncated_names
 
 GiB = 1024**3
 # Share of the free memory a run plans to use: the allocator's fragmentation, the framework's own
@@ -59,15 +60,18 @@ def activation_bytes_per_pixel(model: str, layers, element: int = 4, mode: str =
     transient = 2 * max(sizes.values())  # the gradient flowing back and the one being made
     if mode == "untiled":
         return sum(sizes.values()) + indices + transient
-    blocks, current = [], 0.0
-    for name, value in sizes.items():
-        current += value + (value * 8 / element if name.startswith("pool") else 0)
-        if name.startswith("pool"):
-            blocks.append(current)
-            current = 0.0
-    blocks.append(current)
-    kept = sum(v for name, v in sizes.items() if name in layers or name.startswith("pool"))
-    return kept + max(blocks) + transient
+    # The first ``recomputed`` blocks keep their outputs the losses read and their pools' outputs (the next
+    # block's input) and are recomputed one at a time; the later blocks keep everything, and are freed
+    # before the largest recomputed block runs again (see vgg.recomputed_blocks).
+    recomputed = recomputed_blocks(model, layers)
+    blocks = [
+        sum(sizes[n] + (sizes[n] * 8 / element if n.startswith("pool") else 0) for n in block)
+        for block in blocks_of(sizes)
+    ]
+    kept = sum(
+        sizes[n] for block in blocks_of(sizes)[:recomputed] for n in block if n in layers or n.startswith("pool")
+    )
+    return kept + max(max(blocks[:recomputed]), sum(blocks[recomputed:])) + transient
 
 
 def state_bytes_per_pixel(config) -> float:
@@ -123,7 +127,7 @@ def plan_scale(
     """Pick the mode for a ``batch`` of ``height x width`` images from ``config.tile`` and the memory budget.
 
     ``auto`` takes the first mode whose estimate fits the budget: untiled
-    (fastest), checkpointed (recomputes each block's forward: about 1.5x),
+    (fastest), checkpointed (recomputes the first blocks' forward: about 1.15x),
     tiled with the largest tile that fits (the same recompute plus the halo).
     ``budget`` (bytes) defaults to ``config.memory_budget`` GiB, or to
     ``HEADROOM`` of what the device has free.

@@ -232,6 +232,15 @@ class TiledObjective:
     added up across the processes (see ``TileShare``): ``image.grad`` must
     then hold zeros on entry (``StepFunction.evaluate`` makes it so), as it
     is summed over the processes with the gradient.
+
+    ``stats="lagged"``: one pass per step. The style statistics the surrogate
+    is taken at are those summed during the previous call's pass (the image
+    one Adam step ago), while this call's pass sums the statistics for the
+    next one; the first call runs exact (two passes) to seed them, as does the
+    first after a resume without them (``load_state_dict``). Only the
+    gradient lags: the loss returned is the image's own, from this call's
+    sums. The object lives for one scale (``core.scale_objective``), so the
+    statistics never cross a change of size.
     """
 
     capturable = False  # a Python loop over tiles with statistics in between; see optimize.make_step
@@ -243,30 +252,35 @@ class TiledObjective:
         grid: TileGrid,
         autocast: Callable[[], ContextManager],
         share: Optional[TileShare] = None,
+        stats: str = "exact",
     ):
         for module in criterion.style.values():
             refusal = module.tile_refusal()
             if refusal is not None:
                 raise UserError(refusal)
+        if stats not in ("exact", "lagged"):
+            raise ValueError(f"tile statistics must be exact or lagged, not {stats!r}")
         self.extractor, self.criterion, self.grid, self.autocast = extractor, criterion, grid, autocast
-        self.share = share
+        self.share, self.stats = share, stats
         self.tiles = grid.tiles if share is None else tuple(grid.tiles[i] for i in share.mine(grid.tiles))
+        self.lagged: Optional[dict] = None  # layer -> TileTerm finished at the previous call (lagged mode)
+        self._restored: Optional[dict] = None  # a checkpoint's sums, finished at the next call
+        self._sums: dict = {}  # the float64 sums self.lagged was finished from (what a checkpoint keeps)
+
+    def _new_terms(self) -> dict:
+        return {name: loss.tiled(self.grid.map_size(name)) for name, loss in self.criterion.style.items()}
 
     def __call__(self, image: torch.Tensor, scale: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict]:
         criterion, grid, factors = self.criterion, self.grid, self.grid.geometry.factors
-        terms = {name: loss.tiled(grid.map_size(name)) for name, loss in criterion.style.items()}
-        with torch.no_grad():  # pass 1: the whole image's style statistics
-            for tile in self.tiles:
-                with self.autocast():
-                    features = self.extractor(tile.crop_of(image))
-                for name, term in terms.items():
-                    term.add(tile.in_crop(features[name], factors[name]), tile, factors[name])
-            if self.share is not None:  # one message for every layer's sums
-                sums = {name: term.shared(image) for name, term in terms.items()}
-                self.share.all_reduce([t for parts in sums.values() for t in parts])
-                for name, term in terms.items():
-                    term.from_sums(sums[name])
-        style = sum(w * term.finish() for term, w in zip(terms.values(), criterion.style_layer_weights))
+        if self.stats == "lagged" and self.lagged is None and self._restored is not None:
+            self._lag({name: [s.to(image.device) for s in sums] for name, sums in self._restored.items()}, image)
+            self._restored = None
+        nexts = None  # lagged: the terms this pass sums for the next call
+        if self.lagged is not None:
+            terms, nexts = self.lagged, self._new_terms()
+        else:
+            terms = self._pass_one(image)
+            style = sum(w * term.finish() for term, w in zip(terms.values(), criterion.style_layer_weights))
         content = tv = image.new_zeros(())
         weights = criterion.weights
         layout = torch.channels_last if _is_channels_last(image) else torch.contiguous_format
@@ -282,21 +296,72 @@ class TiledObjective:
                 ),
                 image.new_zeros(()),
             )
-            tile_style = sum(
-                w * terms[name].surrogate(own[name], tile, factors[name])
-                for name, w in zip(terms, criterion.style_layer_weights)
-            )
+            if nexts is None:
+                tile_style = sum(
+                    w * terms[name].surrogate(own[name], tile, factors[name])
+                    for name, w in zip(terms, criterion.style_layer_weights)
+                )
+            else:
+                tile_style = sum(
+                    w * terms[name].lagged_surrogate(own[name], tile, factors[name], nexts[name])
+                    for name, w in zip(terms, criterion.style_layer_weights)
+                )
             tile_tv = criterion.tv.partial(crop, tile.own_in_crop(), (grid.height, grid.width))
             surrogate = weights["content"] * tile_content + weights["style"] * tile_style + weights["tv"] * tile_tv
             (surrogate if scale is None else surrogate * scale).backward()  # fp16's loss scale: see LossScale
             y0, y1, x0, x1 = tile.crop
             image.grad[..., y0:y1, x0:x1] += crop.grad
             content, tv = content + tile_content.detach(), tv + tile_tv.detach()
-        if self.share is not None:
-            self.share.all_reduce([image.grad, content, tv])
+        sums = {}
+        if nexts is not None:
+            sums = {name: term.to_sums() if self.share is None else term.shared(image) for name, term in nexts.items()}
+        if self.share is not None:  # one message: the gradient, the shares and (lagged) the next call's sums
+            self.share.all_reduce([image.grad, content, tv, *(t for parts in sums.values() for t in parts)])
+        if nexts is not None:  # this image's own style loss, and the statistics the next call's gradient takes
+            self._lag(sums, image)
+            style = sum(w * term.finish() for term, w in zip(self.lagged.values(), criterion.style_layer_weights))
+        elif self.stats == "lagged":  # the exact first call seeds the lag with pass 1's statistics
+            self._lag({name: term.to_sums() for name, term in terms.items()}, image)
         parts = {"content": content, "style": style, "tv": tv}
         total = sum(weights[k] * v for k, v in parts.items())
         return total, parts
+
+    def _pass_one(self, image: torch.Tensor) -> dict:
+        """The whole image's style statistics, summed over the tiles without gradients (and the processes)."""
+        factors = self.grid.geometry.factors
+        terms = self._new_terms()
+        with torch.no_grad():
+            for tile in self.tiles:
+                with self.autocast():
+                    features = self.extractor(tile.crop_of(image))
+                for name, term in terms.items():
+                    term.add(tile.in_crop(features[name], factors[name]), tile, factors[name])
+            if self.share is not None:  # one message for every layer's sums
+                sums = {name: term.shared(image) for name, term in terms.items()}
+                self.share.all_reduce([t for parts in sums.values() for t in parts])
+                for name, term in terms.items():
+                    term.from_sums(sums[name])
+        return terms
+
+    def _lag(self, sums: dict, image: torch.Tensor) -> None:
+        """The next call's statistics, finished from ``sums`` (a term's ``to_sums``). Always from the sums, as a
+        resumed run finishes them from its checkpoint's: so that both take bit for bit the same steps."""
+        dtype = at_least_float32(image).dtype
+        self._sums = sums
+        self.lagged = {name: term.from_other_step(sums[name], dtype) for name, term in self._new_terms().items()}
+
+    def state_dict(self) -> dict:
+        """What a checkpoint keeps so that a resumed lagged run takes the same steps: the last call's sums
+        (float64, on the CPU, the whole image's); empty in exact mode or before the first call."""
+        if self.lagged is None:
+            return {}
+        return {name: [s.detach().cpu().clone() for s in sums] for name, sums in self._sums.items()}
+
+    def load_state_dict(self, state: Optional[dict]) -> None:
+        """Go on from a checkpoint's ``state_dict()``: the next call's gradient takes its sums. Without them
+        (an exact-mode checkpoint, an old one), the next call runs exact, which a lagged run's first does too."""
+        if self.stats == "lagged" and state and set(state) == set(self.criterion.style):
+            self._restored = state
 
 
 def _is_channels_last(image: torch.Tensor) -> bool:

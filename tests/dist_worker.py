@@ -25,6 +25,11 @@ RUNS = {
     "gram": Config(device="cpu", size=48, min_size=48, steps=5, tile="16", **SHALLOW),
     # scales 17x13 (one tile: the second process has none), 24x18, 34x26, 48x36; w2's sums are not plain Grams
     "w2": Config(device="cpu", size=48, min_size=17, steps=2, tile="20", style_loss="w2", **SHALLOW),
+    # Lagged statistics: the next step's sums travel with the gradient (and from a process with no tile)
+    "gram_lagged": Config(device="cpu", size=48, min_size=48, steps=5, tile="16", tile_stats="lagged", **SHALLOW),
+    "w2_lagged": Config(
+        device="cpu", size=48, min_size=17, steps=3, tile="20", style_loss="w2", tile_stats="lagged", **SHALLOW
+    ),
 }
 
 

@@ -29,7 +29,7 @@ from engine.memory import (
 )
 from engine.optimize import Objective
 from engine.tiling import Geometry, TiledObjective, TileGrid, Tiling
-from engine.vgg import BlockCheckpointed
+from engine.vgg import BlockCheckpointed, recomputed_blocks
 
 SHALLOW = dict(style_layers=("relu1_1", "relu2_1", "relu3_1"), content_layers=("relu2_1",))
 
@@ -156,6 +156,21 @@ def test_checkpointed_extractor_gives_the_same_features_and_gradients():
     again, _, grad_again = loss_and_grad(Objective(BlockCheckpointed(extractor), criterion), image)
     torch.testing.assert_close(again, total, rtol=1e-12, atol=0)
     torch.testing.assert_close(grad_again, grad, rtol=1e-12, atol=1e-20)
+
+
+@pytest.mark.parametrize("blocks", [0, 1, 2, 3])
+def test_checkpointing_any_number_of_leading_blocks_gives_the_same_features_and_gradients(blocks):
+    config, extractor, criterion, *_, image = problem("gram", batch=1)
+    total, _, grad = loss_and_grad(Objective(extractor, criterion), image)
+    again, _, grad_again = loss_and_grad(Objective(BlockCheckpointed(extractor, blocks=blocks), criterion), image)
+    assert torch.equal(again, total) and torch.equal(grad_again, grad)
+
+
+def test_checkpoint_recomputes_the_blocks_that_hold_most_activations():
+    """VGG19 to relu5_1: blocks 1-2 (70% of the activations, 26% of the multiply-adds); the shallow layers: block 1."""
+    assert recomputed_blocks("vgg19", Config().feature_layers) == 2
+    assert recomputed_blocks("vgg19", SHALLOW["style_layers"] + SHALLOW["content_layers"]) == 1
+    assert recomputed_blocks("vgg19", ("relu1_1",)) == 1
 
 
 def test_sliced_ot_refuses_tiles_in_one_sentence():

@@ -8,8 +8,8 @@ model ask of a loss, so none of them names a loss:
 * ``needs``: what its targets are built from, a style image's ``"moments"`` (``losses.Moments``, which
   tiles sum exactly) or its whole ``"maps"``;
 * ``build``: the loss module of one layer, from every job's style features and blend weights;
-* ``tiled``: its split form for exact tiling (a ``TileTerm``); a loss without one may say why in
-  ``untileable``;
+* ``tiled``: its split form for exact tiling (a ``TileTerm``, which also serves lagged tiling, see
+  ``TileTerm.lagged_surrogate``); a loss without one may say why in ``untileable``;
 * ``uncapturable``: None, or why a CUDA graph cannot record a step of it;
 * ``generators``: the random state a checkpoint must keep for a run to resume bit for bit;
 * ``state_bytes_per_pixel``: the memory its targets and work buffers add per output pixel.
@@ -83,6 +83,14 @@ class TileTerm:
     loss gradient for those features. A subclass supplies the sums: ``accumulate``, ``whole`` (the
     statistics ``loss.loss_from_stats`` takes), ``empty``, and for processes that share a step
     ``shapes``, ``to_sums`` and ``from_sums`` (float64 sums that add up across processes).
+
+    Lagged tiling (``--tile-stats lagged``, one pass per step) finishes a term from the sums of another
+    step: the term finished at step t-1 stays alive through step t and gives each tile its
+    ``lagged_surrogate``, while a fresh term sums step t's statistics for step t+1. ``to_sums`` of one
+    term, given to ``from_sums`` of a new one (``from_other_step``), must finish to the same statistics:
+    that is how a checkpoint carries them over a resume. The contract for a new loss is therefore the
+    same methods, nothing more; ``lagged_surrogate`` may be overridden to share work between the
+    surrogate and the sums (the Gram's scatter matrix is computed once for both).
     """
 
     def __init__(self, loss, map_size: tuple[int, int]):
@@ -108,6 +116,19 @@ class TileTerm:
             value = self.loss.loss_from_stats(*stats)
             self.grads = torch.autograd.grad(value, stats)
         return value.detach()
+
+    def from_other_step(self, sums: list[torch.Tensor], dtype: torch.dtype) -> "TileTerm":
+        """This (new) term finished from ``to_sums()`` of another step's term (a checkpoint's): returns self."""
+        self.dtype = dtype
+        self.from_sums([s.to(torch.float64) for s in sums])
+        self.finish()
+        return self
+
+    def lagged_surrogate(self, features: torch.Tensor, tile: "Tile", factor: int, into: "TileTerm") -> torch.Tensor:
+        """Lagged tiling: ``surrogate`` of a tile's features at this finished term's statistics (another step's),
+        and the same features' sums added to ``into``, the term that the next step finishes."""
+        into.add(features.detach(), tile, factor)
+        return self.surrogate(features, tile, factor)
 
     def accumulate(self, features: torch.Tensor, tile: "Tile", factor: int) -> None:
         raise NotImplementedError

@@ -140,6 +140,14 @@ class _GramTerm(TileTerm):
     def surrogate(self, features, tile, factor) -> torch.Tensor:
         return (self.grads[0] * scatter_sum(features)).sum() / self.pixels
 
+    def lagged_surrogate(self, features, tile, factor, into) -> torch.Tensor:
+        # One scatter matrix for both the surrogate and the next step's sums (a second would cost C^2 P).
+        scatter = scatter_sum(features)
+        into.dtype = at_least_float32(features).dtype
+        part = scatter.detach().double()
+        into.sum = part if into.sum is None else into.sum + part
+        return (self.grads[0] * scatter).sum() / self.pixels
+
 
 class _MaskedGramTerm(TileTerm):
     def __init__(self, loss: MaskedGramStyleLoss, map_size):
@@ -173,3 +181,10 @@ class _MaskedGramTerm(TileTerm):
 
     def surrogate(self, features, tile, factor) -> torch.Tensor:
         return (self.grads[0] * self._scatter(features, tile, factor) / self.area).sum()
+
+    def lagged_surrogate(self, features, tile, factor, into) -> torch.Tensor:
+        scatter = self._scatter(features, tile, factor)  # once for both, as in _GramTerm
+        into.dtype = at_least_float32(features).dtype
+        part = scatter.detach().double()
+        into.sum = part if into.sum is None else into.sum + part
+        return (self.grads[0] * scatter / self.area).sum()
