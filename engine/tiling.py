@@ -233,14 +233,15 @@ class TiledObjective:
     then hold zeros on entry (``StepFunction.evaluate`` makes it so), as it
     is summed over the processes with the gradient.
 
-    ``stats="lagged"``: one pass per step. The style statistics the surrogate
-    is taken at are those summed during the previous call's pass (the image
-    one Adam step ago), while this call's pass sums the statistics for the
-    next one; the first call runs exact (two passes) to seed them, as does the
-    first after a resume without them (``load_state_dict``). Only the
-    gradient lags: the loss returned is the image's own, from this call's
-    sums. The object lives for one scale (``core.scale_objective``), so the
-    statistics never cross a change of size.
+    ``stats="lagged"``: one pass per step, no pass 1. Each tile's surrogate
+    is taken at the previous call's whole-image sums (the image one Adam step
+    ago) in which the tiles already run in this call, the tile itself
+    included, have their new sums; so the lag is the part of the image not
+    yet visited (none with a single tile). The first call runs exact to seed
+    the sums, as does the first after a resume without them
+    (``load_state_dict``). Only the gradient lags: the loss returned is the
+    image's own, from this call's sums. The object lives for one scale
+    (``core.scale_objective``), so the sums never cross a change of size.
     """
 
     capturable = False  # a Python loop over tiles with statistics in between; see optimize.make_step
@@ -263,28 +264,32 @@ class TiledObjective:
         self.extractor, self.criterion, self.grid, self.autocast = extractor, criterion, grid, autocast
         self.share, self.stats = share, stats
         self.tiles = grid.tiles if share is None else tuple(grid.tiles[i] for i in share.mine(grid.tiles))
-        self.lagged: Optional[dict] = None  # layer -> TileTerm finished at the previous call (lagged mode)
-        self._restored: Optional[dict] = None  # a checkpoint's sums, finished at the next call
-        self._sums: dict = {}  # the float64 sums self.lagged was finished from (what a checkpoint keeps)
+        # Lagged mode, from the previous call: the whole image's sums (``TileTerm.to_sums`` form, float64, over
+        # every process) and this process's tiles' own, layer by layer; None until seeded.
+        self.sums: Optional[dict[str, list[torch.Tensor]]] = None
+        self.parts: Optional[list[dict[str, list[torch.Tensor]]]] = None
 
     def _new_terms(self) -> dict:
-        return {name: loss.tiled(self.grid.map_size(name)) for name, loss in self.criterion.style.items()}
+        return {name: self._term(name) for name in self.criterion.style}
+
+    def _term(self, name: str):
+        return self.criterion.style[name].tiled(self.grid.map_size(name))
 
     def __call__(self, image: torch.Tensor, scale: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict]:
         criterion, grid, factors = self.criterion, self.grid, self.grid.geometry.factors
-        if self.stats == "lagged" and self.lagged is None and self._restored is not None:
-            self._lag({name: [s.to(image.device) for s in sums] for name, sums in self._restored.items()}, image)
-            self._restored = None
-        nexts = None  # lagged: the terms this pass sums for the next call
-        if self.lagged is not None:
-            terms, nexts = self.lagged, self._new_terms()
+        lagged = self.sums is not None
+        dtype = at_least_float32(image).dtype
+        if lagged:
+            probes = self._new_terms()  # each layer's tile_part, and the shapes of a process's empty sums
+            running = {name: [s.to(image.device) for s in sums] for name, sums in self.sums.items()}
+            parts: list[dict] = []
         else:
-            terms = self._pass_one(image)
+            terms, seed = self._pass_one(image)
             style = sum(w * term.finish() for term, w in zip(terms.values(), criterion.style_layer_weights))
         content = tv = image.new_zeros(())
         weights = criterion.weights
         layout = torch.channels_last if _is_channels_last(image) else torch.contiguous_format
-        for tile in self.tiles:  # pass 2: each tile's share of the gradient
+        for index, tile in enumerate(self.tiles):  # pass 2: each tile's share of the gradient
             crop = tile.crop_of(image.detach()).clone(memory_format=layout).requires_grad_(True)
             with self.autocast():
                 features = self.extractor(crop)
@@ -296,15 +301,22 @@ class TiledObjective:
                 ),
                 image.new_zeros(()),
             )
-            if nexts is None:
+            if not lagged:
                 tile_style = sum(
                     w * terms[name].surrogate(own[name], tile, factors[name])
                     for name, w in zip(terms, criterion.style_layer_weights)
                 )
-            else:
+            else:  # the previous call's sums, this tile's and the tiles' before it replaced by their new ones
+                part, kept, here = {}, {}, {}
+                for name, probe in probes.items():
+                    part[name], kept[name] = probe.tile_part(own[name], tile, factors[name])
+                    old = self.parts[index][name]
+                    running[name] = [r - o.to(r.device) + p for r, o, p in zip(running[name], old, part[name])]
+                    here[name] = self._term(name).from_other_step(running[name], dtype)
+                parts.append(part)
                 tile_style = sum(
-                    w * terms[name].lagged_surrogate(own[name], tile, factors[name], nexts[name])
-                    for name, w in zip(terms, criterion.style_layer_weights)
+                    w * here[name].surrogate_from(kept[name], tile, factors[name])
+                    for name, w in zip(here, criterion.style_layer_weights)
                 )
             tile_tv = criterion.tv.partial(crop, tile.own_in_crop(), (grid.height, grid.width))
             surrogate = weights["content"] * tile_content + weights["style"] * tile_style + weights["tv"] * tile_tv
@@ -313,55 +325,83 @@ class TiledObjective:
             image.grad[..., y0:y1, x0:x1] += crop.grad
             content, tv = content + tile_content.detach(), tv + tile_tv.detach()
         sums = {}
-        if nexts is not None:
-            sums = {name: term.to_sums() if self.share is None else term.shared(image) for name, term in nexts.items()}
-        if self.share is not None:  # one message: the gradient, the shares and (lagged) the next call's sums
-            self.share.all_reduce([image.grad, content, tv, *(t for parts in sums.values() for t in parts)])
-        if nexts is not None:  # this image's own style loss, and the statistics the next call's gradient takes
-            self._lag(sums, image)
-            style = sum(w * term.finish() for term, w in zip(self.lagged.values(), criterion.style_layer_weights))
-        elif self.stats == "lagged":  # the exact first call seeds the lag with pass 1's statistics
-            self._lag({name: term.to_sums() for name, term in terms.items()}, image)
-        parts = {"content": content, "style": style, "tv": tv}
-        total = sum(weights[k] * v for k, v in parts.items())
-        return total, parts
+        if lagged:  # this call's sums, from the tiles' own (not from ``running``, which would carry rounding on)
+            sums = {name: self._total(probe, [p[name] for p in parts], image) for name, probe in probes.items()}
+        if self.share is not None:  # one message: the gradient, the shares and (lagged) the new sums
+            self.share.all_reduce([image.grad, content, tv, *(t for layer in sums.values() for t in layer)])
+        if lagged:  # the image's own style loss, from the same sums the next call starts from
+            self.parts = parts
+            self.sums = sums
+            terms = {name: self._term(name).from_other_step(sums[name], dtype) for name in sums}
+            style = sum(w * term.finish() for term, w in zip(terms.values(), criterion.style_layer_weights))
+        elif self.stats == "lagged":  # the exact first call seeds them with pass 1's
+            self.sums = {name: term.to_sums() for name, term in terms.items()}
+            self.parts = seed
+        parts_out = {"content": content, "style": style, "tv": tv}
+        total = sum(weights[k] * v for k, v in parts_out.items())
+        return total, parts_out
 
-    def _pass_one(self, image: torch.Tensor) -> dict:
-        """The whole image's style statistics, summed over the tiles without gradients (and the processes)."""
+    def _total(self, probe, parts: list[list[torch.Tensor]], image: torch.Tensor) -> list[torch.Tensor]:
+        """The sum of this process's tiles' sums (zeros, of the right shapes, when it has none)."""
+        if not parts:
+            return probe.shared(image)
+        total = [s.clone() for s in parts[0]]
+        for part in parts[1:]:
+            total = [t + s for t, s in zip(total, part)]
+        return total
+
+    def _pass_one(self, image: torch.Tensor) -> tuple[dict, Optional[list]]:
+        """The whole image's style statistics, summed over the tiles without gradients (and the processes);
+        in lagged mode also each tile's own sums, which the next call starts from."""
         factors = self.grid.geometry.factors
         terms = self._new_terms()
+        seed = [] if self.stats == "lagged" else None
         with torch.no_grad():
             for tile in self.tiles:
                 with self.autocast():
                     features = self.extractor(tile.crop_of(image))
                 for name, term in terms.items():
                     term.add(tile.in_crop(features[name], factors[name]), tile, factors[name])
+                if seed is not None:
+                    seed.append(
+                        {
+                            name: term.tile_part(tile.in_crop(features[name], factors[name]), tile, factors[name])[0]
+                            for name, term in terms.items()
+                        }
+                    )
             if self.share is not None:  # one message for every layer's sums
                 sums = {name: term.shared(image) for name, term in terms.items()}
                 self.share.all_reduce([t for parts in sums.values() for t in parts])
                 for name, term in terms.items():
                     term.from_sums(sums[name])
-        return terms
-
-    def _lag(self, sums: dict, image: torch.Tensor) -> None:
-        """The next call's statistics, finished from ``sums`` (a term's ``to_sums``). Always from the sums, as a
-        resumed run finishes them from its checkpoint's: so that both take bit for bit the same steps."""
-        dtype = at_least_float32(image).dtype
-        self._sums = sums
-        self.lagged = {name: term.from_other_step(sums[name], dtype) for name, term in self._new_terms().items()}
+        return terms, seed
 
     def state_dict(self) -> dict:
         """What a checkpoint keeps so that a resumed lagged run takes the same steps: the last call's sums
-        (float64, on the CPU, the whole image's); empty in exact mode or before the first call."""
-        if self.lagged is None:
+        (float64, on the CPU) and its tiles' own; empty in exact mode, before the first call, and when
+        processes share the tiles (only the leader writes, and the others' tiles' sums are theirs: a shared
+        run resumes with an exact step)."""
+        if self.sums is None or self.share is not None:
             return {}
-        return {name: [s.detach().cpu().clone() for s in sums] for name, sums in self._sums.items()}
+        cpu = lambda sums: [s.detach().cpu().clone() for s in sums]  # noqa: E731
+        return {
+            "tiles": [list(tile.own) for tile in self.tiles],
+            "sums": {name: cpu(sums) for name, sums in self.sums.items()},
+            "parts": [{name: cpu(sums) for name, sums in part.items()} for part in self.parts],
+        }
 
     def load_state_dict(self, state: Optional[dict]) -> None:
-        """Go on from a checkpoint's ``state_dict()``: the next call's gradient takes its sums. Without them
-        (an exact-mode checkpoint, an old one), the next call runs exact, which a lagged run's first does too."""
-        if self.stats == "lagged" and state and set(state) == set(self.criterion.style):
-            self._restored = state
+        """Go on from a checkpoint's ``state_dict()``. Without it (an exact-mode checkpoint, an older one, one
+        with other tiles: ``tile`` may change on resume) the next call runs exact, as a scale's first does."""
+        if self.stats != "lagged" or not state or self.share is not None:
+            return
+        if state.get("tiles") != [list(tile.own) for tile in self.tiles] or set(state["sums"]) != set(
+            self.criterion.style
+        ):
+            return
+        # On the CPU until the next call, which moves them to the image's device.
+        self.sums = {name: list(sums) for name, sums in state["sums"].items()}
+        self.parts = [{name: list(sums) for name, sums in part.items()} for part in state["parts"]]
 
 
 def _is_channels_last(image: torch.Tensor) -> bool:

@@ -84,17 +84,18 @@ class TileTerm:
     statistics ``loss.loss_from_stats`` takes), ``empty``, and for processes that share a step
     ``shapes``, ``to_sums`` and ``from_sums`` (float64 sums that add up across processes).
 
-    Lagged tiling (``--tile-stats lagged``, one pass per step) finishes a term from the sums of another
-    step: the term finished at step t-1 stays alive through step t and gives each tile its
-    ``lagged_surrogate``, while a fresh term sums step t's statistics for step t+1. ``to_sums`` of one
-    term, given to ``from_sums`` of a new one (``from_other_step``), must finish to the same statistics:
-    that is how a checkpoint carries them over a resume. The contract for a new loss is therefore the
-    same methods, nothing more; ``lagged_surrogate`` may be overridden to share work between the
-    surrogate and the sums (the Gram's scatter matrix is computed once for both).
+    Lagged tiling (``--tile-stats lagged``, one pass per step) finishes terms from sums of other steps: a
+    tile's surrogate is taken at the previous step's whole-image sums in which the tiles this step has
+    already run (itself included) have their new sums. ``tile_part`` gives a tile's sums in ``to_sums``
+    form (they add and subtract over tiles as over processes); ``from_other_step`` finishes a new term from
+    such sums, and must reach the same statistics as the term they came from (a checkpoint carries them
+    over a resume this way); ``surrogate_from`` is ``surrogate`` given what ``tile_part`` kept of the
+    features. A new loss needs nothing beyond the methods above; the Gram overrides ``tile_part`` and
+    ``surrogate_from`` to compute its scatter matrix once for both.
     """
 
     def __init__(self, loss, map_size: tuple[int, int]):
-        self.loss, self.pixels = loss, map_size[0] * map_size[1]
+        self.loss, self.map_size, self.pixels = loss, map_size, map_size[0] * map_size[1]
         self.grads: tuple[torch.Tensor, ...] = ()
         self.dtype = torch.float32  # float64 when the features are (the tests' references)
 
@@ -124,11 +125,16 @@ class TileTerm:
         self.finish()
         return self
 
-    def lagged_surrogate(self, features: torch.Tensor, tile: "Tile", factor: int, into: "TileTerm") -> torch.Tensor:
-        """Lagged tiling: ``surrogate`` of a tile's features at this finished term's statistics (another step's),
-        and the same features' sums added to ``into``, the term that the next step finishes."""
-        into.add(features.detach(), tile, factor)
-        return self.surrogate(features, tile, factor)
+    def tile_part(self, features: torch.Tensor, tile: "Tile", factor: int) -> tuple[list[torch.Tensor], object]:
+        """A tile's own sums in ``to_sums`` form (float64, detached), and what ``surrogate_from`` needs of the
+        features (by default the features themselves)."""
+        part = self.loss.tiled(self.map_size)
+        part.add(features.detach(), tile, factor)
+        return part.to_sums(), features
+
+    def surrogate_from(self, kept, tile: "Tile", factor: int) -> torch.Tensor:
+        """``surrogate`` from what ``tile_part`` kept of a tile's features."""
+        return self.surrogate(kept, tile, factor)
 
     def accumulate(self, features: torch.Tensor, tile: "Tile", factor: int) -> None:
         raise NotImplementedError

@@ -140,13 +140,13 @@ class _GramTerm(TileTerm):
     def surrogate(self, features, tile, factor) -> torch.Tensor:
         return (self.grads[0] * scatter_sum(features)).sum() / self.pixels
 
-    def lagged_surrogate(self, features, tile, factor, into) -> torch.Tensor:
-        # One scatter matrix for both the surrogate and the next step's sums (a second would cost C^2 P).
+    def tile_part(self, features, tile, factor):
+        # One scatter matrix for both the sums and the surrogate (a second would cost C^2 P again).
         scatter = scatter_sum(features)
-        into.dtype = at_least_float32(features).dtype
-        part = scatter.detach().double()
-        into.sum = part if into.sum is None else into.sum + part
-        return (self.grads[0] * scatter).sum() / self.pixels
+        return [scatter.detach().double()], scatter
+
+    def surrogate_from(self, kept, tile, factor) -> torch.Tensor:
+        return (self.grads[0] * kept).sum() / self.pixels
 
 
 class _MaskedGramTerm(TileTerm):
@@ -182,9 +182,9 @@ class _MaskedGramTerm(TileTerm):
     def surrogate(self, features, tile, factor) -> torch.Tensor:
         return (self.grads[0] * self._scatter(features, tile, factor) / self.area).sum()
 
-    def lagged_surrogate(self, features, tile, factor, into) -> torch.Tensor:
+    def tile_part(self, features, tile, factor):
         scatter = self._scatter(features, tile, factor)  # once for both, as in _GramTerm
-        into.dtype = at_least_float32(features).dtype
-        part = scatter.detach().double()
-        into.sum = part if into.sum is None else into.sum + part
-        return (self.grads[0] * scatter / self.area).sum()
+        return [scatter.detach().double()], scatter
+
+    def surrogate_from(self, kept, tile, factor) -> torch.Tensor:
+        return (self.grads[0] * kept / self.area).sum()
