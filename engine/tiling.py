@@ -333,7 +333,7 @@ class TiledObjective:
             self.parts = parts
             self.sums = sums
             terms = {name: self._term(name).from_other_step(sums[name], dtype) for name in sums}
-            style = sum(w * term.finish() for term, w in zip(terms.values(), criterion.style_layer_weights))
+            style = sum(w * term.value for term, w in zip(terms.values(), criterion.style_layer_weights))
         elif self.stats == "lagged":  # the exact first call seeds them with pass 1's
             self.sums = {name: term.to_sums() for name, term in terms.items()}
             self.parts = seed

@@ -97,6 +97,7 @@ class TileTerm:
     def __init__(self, loss, map_size: tuple[int, int]):
         self.loss, self.map_size, self.pixels = loss, map_size, map_size[0] * map_size[1]
         self.grads: tuple[torch.Tensor, ...] = ()
+        self.value: Optional[torch.Tensor] = None  # the loss, once finished by ``from_other_step``
         self.dtype = torch.float32  # float64 when the features are (the tests' references)
 
     def add(self, features: torch.Tensor, tile: "Tile", factor: int) -> None:
@@ -122,7 +123,7 @@ class TileTerm:
         """This (new) term finished from ``to_sums()`` of another step's term (a checkpoint's): returns self."""
         self.dtype = dtype
         self.from_sums([s.to(torch.float64) for s in sums])
-        self.finish()
+        self.value = self.finish()
         return self
 
     def tile_part(self, features: torch.Tensor, tile: "Tile", factor: int) -> tuple[list[torch.Tensor], object]:
