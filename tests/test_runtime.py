@@ -259,17 +259,17 @@ def _report(sync_every, sync_seconds=0.0, report_due=lambda i: False, steps=10):
     seen = {}
     optimize_scale(
         ScaleProblem(
-            torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(0)),
-            Objective(lambda x: {"x": x}, _quadratic),
-            steps,
-            "adam",
-            0.05,
+            image=torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(0)),
+            objective=Objective(lambda x: {"x": x}, _quadratic),
+            steps=steps,
+            optimizer="adam",
+            lr=0.05,
             ema_decay=0.9,
             reporting=Reporting(
-                lambda i, loss, parts, image: seen.__setitem__(i, image and image().clone()),
-                sync_every,
-                sync_seconds,
-                report_due,
+                on_step=lambda i, loss, parts, image: seen.__setitem__(i, image and image().clone()),
+                every=sync_every,
+                seconds=sync_seconds,
+                due=report_due,
             ),
         )
     )
@@ -293,25 +293,25 @@ def test_the_image_of_a_report_is_gone_once_the_run_moves_on():
     kept = []
     optimize_scale(
         ScaleProblem(
-            torch.rand(1, 3, 8, 8),
-            Objective(lambda x: {"x": x}, _quadratic),
-            3,
-            "adam",
-            0.05,
+            image=torch.rand(1, 3, 8, 8),
+            objective=Objective(lambda x: {"x": x}, _quadratic),
+            steps=3,
+            optimizer="adam",
+            lr=0.05,
             ema_decay=0.9,
-            reporting=Reporting(lambda i, loss, parts, image: kept.append(image)),
+            reporting=Reporting(on_step=lambda i, loss, parts, image: kept.append(image)),
         )
     )
     assert all(image() is None for image in kept)  # not read in time: never built, and not built late
     live = []
     optimize_scale(
         ScaleProblem(
-            torch.rand(1, 3, 8, 8),
-            Objective(lambda x: {"x": x}, _quadratic),
-            3,
-            "adam",
-            0.05,
-            reporting=Reporting(lambda i, loss, parts, image: live.append(image())),
+            image=torch.rand(1, 3, 8, 8),
+            objective=Objective(lambda x: {"x": x}, _quadratic),
+            steps=3,
+            optimizer="adam",
+            lr=0.05,
+            reporting=Reporting(on_step=lambda i, loss, parts, image: live.append(image())),
         )
     )
     assert not any(image.requires_grad for image in live)  # without an average: the live image, detached
@@ -358,12 +358,12 @@ def test_nan_guard_stops_with_the_step_number(sync_every):
     with pytest.raises(NonFiniteLoss, match="the loss became NaN at step 3 of this scale, so the run stopped"):
         optimize_scale(
             ScaleProblem(
-                image,
-                Objective(lambda x: {"x": x}, _Poisoned(3)),
-                10,
-                "adam",
-                0.1,
-                reporting=Reporting(lambda i, *a: seen.append(i), sync_every),
+                image=image,
+                objective=Objective(lambda x: {"x": x}, _Poisoned(3)),
+                steps=10,
+                optimizer="adam",
+                lr=0.1,
+                reporting=Reporting(on_step=lambda i, *a: seen.append(i), every=sync_every),
             )
         )
     assert seen == [1, 2]  # the good steps were reported, nothing after the bad one
