@@ -49,9 +49,13 @@ def _build(height: int, width: int, tile: str, device: str, extractor=None):
     style = load_image(ROOT / "examples/starry_night.jpg")
     memory = plan_scale(config, runtime, height, width, checkpointable=isinstance(extractor, VGGFeatures))
     started = time.perf_counter()
-    criterion = build_criterion(config, extractor, content, [([style], (1.0,))], 16, runtime, tiling=memory.tiling)
+    criterion = build_criterion(
+        config, extractor, content, [([style], (1.0,))], min_side=16, runtime=runtime, tiling=memory.tiling
+    )
     targets = time.perf_counter() - started
-    objective = scale_objective(memory, extractor, criterion, runtime, (height, width))
+    objective = scale_objective(
+        memory=memory, extractor=extractor, criterion=criterion, runtime=runtime, size=(height, width)
+    )
     step = make_step(content.clone().requires_grad_(True), objective, "adam", config.lr, runtime)
     return step, memory, runtime, extractor, targets
 

@@ -200,10 +200,16 @@ def build_step(lever: Lever, size: int, device: torch.device, base: Optional[Con
     extractor = loop_extractor(config, runtime)
     min_side = 2 ** downsampling(config.model, config.feature_layers)
     jobs = [([style], (1.0,))] * lever.batch
-    memory = plan_scale(config, runtime, size, size, lever.batch, checkpointable=isinstance(extractor, VGGFeatures))
-    criterion = build_criterion(config, extractor, batch, jobs, min_side, runtime, tiling=memory.tiling)
+    memory = plan_scale(
+        config, runtime, size, size, batch=lever.batch, checkpointable=isinstance(extractor, VGGFeatures)
+    )
+    criterion = build_criterion(
+        config, extractor, batch, jobs, min_side=min_side, runtime=runtime, tiling=memory.tiling
+    )
     image = batch.clone().requires_grad_(True)
-    objective = scale_objective(memory, extractor, criterion, runtime, (size, size))
+    objective = scale_objective(
+        memory=memory, extractor=extractor, criterion=criterion, runtime=runtime, size=(size, size)
+    )
     return make_step(image, objective, "adam", config.lr, runtime), config
 
 

@@ -37,7 +37,7 @@ RUNTIME_FIELDS = ("precision", "memory_format", "backend", "cuda_graphs")
 MAX_SIZE = 16384
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Config:
     # What to compute with.
     model: str = field(default="vgg19", metadata={"help": "VGG architecture", "choices": MODELS})

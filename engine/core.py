@@ -77,7 +77,14 @@ def build_extractor(config: Config, device: Optional[torch.device] = None) -> VG
     """The truncated VGG for ``config``'s layers and weights, on ``device`` (eager, float32, contiguous)."""
     needed = [n for n in truncated_names(config.model, config.feature_layers) if n in conv_shapes(config.model)]
     convs, normalize = load_weights(config.model, config.weights, config.preprocess, needed)
-    extractor = VGGFeatures(config.model, convs, normalize, config.feature_layers, config.pooling, config.padding)
+    extractor = VGGFeatures(
+        model=config.model,
+        convs=convs,
+        normalize=normalize,
+        layers=config.feature_layers,
+        pooling=config.pooling,
+        padding=config.padding,
+    )
     return extractor.to(device or resolve_device(config.device))
 
 
@@ -223,7 +230,7 @@ class Core:
         return run_batch(self, batch)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class JobInput:
     """One job's decoded images."""
 
@@ -351,19 +358,21 @@ def run_batch(core: Core, batch: Batch) -> list[Result]:
         scale_masks = None if batch.masks is None else resize(batch.masks, size).to(runtime.device)
         styles = [(job.styles, job.blend) for job in jobs]
         extractor = core.extractor
-        memory = plan_scale(config, runtime, *size, len(jobs), checkpointable=isinstance(extractor, VGGFeatures))
+        memory = plan_scale(config, runtime, *size, batch=len(jobs), checkpointable=isinstance(extractor, VGGFeatures))
         criterion = build_criterion(
             config,
             extractor,
             content,
             styles,
-            core.min_side,
-            runtime,
-            scale_masks,
+            min_side=core.min_side,
+            runtime=runtime,
+            masks=scale_masks,
             tiling=memory.tiling,
             style_cache=core.style_cache,
         )
-        objective = scale_objective(memory, extractor, criterion, runtime, size, share)
+        objective = scale_objective(
+            memory=memory, extractor=extractor, criterion=criterion, runtime=runtime, size=size, share=share
+        )
         generators = [g for loss in criterion.style.values() for g in loss.generators()]
         if scale_resume is not None:
             ckpt.restore_generators(generators, resume)
@@ -470,7 +479,7 @@ def decode_jobs(specs: Sequence[JobSpec], config: Config) -> list[JobInput]:
         # Only ever used at the output size or below: keeping the full-size decode of every photo in a
         # folder would cost N x (camera resolution) of memory instead of N x size^2.
         content_t = at_most(content_t, config.size)
-        job = JobInput(content_t, [load(s, "style image") for s in style_list], tuple(blend))
+        job = JobInput(content=content_t, styles=[load(s, "style image") for s in style_list], blend=tuple(blend))
         need = network_min_side(config.model, config.feature_layers)
         for number, style in enumerate(job.styles, start=1):
             # The largest a style image gets: at the last scale, whose long side is config.size.
@@ -509,6 +518,7 @@ def _reporting(callback) -> tuple[int, float, Callable[[int], bool]]:
 
 
 def scale_objective(
+    *,
     memory: MemoryPlan,
     extractor,
     criterion,
@@ -519,7 +529,7 @@ def scale_objective(
     """The objective of one scale of ``size``, run as ``memory`` plans: untiled, checkpointed or tiled
     (this process's ``share`` of the tiles, if several processes share the image)."""
     if memory.mode == "tiled":
-        return TiledObjective(extractor, criterion, memory.tiling.grid(*size), runtime.autocast, share)
+        return TiledObjective(extractor, criterion, memory.tiling.grid(*size), autocast=runtime.autocast, share=share)
     if memory.mode == "checkpoint":
         if not isinstance(extractor, VGGFeatures):
             raise UserError("tile 'checkpoint' needs the eager extractor; use backend eager, or a tile size")

@@ -75,6 +75,7 @@ def build_criterion(
     extractor,
     content: torch.Tensor,
     styles: Sequence[StyleJob],
+    *,
     min_side: int,
     runtime=None,
     masks: Optional[torch.Tensor] = None,

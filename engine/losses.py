@@ -192,6 +192,7 @@ class StyleTransferLoss(nn.Module):
         self,
         content: Mapping[str, nn.Module],
         style: Mapping[str, nn.Module],
+        *,
         content_layer_weights: Sequence[float],
         style_layer_weights: Sequence[float],
         content_weight: float,

@@ -116,6 +116,7 @@ def plan_scale(
     runtime,
     height: int,
     width: int,
+    *,
     batch: int = 1,
     budget: Optional[float] = None,
     checkpointable: bool = True,

@@ -36,7 +36,7 @@ SWITCHES = ("auto", "on", "off")
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Runtime:
     device: torch.device
     precision: str  # resolved: fp32, tf32, bf16 or fp16
@@ -152,4 +152,4 @@ def decide_runtime(config, device: Optional[torch.device] = None) -> Runtime:
             f"{option('cuda_graphs')} 'on' cannot capture the {config.style_loss} style loss ({uncapturable})"
         )
     use_graphs = graphs == "on" or (graphs == "auto" and cuda and config.optimizer == "adam" and not uncapturable)
-    return Runtime(device, precision, channels_last, use_graphs)
+    return Runtime(device=device, precision=precision, channels_last=channels_last, cuda_graphs=use_graphs)

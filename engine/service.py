@@ -84,7 +84,7 @@ class JobState(str, enum.Enum):
 TERMINAL = (JobState.DONE, JobState.FAILED, JobState.CANCELLED, JobState.INTERRUPTED)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class JobProgress:
     """Where a job is: ``step`` of ``total_steps`` over all scales, ``scale`` (0-based) of ``scales``.
 

@@ -115,7 +115,7 @@ class Tile:
         return rows, cols
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TileGrid:
     height: int
     width: int
@@ -133,7 +133,7 @@ class TileGrid:
             for x0, x1 in _cuts(width, tile, stride):
                 crop = (max(0, y0 - halo), min(height, y1 + halo), max(0, x0 - halo), min(width, x1 + halo))
                 tiles.append(Tile((y0, y1, x0, x1), crop, (height, width)))
-        return cls(height, width, tile, geometry, tuple(tiles))
+        return cls(height=height, width=width, tile=tile, geometry=geometry, tiles=tuple(tiles))
 
     def map_size(self, layer: str) -> tuple[int, int]:
         factor = self.geometry.factors[layer]
@@ -241,6 +241,7 @@ class TiledObjective:
         extractor: Callable,
         criterion: StyleTransferLoss,
         grid: TileGrid,
+        *,
         autocast: Callable[[], ContextManager],
         share: Optional[TileShare] = None,
     ):

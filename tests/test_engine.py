@@ -251,7 +251,7 @@ def test_loading_optimizer_state_keeps_the_tensors_a_captured_graph_reads():
 
     image = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
     step = StepFunction(
-        image, Objective(lambda x: {"x": x}, lambda f, x: ((f["x"] - 0.3).pow(2).mean(), {})), "adam", 0.1
+        image, Objective(lambda x: {"x": x}, lambda f, x: ((f["x"] - 0.3).pow(2).mean(), {})), optimizer="adam", lr=0.1
     )
     step()
     saved = {k: v.clone() for k, v in step.optimizer.state[image].items()}

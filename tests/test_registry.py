@@ -131,7 +131,7 @@ def test_the_toy_loss_tiles_exactly_in_float64(toys):
     total, parts, grad = loss_and_grad(Objective(extractor, criterion), image)
     grid = Tiling(16, Geometry.of(config.model, config.feature_layers)).grid(*image.shape[-2:])
     tiled, tiled_parts, tiled_grad = loss_and_grad(
-        TiledObjective(extractor, criterion, grid, contextlib.nullcontext), image
+        TiledObjective(extractor, criterion, grid, autocast=contextlib.nullcontext), image
     )
     torch.testing.assert_close(tiled, total, rtol=1e-10, atol=0)
     torch.testing.assert_close(tiled_parts["style"], parts["style"], rtol=1e-10, atol=0)

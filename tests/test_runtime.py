@@ -137,9 +137,9 @@ def test_autocast_step_on_cpu_tracks_fp32():
     losses = {}
     for precision in ("fp32", "bf16"):
         # Built directly: resolve_runtime refuses bf16 on this CPU for speed, not for correctness.
-        rt = Runtime(torch.device("cpu"), precision, channels_last=False, cuda_graphs=False)
+        rt = Runtime(device=torch.device("cpu"), precision=precision, channels_last=False, cuda_graphs=False)
         extractor = loop_extractor(config, rt)
-        criterion = build_criterion(config, extractor, content, [([style], (1.0,))], 8, rt)
+        criterion = build_criterion(config, extractor, content, [([style], (1.0,))], min_side=8, runtime=rt)
         image = content.clone().requires_grad_(True)
         step = make_step(image, Objective(extractor, criterion, rt.autocast), "adam", 0.02, rt)
         assert isinstance(step, StepFunction)
@@ -180,16 +180,17 @@ def test_emulated_fp16_tracks_fp32_only_with_loss_scaling():
     # float16's smallest subnormal, so unscaled they flush to zero and the image follows TV alone.
     config = Config(device="cpu", content_layers=("relu2_2",), style_layers=("relu1_1", "relu2_1"))
     content, style = picture(192, 256, 1)[None], picture(256, 256, 2)
-    rt = Runtime(torch.device("cpu"), "fp32", channels_last=False, cuda_graphs=False)
+    rt = Runtime(device=torch.device("cpu"), precision="fp32", channels_last=False, cuda_graphs=False)
     extractor, switch = loop_extractor(config, rt), {"on": False}
     _emulate_fp16(extractor, switch)
     tracks = {}
     for mode in ("fp32", "fp16", "fp16 scaled"):
         switch["on"] = mode != "fp32"
-        criterion = build_criterion(config, extractor, content, [([style], (1.0,))], 8, rt)  # targets in fp16 too
+        # targets in fp16 too
+        criterion = build_criterion(config, extractor, content, [([style], (1.0,))], min_side=8, runtime=rt)
         image = content.clone().requires_grad_(True)
         scale = LossScale(image.device) if mode == "fp16 scaled" else None
-        step = StepFunction(image, Objective(extractor, criterion), "adam", config.lr, loss_scale=scale)
+        step = StepFunction(image, Objective(extractor, criterion), optimizer="adam", lr=config.lr, loss_scale=scale)
         tracks[mode] = torch.stack([step()[0] for _ in range(6)])
     fp32 = tracks["fp32"]
     assert fp32[-1] < 0.75 * fp32[0]  # it descends
@@ -200,7 +201,7 @@ def test_emulated_fp16_tracks_fp32_only_with_loss_scaling():
 def test_fp16_alone_gets_a_loss_scale():
     image = torch.rand(1, 3, 4, 4, requires_grad=True)
     for precision in ("fp32", "bf16", "fp16"):
-        rt = Runtime(torch.device("cpu"), precision, channels_last=False, cuda_graphs=False)
+        rt = Runtime(device=torch.device("cpu"), precision=precision, channels_last=False, cuda_graphs=False)
         step = make_step(image, Objective(lambda x: {"x": x}, _Poisoned(99)), "adam", 0.1, rt)
         assert (step.loss_scale is not None) == (precision == "fp16")
         assert step.optimizer.param_groups[0]["fused"] == (True if precision == "fp16" else None)
@@ -213,7 +214,7 @@ def _scaled_step(scale_value, settled, optimizer="adam"):
     scale.scale.fill_(scale_value)
     scale.settled = settled
     objective = Objective(lambda x: {"x": x}, lambda features, image: ((features["x"] * 2.0**30).sum(), {}))
-    step = StepFunction(image, objective, optimizer, 0.01, loss_scale=scale)
+    step = StepFunction(image, objective, optimizer=optimizer, lr=0.01, loss_scale=scale)
     return step, image, scale
 
 
@@ -408,7 +409,7 @@ def test_nan_guard_reaches_the_cli_as_one_sentence(monkeypatch, tmp_path):
 
 
 def test_graphs_are_not_used_off_cuda():
-    rt = Runtime(torch.device("cpu"), "fp32", channels_last=False, cuda_graphs=False)
+    rt = Runtime(device=torch.device("cpu"), precision="fp32", channels_last=False, cuda_graphs=False)
     step = make_step(
         torch.rand(1, 3, 4, 4, requires_grad=True), Objective(lambda x: {"x": x}, _Poisoned(99)), "adam", 0.1, rt
     )
@@ -602,10 +603,10 @@ def test_cuda_resume_equals_uninterrupted(cuda_problem, tmp_path, precision, det
 def test_cuda_fp16_steps_never_wait_for_the_host(graphs, keep_cuda_flags):
     """Loss scaling is all on the device: after the first step, no step synchronises with the host."""
     config = Config(device="cuda")
-    rt = Runtime(torch.device("cuda"), "fp16", channels_last=True, cuda_graphs=graphs)
+    rt = Runtime(device=torch.device("cuda"), precision="fp16", channels_last=True, cuda_graphs=graphs)
     content = rt.layout(picture(96, 128, 1)[None])
     extractor = loop_extractor(config, rt)
-    criterion = build_criterion(config, extractor, content, [([picture(128, 128, 2)], (1.0,))], 16, rt)
+    criterion = build_criterion(config, extractor, content, [([picture(128, 128, 2)], (1.0,))], min_side=16, runtime=rt)
     image = content.clone().requires_grad_(True)
     step = make_step(image, Objective(extractor, criterion, rt.autocast), "adam", config.lr, rt)
     assert isinstance(step, GraphedStep) == graphs and step.loss_scale is not None
