@@ -44,7 +44,7 @@ from .optimize import (
     StepPool,
     optimize_scale,
 )
-from .runtime import Runtime, decide_runtime, resolve_device, resolve_runtime
+from .runtime import Runtime, decide_runtime, resolve_device, resolve_runtime, set_flags
 from .schedule import Scale, build_schedule
 from .sizes import check_size, style_size
 from .sizes import min_side as network_min_side
@@ -140,15 +140,15 @@ class Core:
             )
         # The runtime sets torch's TF32 and cuDNN flags, which belong to the process: a second open Core on
         # CUDA with another precision would switch them under the first, so it is refused.
-        claim = decide_runtime(config)
+        runtime = decide_runtime(config)  # the one decision: each job's runtime_for only varies it per optimiser
         with cls._open_lock:
-            other = next((p for p in cls._open.values() if p != claim.precision), None)
-            if claim.device.type == "cuda" and other is not None:
+            other = next((p for p in cls._open.values() if p != runtime.precision), None)
+            if runtime.device.type == "cuda" and other is not None:
                 raise UserError(
                     f"an open Engine with {option('precision')} {other!r} set this process's CUDA math flags; "
-                    f"one with {claim.precision!r} would change them under it (close it first)"
+                    f"one with {runtime.precision!r} would change them under it (close it first)"
                 )
-        runtime = resolve_runtime(config)
+        set_flags(runtime)
         core = cls(
             config=config,
             runtime=runtime,

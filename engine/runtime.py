@@ -94,9 +94,9 @@ def resolve_runtime(config, device: Optional[torch.device] = None) -> Runtime:
     """Turn the config's ``auto``s into decisions, check them, and set torch's global math flags.
 
     The flags (TF32, cuDNN autotuning) belong to the process, not to a run: two runs in one process
-    that want different precisions on CUDA would switch them under each other's feet. A long-lived
-    ``engine.Engine`` therefore sets them once, and a second Engine on CUDA with another precision
-    is refused (see ``service.Engine``).
+    that want different precisions on CUDA would switch them under each other's feet. A ``core.Core``
+    (and so an ``Engine``) therefore sets them once, and a second one open on CUDA with another
+    precision is refused (see ``Core.open``).
     """
     runtime = decide_runtime(config, device)
     set_flags(runtime)
