@@ -158,7 +158,10 @@ def test_stage_caps_share_the_budget_and_pass_on_unused_time():
 
 
 def test_junit_summary_names_files_that_could_not_be_collected(tmp_path):
-    (tmp_path / "test_a.py").write_text("def test_ok():\n    pass\n\ndef test_bad():\n    assert 1 == 2\n")
+    (tmp_path / "test_a.py").write_text(
+        "def test_ok():\n    pass\n\ndef test_bad():\n    assert 1 == 2\n\n"
+        "def test_needs_a_package():\n    import not_installed_here\n"
+    )
     (tmp_path / "test_b.py").write_text("import no_such_module_here\n\ndef test_never():\n    pass\n")
     report = tmp_path / "report.xml"
     subprocess.run(
@@ -169,8 +172,11 @@ def test_junit_summary_names_files_that_could_not_be_collected(tmp_path):
         timeout=120,
     )
     got = gpu_check.junit_summary(report)
-    assert (got["passed"], got["failed"], got["errors"]) == (1, 1, 1)
-    assert [p["test"] for p in got["problems"]] == ["test_a::test_bad"]
+    assert (got["passed"], got["failed"], got["errors"], got["unrunnable"]) == (1, 2, 1, 1)
+    assert [(p["test"], p["missing_package"]) for p in got["problems"]] == [
+        ("test_a::test_bad", None),
+        ("test_a::test_needs_a_package", "not_installed_here"),
+    ]
     assert got["not_collected"] == [{"file": "test_b", "why": "No module named 'no_such_module_here'"}]
 
 
