@@ -181,14 +181,14 @@ class Child:
         return self.tail[-1] if self.tail else f"exit status {self.returncode}"
 
 
-def run_child(cmd: list[str], seconds: float, log: Path) -> Child:
+def run_child(cmd: list[str], seconds: float, log: Path, env: Optional[dict] = None) -> Child:
     """Run ``cmd`` from the checkout for at most ``seconds``; its output goes to ``log`` and is parsed from there.
 
     The child leads a session of its own, so that at the deadline the whole group (a test's own
     subprocesses included) is killed, not just the process started here.
     """
     started = time.monotonic()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     with open(log, "ab") as sink:
         sink.write(f"$ {' '.join(cmd)}\n".encode())
         sink.flush()
@@ -236,10 +236,13 @@ class Context:
     out: Path
     logs: Path
     records: dict[str, dict]
+    env: dict[str, str]  # for every child
 
 
 def stage_environment(ctx: Context, seconds: float) -> dict:
-    child = run_child(_self("environment", ctx.plan_name, ctx.out, seconds), seconds, ctx.logs / "environment.log")
+    child = run_child(
+        _self("environment", ctx.plan_name, ctx.out, seconds), seconds, ctx.logs / "environment.log", ctx.env
+    )
     return _single(child)
 
 
@@ -249,7 +252,7 @@ def stage_pytest_cuda(ctx: Context, seconds: float) -> dict:
     # -o addopts=: the project's addopts name pytest-benchmark's option, which a bare machine may not have.
     cmd = [sys.executable, "-m", "pytest", "-m", "cuda", "-o", "addopts=", "-rA", "-q", "-p", "no:cacheprovider"]
     cmd += ["--continue-on-collection-errors", f"--junitxml={report}", *files]
-    child = run_child(cmd, seconds, ctx.logs / "pytest-cuda.log")
+    child = run_child(cmd, seconds, ctx.logs / "pytest-cuda.log", ctx.env)
     result: dict[str, Any] = {"files": files, "report": _relative(report, ctx.out)}
     if child.timed_out:
         return {"status": "timeout", "result": result, "error": f"pytest was stopped at its cap of {seconds:.0f} s"}
@@ -267,7 +270,7 @@ def stage_matrix(ctx: Context, seconds: float) -> dict:
     env = ctx.records.get("environment", {}).get("result") or {}
     peaks = json.dumps(env.get("matmul_peak_tflops") or {})
     cmd = _self("matrix", ctx.plan_name, ctx.out, seconds, "--peaks", peaks)
-    child = run_child(cmd, seconds, ctx.logs / "matrix.log")
+    child = run_child(cmd, seconds, ctx.logs / "matrix.log", ctx.env)
     record = _single(child)
     record["result"] = {**(record.get("result") or {}), "rows": child.events}
     return record
@@ -285,7 +288,7 @@ def stage_tiled(ctx: Context, seconds: float) -> dict:
             continue
         cmd = [sys.executable, "-m", "bench.highres", "--row", str(size), plan.tile, "--steps", str(plan.tiled_steps)]
         cmd += ["--device", plan.device, "--precision", plan.tiled_precision]
-        child = run_child(cmd, left, ctx.logs / "tiled.log")
+        child = run_child(cmd, left, ctx.logs / "tiled.log", ctx.env)
         if child.timed_out:
             rows.append({"size": f"{size}x{size}", "error": f"stopped after {child.seconds:.0f} s at the stage's cap"})
             status, error = "timeout", f"{size}^2 did not finish within the cap"
@@ -313,7 +316,8 @@ def stage_jobs(ctx: Context, seconds: float) -> dict:
             rows.append({"size": size, "error": "not run: the stage's cap was reached"})
             status = "timeout"
             continue
-        child = run_child(_self("job", ctx.plan_name, ctx.out, left, "--size", str(size)), left, ctx.logs / "jobs.log")
+        cmd = _self("job", ctx.plan_name, ctx.out, left, "--size", str(size))
+        child = run_child(cmd, left, ctx.logs / "jobs.log", ctx.env)
         if child.timed_out:
             last = child.events[-1] if child.events else {}
             rows.append({"size": size, "error": f"stopped after {child.seconds:.0f} s at the stage's cap", **last})
@@ -327,7 +331,7 @@ def stage_jobs(ctx: Context, seconds: float) -> dict:
 
 
 def stage_profile(ctx: Context, seconds: float) -> dict:
-    child = run_child(_self("profile", ctx.plan_name, ctx.out, seconds), seconds, ctx.logs / "profile.log")
+    child = run_child(_self("profile", ctx.plan_name, ctx.out, seconds), seconds, ctx.logs / "profile.log", ctx.env)
     return _single(child)
 
 
@@ -409,7 +413,9 @@ def run_check(plan_name: str, out: Path, budget_s: float, log: Callable[[str], N
     plan = PLANS[plan_name]
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    ctx = Context(plan_name, plan, out, logs, {})
+    # The dry run's tiny steps gain nothing from threads, and on a busy CPU extra threads only wait.
+    env = {"OMP_NUM_THREADS": "1"} if plan_name == "dry" and "OMP_NUM_THREADS" not in os.environ else {}
+    ctx = Context(plan_name, plan, out, logs, {}, env)
     started = time.monotonic()
     deadline = started + budget_s
     for index, (name, _) in enumerate(STAGES):
@@ -437,6 +443,7 @@ def run_check(plan_name: str, out: Path, budget_s: float, log: Callable[[str], N
         "budget_s": budget_s,
         "wall_s": round(time.monotonic() - started, 1),
         "plan": dataclasses.asdict(plan),
+        "child_env": ctx.env,
         "stages": ctx.records,
     }
     (out / JSON_NAME).write_text(json.dumps(results, indent=1) + "\n")
