@@ -396,9 +396,10 @@ def rows_at(
     for lever in levers:
         try:
             row = run_row(lever, size, device, warmup, repeats, build)
-        except (torch.OutOfMemoryError, RuntimeError) as exc:
+        # torch.cuda's name for the class: torch.OutOfMemoryError is the same class, but only from torch 2.5.
+        except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:
             # CUDA raises OutOfMemoryError; the CPU allocator a RuntimeError ("can't allocate memory").
-            if not isinstance(exc, torch.OutOfMemoryError) and "allocate" not in str(exc):
+            if not isinstance(exc, torch.cuda.OutOfMemoryError) and "allocate" not in str(exc):
                 raise
             row = {"config": lever.name, **_fields(lever), "size": size, "error": "out of memory"}
             if device.type == "cuda":
