@@ -189,9 +189,10 @@ def run_child(cmd: list[str], seconds: float, log: Path, env: Optional[dict] = N
     """
     started = time.monotonic()
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    with open(log, "ab") as sink:
+    with open(log, "ab") as sink:  # several children of a stage share its log: read back only this one's part
         sink.write(f"$ {' '.join(cmd)}\n".encode())
         sink.flush()
+        offset = sink.tell()
         proc = subprocess.Popen(
             cmd,
             cwd=ROOT,
@@ -208,15 +209,21 @@ def run_child(cmd: list[str], seconds: float, log: Path, env: Optional[dict] = N
             proc.wait()
             returncode = None
     events, result, tail = [], None, []
-    with open(log, encoding="utf-8", errors="replace") as fh:
-        for line in fh:
-            line = line.rstrip("\n")
+    with open(log, "rb") as fh:
+        fh.seek(offset)
+        text = fh.read().decode("utf-8", errors="replace")
+    for line in text.splitlines():
+        try:
             if line.startswith(EVENT):
                 events.append(json.loads(line[len(EVENT) :]))
-            elif line.startswith(RESULT):
+                continue
+            if line.startswith(RESULT):
                 result = json.loads(line[len(RESULT) :])
-            elif line.strip() and not line.startswith("$ "):
-                tail.append(line.strip())
+                continue
+        except ValueError:  # a line cut short by the kill
+            pass
+        if line.strip():
+            tail.append(line.strip())
     return Child(returncode, time.monotonic() - started, events, result, tail[-20:])
 
 
@@ -293,9 +300,11 @@ def stage_tiled(ctx: Context, seconds: float) -> dict:
             rows.append({"size": f"{size}x{size}", "error": f"stopped after {child.seconds:.0f} s at the stage's cap"})
             status, error = "timeout", f"{size}^2 did not finish within the cap"
             continue
+        # bench.highres prints its row as one JSON line, the last it prints (a warning may still follow it).
+        printed = [line for line in child.tail if line.startswith("{")] if child.returncode == 0 else []
         try:
-            row = json.loads(child.tail[-1]) if child.returncode == 0 and child.tail else None
-        except json.JSONDecodeError:
+            row = json.loads(printed[-1]) if printed else None
+        except ValueError:
             row = None
         if row is None:
             rows.append({"size": f"{size}x{size}", "error": child.error()})
@@ -846,7 +855,10 @@ def child_profile(plan: Plan, out: Path, seconds: float) -> dict:
     rows = kernel_rows(averages, cuda)
     table_path = out / "logs" / f"profile-{plan.profile_size}.txt"
     sort_by = "self_cuda_time_total" if cuda else "self_cpu_time_total"
-    table_path.write_text(averages.table(sort_by=sort_by, row_limit=30) + "\n")
+    try:  # torch's own table is a bonus: a change in its options must not lose the rows above
+        table_path.write_text(averages.table(sort_by=sort_by, row_limit=30) + "\n")
+    except Exception as exc:
+        table_path.write_text(f"torch's table failed: {type(exc).__name__}: {exc}\n")
     return {
         "size": plan.profile_size,
         "settings": f"{plan.profile_precision}, channels_last, no CUDA graph, adam",

@@ -144,6 +144,16 @@ def test_a_failed_child_reports_its_last_words(tmp_path):
     assert gpu_check._single(child) == {"status": "failed", "result": None, "error": child.error()}
 
 
+def test_children_sharing_a_log_read_back_only_their_own_output(tmp_path):
+    log = tmp_path / "stage.log"
+    said = "import json; print(%r + json.dumps({'n': %d})); raise SystemExit(%d)"
+    first = gpu_check.run_child([sys.executable, "-c", said % (gpu_check.RESULT, 1, 0)], 30, log)
+    second = gpu_check.run_child([sys.executable, "-c", said % (gpu_check.EVENT, 2, 3)], 30, log)
+    assert first.result == {"n": 1} and first.returncode == 0
+    assert second.result is None and second.events == [{"n": 2}] and second.returncode == 3
+    assert log.read_text().count("$ ") == 2  # both kept in the stage's log
+
+
 def test_stage_caps_share_the_budget_and_pass_on_unused_time():
     budget = 480.0
     shares = dict(gpu_check.STAGES)
