@@ -17,6 +17,8 @@ from bench import gpu_check
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# The tests that read the dry run are marked slow: it takes about 25 s of CPU, over a minute on a busy 2-core
+# machine (eight processes, each importing torch and loading the weights).
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory):
     """One dry run of the whole check, as a person runs it, shared by the tests that read its results."""
@@ -34,6 +36,7 @@ def dry_run(tmp_path_factory):
     return out, json.loads((out / gpu_check.JSON_NAME).read_text()), done.stdout
 
 
+@pytest.mark.slow
 def test_dry_run_runs_every_stage(dry_run):
     _, results, _ = dry_run
     assert results["dry_run"] is True and results["plan"]["device"] == "cpu"
@@ -44,6 +47,7 @@ def test_dry_run_runs_every_stage(dry_run):
     assert results["wall_s"] <= results["budget_s"]
 
 
+@pytest.mark.slow
 def test_dry_run_environment_has_the_ceilings(dry_run):
     env = dry_run[1]["stages"]["environment"]["result"]
     assert env["torch"] and env["packages"]["torch"] and env["caffe_weights_found"] is True
@@ -51,6 +55,7 @@ def test_dry_run_environment_has_the_ceilings(dry_run):
     assert env["copy_gb_per_s"] > 0 and env["copy_mib"] == gpu_check.DRY_PLAN.copy_mib
 
 
+@pytest.mark.slow
 def test_dry_run_pytest_stage_collects_the_cuda_tests(dry_run):
     out, results, _ = dry_run
     tests = results["stages"]["pytest_cuda"]["result"]
@@ -60,6 +65,7 @@ def test_dry_run_pytest_stage_collects_the_cuda_tests(dry_run):
     assert (out / tests["report"]).is_file()
 
 
+@pytest.mark.slow
 def test_dry_run_matrix_rows(dry_run):
     plan = gpu_check.DRY_PLAN
     matrix = dry_run[1]["stages"]["matrix"]["result"]
@@ -77,6 +83,7 @@ def test_dry_run_matrix_rows(dry_run):
     assert matrix["not_run"] == [] and "bf16: left out of this plan" in matrix["skipped"]
 
 
+@pytest.mark.slow
 def test_dry_run_tiled_jobs_and_profile(dry_run):
     out, results, _ = dry_run
     plan = gpu_check.DRY_PLAN
@@ -97,6 +104,7 @@ def test_dry_run_tiled_jobs_and_profile(dry_run):
     assert (out / profile["table"]).read_text().strip()
 
 
+@pytest.mark.slow
 def test_dry_run_summary_and_table_agree_with_the_json(dry_run):
     out, results, stdout = dry_run
     summary = (out / gpu_check.SUMMARY_NAME).read_text()
