@@ -412,16 +412,31 @@ def junit_summary(path: Path) -> dict:
 # The orchestration
 
 
-def stage_cap(index: int, left_s: float, budget_s: float) -> float:
+def stage_cap(index: int, left_s: float, budget_s: float, chosen: Optional[tuple[str, ...]] = None) -> float:
     """Seconds for stage ``index`` with ``left_s`` of the budget left: its own share plus what earlier
-    stages left unused, never the shares of the stages after it nor the slack kept for the end."""
-    later = sum(share for _, share in STAGES[index + 1 :])
-    slack = 1 - sum(share for _, share in STAGES)
-    return left_s - (later + slack) * budget_s
+    stages left unused, never the shares of the stages after it nor the slack kept for the end.
+
+    With ``chosen`` (a rerun of some stages), their shares grow in proportion to fill the same budget.
+    """
+    total = sum(share for _, share in STAGES)
+    chosen = chosen or tuple(name for name, _ in STAGES)
+    scale = total / sum(share for name, share in STAGES if name in chosen)
+    later = sum(share for name, share in STAGES[index + 1 :] if name in chosen) * scale
+    return left_s - (later + 1 - total) * budget_s
 
 
-def run_check(plan_name: str, out: Path, budget_s: float, log: Callable[[str], None] = print) -> dict:
-    """Every stage in turn under its cap; returns the results, also written to ``out``."""
+def run_check(
+    plan_name: str,
+    out: Path,
+    budget_s: float,
+    chosen: Optional[tuple[str, ...]] = None,
+    device: Optional[str] = None,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Every stage (or those ``chosen``) in turn under its cap; returns the results, also written to ``out``.
+
+    ``device``: the GPU's name, for the reports of a rerun without the environment stage.
+    """
     plan = PLANS[plan_name]
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -431,8 +446,11 @@ def run_check(plan_name: str, out: Path, budget_s: float, log: Callable[[str], N
     started = time.monotonic()
     deadline = started + budget_s
     for index, (name, _) in enumerate(STAGES):
-        cap = stage_cap(index, deadline - time.monotonic(), budget_s)
-        if cap < MIN_STAGE_S:
+        cap = stage_cap(index, deadline - time.monotonic(), budget_s, chosen)
+        if chosen and name not in chosen:
+            record = {"status": "skipped", "result": None, "error": "not asked for (--stages)"}
+            cap, took = 0.0, 0.0
+        elif cap < MIN_STAGE_S:
             record = {"status": "skipped", "result": None, "error": "no time was left in the budget"}
             cap, took = max(cap, 0.0), 0.0
         else:
@@ -449,7 +467,7 @@ def run_check(plan_name: str, out: Path, budget_s: float, log: Callable[[str], N
     results = {
         "schema": 1,
         "dry_run": plan_name == "dry",
-        "device": env.get("device_name"),
+        "device": env.get("device_name") or device or ("the CPU" if plan_name == "dry" else "a CUDA GPU"),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": env.get("commit"),
         "budget_s": budget_s,
@@ -952,9 +970,9 @@ def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "gpu"
 
 
-def prepare_out(out: Optional[Path], dry_run: bool, overwrite: bool) -> tuple[Path, str]:
-    """The output folder and the plan's name; refuses before any work where results would be overwritten."""
-    plan_name = "dry" if dry_run else "gpu"
+def prepare_out(out: Optional[Path], dry_run: bool, overwrite: bool) -> tuple[Path, str, Optional[str]]:
+    """The output folder, the plan's name and the GPU's; refuses before any work where results would be lost."""
+    plan_name, name = ("dry" if dry_run else "gpu"), None
     if not dry_run:
         name = gpu_name()
         if name is None:
@@ -974,7 +992,16 @@ def prepare_out(out: Optional[Path], dry_run: bool, overwrite: bool) -> tuple[Pa
         probe.unlink()
     except OSError as exc:
         raise CheckError(f"--out {str(out)!r} cannot be written ({exc.strerror or exc})") from None
-    return out, plan_name
+    return out, plan_name, name
+
+
+def _stages(text: str) -> tuple[str, ...]:
+    names = tuple(name for name in text.split(",") if name)
+    allowed = [name for name, _ in STAGES]
+    unknown = [name for name in names if name not in allowed]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"{(unknown or [text])[0]!r} is not a stage; choose from {','.join(allowed)}")
+    return names
 
 
 def _budget(text: str) -> float:
@@ -1005,6 +1032,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         help=f"wall time for all the stages together, shared as fixed parts (default: {DEFAULT_BUDGET_S:.0f})",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
+    parser.add_argument(
+        "--stages",
+        type=_stages,
+        metavar="A,B",
+        help="run only these stages, their shares grown to fill the budget (a rerun after a fix); "
+        f"default: all of {','.join(name for name, _ in STAGES)}",
+    )
     # What the check runs in its children (not for people).
     parser.add_argument("--stage", choices=("environment", "matrix", "job", "profile"), help=argparse.SUPPRESS)
     parser.add_argument("--plan", choices=tuple(PLANS), default="gpu", help=argparse.SUPPRESS)
@@ -1015,12 +1049,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.stage:
         return child_main(args)
     try:
-        out, plan_name = prepare_out(args.out, args.dry_run, args.overwrite)
+        out, plan_name, name = prepare_out(args.out, args.dry_run, args.overwrite)
     except CheckError as exc:
         print(f"gpu_check: error: {exc}", file=sys.stderr)
         return 2
-    results = run_check(plan_name, out, args.budget_s)
-    return 0 if all(r["status"] == "ok" for r in results["stages"].values()) else 1
+    results = run_check(plan_name, out, args.budget_s, args.stages, name)
+    chosen = args.stages or tuple(results["stages"])
+    return 0 if all(results["stages"][name]["status"] == "ok" for name in chosen) else 1
 
 
 if __name__ == "__main__":

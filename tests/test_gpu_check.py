@@ -175,6 +175,32 @@ def test_stage_caps_share_the_budget_and_pass_on_unused_time():
     assert last == pytest.approx(shares["profile"] * budget - slack)
 
 
+def test_a_rerun_of_some_stages_gives_them_the_whole_budget():
+    budget, shares = 480.0, dict(gpu_check.STAGES)
+    chosen = ("matrix", "profile")
+    grown = sum(shares.values()) / (shares["matrix"] + shares["profile"])
+    assert gpu_check.stage_cap(2, budget, budget, chosen) == pytest.approx(shares["matrix"] * grown * budget)
+    slack = (1 - sum(shares.values())) * budget
+    assert gpu_check.stage_cap(5, 100.0, budget, chosen) == pytest.approx(100.0 - slack)
+
+
+def test_only_the_stages_asked_for_run(tmp_path):
+    out = tmp_path / "r"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.gpu_check", "--dry-run", "--stages", "environment", "--out", str(out)],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    stages = json.loads((out / gpu_check.JSON_NAME).read_text())["stages"]
+    assert stages["environment"]["status"] == "ok" and stages["environment"]["result"]["matmul_peak_tflops"]["fp32"] > 0
+    others = {name: (r["status"], r["error"]) for name, r in stages.items() if name != "environment"}
+    assert set(others.values()) == {("skipped", "not asked for (--stages)")} and len(others) == 5
+
+
 def test_junit_summary_names_files_that_could_not_be_collected(tmp_path):
     (tmp_path / "test_a.py").write_text(
         "def test_ok():\n    pass\n\ndef test_bad():\n    assert 1 == 2\n\n"
@@ -202,7 +228,7 @@ def test_the_output_folder_is_never_overwritten_unasked(tmp_path):
     (tmp_path / gpu_check.JSON_NAME).write_text("{}")
     with pytest.raises(gpu_check.CheckError, match="already holds a gpu-check.json; pass --overwrite"):
         gpu_check.prepare_out(tmp_path, dry_run=True, overwrite=False)
-    assert gpu_check.prepare_out(tmp_path, dry_run=True, overwrite=True) == (tmp_path, "dry")
+    assert gpu_check.prepare_out(tmp_path, dry_run=True, overwrite=True) == (tmp_path, "dry", None)
     (tmp_path / "file").write_text("")
     with pytest.raises(gpu_check.CheckError, match="is a file, not a folder"):
         gpu_check.prepare_out(tmp_path / "file", dry_run=True, overwrite=False)
