@@ -12,8 +12,8 @@ goes to the next ones):
    device-to-device copy bandwidth;
 2. ``pytest_cuda``: ``pytest -m cuda`` on the test files that have such tests,
    its JUnit report kept;
-3. ``matrix``: the bench's own matrix (``bench/suite.py``) at 512, 1024 and
-   2048 px: fp32, TF32, bf16, fp16 (with the engine's loss scaling),
+3. ``matrix``: the bench's own matrix (``bench/suite.py``) at 2048, 1024 and
+   512 px (largest first): fp32, TF32, bf16, fp16 (with the engine's loss scaling),
    channels-last, CUDA graphs, a batch of 4, all together, and the W2 and OT
    losses, each as ms/step (CUDA events after a warm-up: median and quartiles
    of the repeats), share of the measured matmul peak, peak CUDA memory and
