@@ -31,7 +31,7 @@ from engine.files import write_atomically
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _build(height: int, width: int, tile: str, device: str, extractor=None):
+def _build(height: int, width: int, tile: str, device: str, extractor=None, precision: str = "auto"):
     """``(step, memory plan, runtime, extractor, seconds spent on the targets)`` for one mode."""
     from engine import Config
     from engine.api import loop_extractor, scale_objective
@@ -42,7 +42,7 @@ def _build(height: int, width: int, tile: str, device: str, extractor=None):
     from engine.runtime import resolve_runtime
     from engine.vgg import VGGFeatures
 
-    config = Config(device=device, tile=tile, size=max(height, width), max_pixels=height * width)
+    config = Config(device=device, tile=tile, size=max(height, width), max_pixels=height * width, precision=precision)
     runtime = resolve_runtime(config)
     extractor = extractor or loop_extractor(config, runtime)
     content = runtime.layout(resize(load_image(ROOT / "examples/tubingen.jpg"), (height, width))[None])
@@ -85,13 +85,13 @@ def interleaved(height: int, width: int, modes: list[str], steps: int, device: s
     return {mode: statistics.median(values) for mode, values in ratios.items()}
 
 
-def measure(height: int, width: int, tile: str, steps: int, device: str) -> dict:
+def measure(height: int, width: int, tile: str, steps: int, device: str, precision: str = "auto") -> dict:
     """One row, in this process."""
     import torch
 
     from engine.memory import GiB
 
-    step, memory, runtime, _, targets = _build(height, width, tile, device)
+    step, memory, runtime, _, targets = _build(height, width, tile, device, precision=precision)
     times = []
     for i in range(steps + 1):
         started = time.perf_counter()
@@ -116,6 +116,7 @@ def measure(height: int, width: int, tile: str, steps: int, device: str) -> dict
         "peak_gib": peak / GiB,
         "estimate_gib": memory.estimate / GiB,
         "device": runtime.device.type,
+        "precision": runtime.precision,
     }
 
 
@@ -215,11 +216,12 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--interleave", action="store_true", help="MODE is a comma-separated list; time ratios only")
+    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "tf32", "bf16", "fp16"))
     args = parser.parse_args(argv)
     if args.interleave:
         print(json.dumps(interleaved(*_size(args.row[0]), args.row[1].split(","), max(args.steps, 1), args.device)))
         return 0
-    print(json.dumps(measure(*_size(args.row[0]), args.row[1], args.steps, args.device)))
+    print(json.dumps(measure(*_size(args.row[0]), args.row[1], args.steps, args.device, args.precision)))
     return 0
 
 
