@@ -26,7 +26,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Optional, Sequence, Union
+from typing import Iterator, Optional, Sequence, Union
 
 import torch
 
@@ -350,34 +350,17 @@ class Engine:
         """``engine.stylize`` on this Engine's core (see ``engine.api.stylize``)."""
         return self.stylize_batch([(content, styles)], config, **options)[0]
 
-    def stylize_batch(
-        self,
-        jobs: Sequence[JobSpec],
-        config: Optional[Config] = None,
-        *,
-        callback: Optional[Callable[[StepInfo], None]] = None,
-        on_result: Optional[Callable[[int, Result], None]] = None,
-        checkpoint: Optional[CheckpointPlan] = None,
-        resume: Optional[dict] = None,
-        control: Optional[Control] = None,
-    ) -> list[Result]:
-        """``engine.stylize_batch`` on this Engine's core (see ``engine.api.stylize_batch``).
+    def stylize_batch(self, jobs: Sequence[JobSpec], config: Optional[Config] = None, **options) -> list[Result]:
+        """``Core.stylize_batch`` on this Engine's core, between the worker's batches; ``options`` are its keyword
+        arguments (``callback``, ``on_result``, ``checkpoint``, ``resume``, ``control``).
 
         It runs in the caller's thread, so the callback is called there and exceptions (``Interrupted``,
-        the callback's own) reach the caller as they are; it takes the device between the worker's batches.
+        the callback's own) reach the caller as they are.
         """
         if self._closed:
             raise UserError("this Engine is closed and runs no more jobs")
         with self._device:
-            return self.core.stylize_batch(
-                jobs,
-                config or self.config,
-                callback=callback,
-                on_result=on_result,
-                checkpoint=checkpoint,
-                resume=resume,
-                control=control,
-            )
+            return self.core.stylize_batch(jobs, config or self.config, **options)
 
     # ---------------------------------------------------------------------------------- the worker
 
