@@ -95,7 +95,9 @@ class Progress:
 class Job:
     """A submitted job: its state, progress, preview and result. Made by ``Engine.submit``."""
 
-    def __init__(self, engine: "Engine", config: Config, runtime: Runtime, inputs, masks, saving, time_limit):
+    def __init__(
+        self, engine: "Engine", config: Config, runtime: Runtime, inputs, masks, saving, time_limit, on_event=None
+    ):
         self.id = secrets.token_urlsafe(16)
         self.config = config
         self.state = JobState.QUEUED
@@ -112,6 +114,9 @@ class Job:
         self._result: Optional[Result] = None
         self._cancel = False
         self._started: Optional[float] = None
+        # Called with every event, in order, after it is recorded and outside the job's lock (so a slow
+        # listener, such as a service writing its table, never holds up the readers of ``events``).
+        self._on_event: Optional[Callable[[dict], None]] = on_event
 
     def __repr__(self) -> str:
         return f"<Job {self.id} {self.state.value} step {self.progress.step}/{self.progress.total_steps}>"
@@ -180,6 +185,11 @@ class Job:
         self._events.append(event)
         self._cond.notify_all()
 
+    def _tell(self, event: Optional[dict]) -> None:
+        """The ``on_event`` listener, called by the thread that made ``event`` once the lock is released."""
+        if event is not None and self._on_event is not None:
+            self._on_event(event)
+
     def _start(self) -> None:
         with self._cond:
             self.state = JobState.RUNNING
@@ -194,7 +204,9 @@ class Job:
             p.loss, p.parts, p.seconds = info.loss, dict(info.parts), time.perf_counter() - self._started
             if image is not None:
                 self._preview = image
-            self._emit({"type": "progress", **dataclasses.asdict(p)})
+            event = {"type": "progress", **dataclasses.asdict(p)}
+            self._emit(event)
+        self._tell(event)
 
     def _overdue(self) -> bool:
         return self.time_limit is not None and time.perf_counter() - self._started > self.time_limit
@@ -213,6 +225,7 @@ class Job:
             if state == JobState.FAILED:
                 event["error"] = error
             self._emit(event)
+        self._tell(event)
 
 
 class _Stopped(Exception):
@@ -306,8 +319,14 @@ class Engine:
         checkpoint: Optional[CheckpointPlan] = None,
         resume: Optional[dict] = None,
         time_limit: Optional[float] = None,
+        on_event: Optional[Callable[[dict], None]] = None,
     ) -> Job:
-        """Queue a job and return it at once; bad input or settings raise ``UserError`` and queue nothing."""
+        """Queue a job and return it at once; bad input or settings raise ``UserError`` and queue nothing.
+
+        ``on_event``: called with each of the job's events (those ``Job.events`` gives), in order, from the
+        thread that made it (the worker; ``cancel``'s or ``close``'s caller for a job that never ran). It
+        should not raise: an exception from it fails the job's run like any other error.
+        """
         config = config or self.config
         runtime = self._job_runtime(config)
         if time_limit is not None and (
@@ -321,7 +340,7 @@ class Engine:
         decoded, masks, saving = prepare_jobs([(content, styles)], config, checkpoint is not None, resume)
         if saving is not None:
             saving.plan = checkpoint
-        job = Job(self, config, runtime, decoded[0], masks, saving, time_limit)
+        job = Job(self, config, runtime, decoded[0], masks, saving, time_limit, on_event)
         with self._cond:
             self._check_room()
             self._queue.append(job)

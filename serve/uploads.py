@@ -70,6 +70,34 @@ def parse_options(form: dict[str, str]) -> dict:
     return options
 
 
+def options_schema(base: Config) -> list[dict]:
+    """Every option a client may set, from ``Config``'s fields and their metadata (nothing here names a value):
+    name, type, default (the server's), help, and choices where the field declares them."""
+    out = []
+    for name in CLIENT_OPTIONS:
+        kind, nullable = _HINTS[name], False
+        if typing.get_origin(kind) is typing.Union:  # Optional[X]
+            kind, nullable = typing.get_args(kind)[0], True
+        if typing.get_origin(kind) is tuple:
+            item = typing.get_args(kind)[0]
+            type_name = "numbers" if item is float else "names"  # comma-separated, as Config reads them
+        else:
+            type_name = {int: "integer", float: "number"}.get(kind, "string")
+        default = getattr(base, name)
+        entry = {
+            "name": name,
+            "type": type_name,
+            "nullable": nullable,
+            "default": list(default) if isinstance(default, tuple) else default,
+            "help": _FIELDS[name].metadata.get("help", ""),
+        }
+        choices = INITS if name == "init" else _FIELDS[name].metadata.get("choices")  # no files over HTTP
+        if choices:
+            entry["choices"] = list(choices)
+        out.append(entry)
+    return out
+
+
 def job_config(base: Config, options: dict) -> Config:
     """The job's whole ``Config``: the server's settings with the client's options on top (validated here)."""
     values = {f: getattr(base, f) for f in _FIELDS}

@@ -93,7 +93,7 @@ def test_job_over_http_events_in_order_and_results(server):
     created = server.submit(files=files, samples=False)
     assert created.status_code == 201, created.text
     job = created.json()
-    assert job["state"] == "queued" and job["inputs"] == {"content": "photo.png", "styles": ["art.png"]}
+    assert job["state"] in ("queued", "running") and job["inputs"] == {"content": "photo.png", "styles": ["art.png"]}
     assert len(job["id"]) == 22  # 128 random bits
 
     events = server.events(job["id"])
