@@ -13,9 +13,11 @@ when the state dir's disk is full. See docs/service.md.
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
 import json
 import logging
+import os
 import re
 import secrets
 import time
@@ -59,8 +61,19 @@ class BodyTooSlow(Exception):
 
 
 def client_sentence(text: str) -> str:
-    """A sentence as a client sees it: one line, and no file path of the server's."""
-    return _PATH.sub("(a file on the server)", " ".join(str(text).split()))
+    """A sentence as a client sees it: one line, and no file path of the server's (a path whose first part
+    is a folder at the root of this machine's filesystem; a URL path such as /jobs/ID is not one)."""
+
+    def hide(match: re.Match) -> str:
+        first = match.group(0).split("/")[1]
+        return "(a file on the server)" if first and _root_folder(first) else match.group(0)
+
+    return _PATH.sub(hide, " ".join(str(text).split()))
+
+
+@functools.lru_cache(maxsize=256)
+def _root_folder(name: str) -> bool:
+    return os.path.isdir(os.path.join(os.sep, name))
 
 
 class Guard:
@@ -240,7 +253,8 @@ def create_app(service: Service, token: Optional[str] = None) -> FastAPI:
             staging = await asyncio.to_thread(service.store.staging)
             images, names = [], {"content": None, "styles": []}
             for kind_, what, name, data in plan:
-                images.append(await asyncio.to_thread(service.decode, data, f"{what} {name!r}", config, kind_))
+                decode = functools.partial(service.decode, data, f"{what} {name!r}", config, kind_)
+                images.append(await asyncio.get_running_loop().run_in_executor(service.decoder, decode))
                 if kind_ == "content":
                     names["content"] = name
                 else:

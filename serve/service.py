@@ -21,11 +21,13 @@ does not fit now gets 429 with ``Retry-After``.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import sys
 import threading
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional
 
@@ -145,6 +147,8 @@ class Recorder:
             return {"type": "done", "seconds": result.seconds}
         if kind == "failed":
             message = event.get("error") or "the job failed"
+            if disk_full(self.job.exception):  # a checkpoint that could not be written
+                message = f"the job stopped after step {self.job.progress.step}: the server's disk is full"
             store.update(self.id, state="failed", error=message, history=self.curve, **progress)
             _log(f"job {self.id} failed: {message}")
             return {"type": "failed", "error": message}
@@ -170,7 +174,9 @@ class Service:
         self.recorders: dict[str, Recorder] = {}  # the jobs this process submitted (and a few finished ones)
         self._stopping = threading.Event()
         self._lock = threading.Lock()  # recorders, the backlog, the finished list and the budget
-        self._decoding = threading.Semaphore(1)  # one full-size decode at a time: its peak is the server's
+        # Every upload is decoded on this one thread, one at a time: the decoding peak is one image's, and the
+        # memory the allocator keeps after it is one thread's (an arena per thread would keep one each).
+        self.decoder = ThreadPoolExecutor(1, thread_name_prefix="decode")
         self._backlog: deque[str] = deque()  # unfinished jobs from the last run waiting for room
         self._reserved: dict[str, JobMemory] = {}  # the budget taken by each job held (queued or running)
         self._finished: deque[str] = deque()
@@ -213,6 +219,7 @@ class Service:
             self.engine.close(timeout=timeout)
         except TimeoutError as exc:  # a step longer than the timeout: the last periodic checkpoint remains
             _log(f"{exc}; it goes on from its last checkpoint next time")
+        self.decoder.shutdown(wait=False, cancel_futures=True)
         counts = self.store.count()
         kept = counts.get("queued", 0) + counts.get("running", 0)
         if not self.store.flush():
@@ -240,16 +247,17 @@ class Service:
 
     def decode(self, data: bytes, what: str, config: Config, kind: str) -> torch.Tensor:
         """An uploaded image decoded, then at once shrunk to the size the job uses (never enlarged)."""
-        with self._decoding:
-            image = check_image(data, what, self.limits.upload)
-            h, w = image.shape[-2:]
-            if kind == "content":
-                target = fit_long_side(h, w, config.size)
-            else:
-                target = style_shape(config, h, w)
-            if target[0] * target[1] < h * w:
-                image = resize(image, target)  # as runner.decode_jobs does for the content: same pixels
-            return image
+
+        def size(h: int, w: int) -> tuple[int, int]:
+            return fit_long_side(h, w, config.size) if kind == "content" else style_shape(config, h, w)
+
+        image = check_image(data, what, self.limits.upload, shrink_to=size)
+        h, w = image.shape[-2:]
+        target = size(h, w)
+        if target[0] * target[1] < h * w:
+            image = resize(image, target)  # as runner.decode_jobs does for the content: same pixels
+        _give_back_memory()
+        return image
 
     def submit(self, staging: Path, config: Config, options: dict, content, styles, inputs: dict) -> Row:
         """Queue a checked request whose shrunk images are given; the ``Row`` made, or a ``UserError``."""
@@ -456,6 +464,23 @@ class Service:
         self._run(row, config, content, styles, memory, resume)
         self.store.update(row.id, resumed=row.resumed + (1 if resume is not None else 0))
         _log(f"job {row.id} {'resumed from its checkpoint' if resume is not None else 'queued again'}")
+
+
+def _give_back_memory() -> None:
+    """Return the freed decoding buffers to the system (glibc keeps freed heap memory for reuse otherwise,
+    and a decoded upload is hundreds of MB in blocks below its mmap threshold)."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):  # not glibc: nothing to do
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None
 
 
 def _restart_failure(exc: BaseException) -> str:

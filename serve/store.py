@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import re
 import secrets
 import sqlite3
@@ -99,6 +100,8 @@ class Row:
 def disk_full(exc: BaseException) -> bool:
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return True
+    if isinstance(exc, UserError):  # the engine's sentence for a file it could not write names the cause
+        return os.strerror(errno.ENOSPC) in str(exc)
     return isinstance(exc, sqlite3.OperationalError) and ("full" in str(exc) or "locked" in str(exc))
 
 
@@ -113,6 +116,8 @@ class Store:
         self._lock = threading.Lock()
         self.pending: dict[str, dict] = {}  # job id -> column values not written yet (a full disk)
         self._db = self._open()
+        self.jobs_dir.mkdir(exist_ok=True)  # only now: a refused start leaves the folder as it was
+        self.incoming.mkdir(exist_ok=True)
         self.left_alone = self._tidy()
 
     # Opening -------------------------------------------------------------------------------------------
@@ -141,12 +146,10 @@ class Store:
                     "give a new or empty folder"
                 )
             marker.write_text(json.dumps({"format": FORMAT, "written_by": "nst serve"}) + "\n", encoding="utf-8")
-        self.jobs_dir.mkdir(exist_ok=True)
-        self.incoming.mkdir(exist_ok=True)
 
     def _open(self) -> sqlite3.Connection:
         path = self.root / "jobs.sqlite3"
-        folders = [p for p in self.jobs_dir.iterdir() if p.is_dir()]
+        folders = [p for p in self.jobs_dir.iterdir() if p.is_dir()] if self.jobs_dir.is_dir() else []
         if folders and (not path.exists() or path.stat().st_size == 0):
             raise UserError(
                 f"the job table {str(path)!r} is {'missing' if not path.exists() else 'empty'} but "
