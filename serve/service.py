@@ -374,8 +374,10 @@ class Service:
         plan = ckpt.CheckpointPlan(
             str(folder / "checkpoint.pt"), every=self.limits.checkpoint_every, should_stop=self._stopping.is_set
         )
-        done = len(resume["history"]) if resume is not None else 0
-        recorder = Recorder(self, row, memory, [p for p in row.history if p[0] <= done])
+        # A resumed job's steps so far, from its checkpoint (every step's loss, unlike the table's curve, which
+        # is written every few seconds): replayed to event readers before the new ones.
+        before = [[k + 1, h["loss"]] for k, h in enumerate(resume["history"])] if resume is not None else []
+        recorder = Recorder(self, row, memory, before)
         with self._lock:
             self.recorders[row.id] = recorder
         try:
