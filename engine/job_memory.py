@@ -95,7 +95,9 @@ def _loss_buffers(config: Config, pixels: int) -> float:
     target's projections resampled to P (4 more), and the K x C directions. 4e5 projections at 32 px
     measured 11.5 GB on the CPU (the default five style layers); this gives 11.5.
     """
-    if config.style_loss != "ot":  # TODO(registry): each style loss will declare its own
+    # Named here until the style-loss registry lets each loss declare its own memory; the others keep only
+    # C x C moments per layer.
+    if config.style_loss != "ot":
         return 0.0
     geometry = Geometry.of(config.model, config.feature_layers)
     k = config.ot_projections

@@ -578,9 +578,12 @@ def _sentence(exc: BaseException, job: Job) -> str:
         return str(exc)
     if _is_out_of_memory(exc):
         p = job.progress
-        return (
-            f"ran out of memory at step {p.step} of {p.total_steps} (scale {p.scale + 1} of {p.scales}); "
-            f"try a smaller {option('size')} or fewer {option('style_layers')}"
+        # Before the first step the progress has no scales yet ("scale 1 of 0"): say where it was instead.
+        where = (
+            f"at step {p.step} of {p.total_steps} (scale {p.scale + 1} of {p.scales})"
+            if p.scales
+            else "before its first step (preparing the style targets or the first scale)"
         )
+        return f"ran out of memory {where}; try a smaller {option('size')} or fewer {option('style_layers')}"
     text = " ".join(str(exc).split()) or "no message"
     return f"the job failed with an internal error ({type(exc).__name__}: {text})"

@@ -34,7 +34,7 @@ from engine import QueueFull, UserError
 from engine.images import to_pil
 
 from .service import RETRY_SECONDS, Busy, Recorder, Service, ServiceStopping
-from .store import FINAL, Row, StoreFull
+from .store import FINAL, Row, StoreBusy, StoreFull
 from .uploads import CLIENT_OPTIONS, display_name, options_schema, parse_options
 
 STATIC = Path(__file__).parent / "static"
@@ -267,6 +267,8 @@ def create_app(service: Service, token: Optional[str] = None) -> FastAPI:
             return _error(503, str(exc), **_retry())
         except StoreFull as exc:
             return _error(507, str(exc), **_retry())
+        except StoreBusy as exc:
+            return _error(503, str(exc), **_retry())
         except UserError as exc:
             return _error(422, str(exc))
         finally:

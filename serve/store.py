@@ -72,7 +72,11 @@ CREATE TABLE IF NOT EXISTS jobs (
 
 
 class StoreFull(UserError):
-    """The state dir's disk is full (or its database is locked): a request cannot be kept."""
+    """The state dir's disk is full: a request cannot be kept (507)."""
+
+
+class StoreBusy(UserError):
+    """The job table is locked (by another process on the state dir) for longer than the busy timeout (503)."""
 
 
 def new_id() -> str:
@@ -102,7 +106,7 @@ def disk_full(exc: BaseException) -> bool:
         return True
     if isinstance(exc, UserError):  # the engine's sentence for a file it could not write names the cause
         return os.strerror(errno.ENOSPC) in str(exc)
-    return isinstance(exc, sqlite3.OperationalError) and ("full" in str(exc) or "locked" in str(exc))
+    return isinstance(exc, sqlite3.OperationalError) and "full" in str(exc)
 
 
 class Store:
@@ -338,6 +342,8 @@ _COLUMNS = "id, seq, state, created, updated, options, inputs, styles, error, pr
 
 
 def _full(exc: BaseException) -> BaseException:
+    if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
+        return StoreBusy("the server's job table is locked by another process; try again later")
     if disk_full(exc):
         return StoreFull("the server's disk is full; try again later")
     return exc

@@ -73,6 +73,7 @@ def parse_options(form: dict[str, str]) -> dict:
 def options_schema(base: Config) -> list[dict]:
     """Every option a client may set, from ``Config``'s fields and their metadata (nothing here names a value):
     name, type, default (the server's), help, and choices where the field declares them."""
+    fields = {f.name: f for f in dataclasses.fields(Config)}  # read now: choices may be registered late
     out = []
     for name in CLIENT_OPTIONS:
         kind, nullable = _HINTS[name], False
@@ -89,9 +90,9 @@ def options_schema(base: Config) -> list[dict]:
             "type": type_name,
             "nullable": nullable,
             "default": list(default) if isinstance(default, tuple) else default,
-            "help": _FIELDS[name].metadata.get("help", ""),
+            "help": fields[name].metadata.get("help", ""),
         }
-        choices = INITS if name == "init" else _FIELDS[name].metadata.get("choices")  # no files over HTTP
+        choices = INITS if name == "init" else fields[name].metadata.get("choices")  # no files over HTTP
         if choices:
             entry["choices"] = list(choices)
         out.append(entry)
