@@ -435,16 +435,19 @@ async def _event_stream(service: Service, job_id: str, request: Request, start: 
             yield out
     seen = 0
     while True:
-        job = recorder.job
-        if job is None and recorder._ready.is_set():  # the engine refused it on a restart: the table says why
+        job = recorder.job  # read before ``events``: the recorder sets ``events`` before it lets the job go
+        kept = recorder.events
+        if job is None and kept is None and recorder._ready.is_set():  # refused on a restart: the table says why
             row = service.store.get(job_id)
             if row.state in FINAL:
                 if (out := sse(_final_event(row))) is not None:
                     yield out
                 return
-        elif job is not None:
+        elif job is not None or kept is not None:
+            # What is there now, without waiting: from the engine's Job while it runs, then from its events.
+            source = job.events(start=seen, timeout=0) if job is not None else iter(kept[seen:])
             try:
-                for event in job.events(start=seen, timeout=0):  # what is there now, without waiting
+                for event in source:
                     seen += 1
                     if event["type"] == "progress":
                         if (out := sse(_public_progress(event))) is not None:

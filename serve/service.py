@@ -89,7 +89,8 @@ class Recorder:
         self.before = before  # the curve from an earlier run of a resumed job, [[step, loss], ...]
         self.curve = [list(p) for p in before]
         self.last: Optional[dict] = None  # the latest progress event, as the service sends it
-        self.job = None  # engine.Job, set once submitted
+        self.job = None  # engine.Job, set once submitted, let go once the outcome is recorded
+        self.events: Optional[list] = None  # then: its events, kept for readers who come late
         self.final: Optional[dict] = None  # the stream's last event, once the outcome is recorded
         self.settled = threading.Event()
         self.cancelled_by_client = False
@@ -111,6 +112,11 @@ class Recorder:
             self.service.store.update(self.id, state="failed", error=message)
         finally:
             if kind != "progress":
+                if self.job is not None:
+                    # The events stay, to replay to late readers; the engine Job goes, with the images it
+                    # still holds (the content, the result, a resumed job's checkpoint state).
+                    self.events = list(self.job.events(timeout=0))
+                    self.job = None
                 self.settled.set()
                 self.service._ended(self)
 
