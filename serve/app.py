@@ -44,9 +44,10 @@ SAMPLES = {p.name: p for p in sorted(SAMPLES_DIR.glob("*.jpg"))} if SAMPLES_DIR.
 # Reachable without the token: the health check, and the page itself (static HTML and script that holds no
 # data; it asks for the token and sends it with every request).
 OPEN_PATHS = ("/health", "/")
-# A request body must keep coming: each piece within BODY_PIECE_SECONDS, the whole within BODY_SECONDS.
-BODY_PIECE_SECONDS = 30.0
-BODY_SECONDS = 300.0
+# A request body must keep coming: each piece within ``body_seconds`` (``nst serve --body-timeout``), the
+# whole within BODY_TOTAL times that.
+BODY_SECONDS = 30.0
+BODY_TOTAL = 10
 SSE_POLL_SECONDS = 0.1
 # An absolute path (two parts at least) in a sentence meant for a client: replaced, never shown.
 _PATH = re.compile(r"(?<![\w.~/-])/(?:[\w.+@~-]+/)+[\w.+@~-]*")
@@ -80,8 +81,8 @@ class Guard:
     """ASGI middleware: the bearer token, and the request body (its size, counted, not only as declared,
     and its pace: a body that stalls is refused)."""
 
-    def __init__(self, app, token: Optional[str], max_bytes: int):
-        self.app, self.token, self.max_bytes = app, token, max_bytes
+    def __init__(self, app, token: Optional[str], max_bytes: int, body_seconds: float = BODY_SECONDS):
+        self.app, self.token, self.max_bytes, self.body_seconds = app, token, max_bytes, body_seconds
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -96,13 +97,13 @@ class Guard:
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             return await send_error(send, 413, _too_large(self.max_bytes))
-        seen, complete, deadline = 0, False, time.monotonic() + BODY_SECONDS
+        seen, complete, deadline = 0, False, time.monotonic() + BODY_TOTAL * self.body_seconds
 
         async def counted():
             nonlocal seen, complete
             if complete:  # after the body: only http.disconnect is left, which may come at any time
                 return await receive()
-            wait = min(BODY_PIECE_SECONDS, deadline - time.monotonic())
+            wait = min(self.body_seconds, deadline - time.monotonic())
             try:
                 message = await asyncio.wait_for(receive(), max(wait, 0.001))
             except asyncio.TimeoutError:
@@ -146,7 +147,7 @@ class _DroppedStreams(logging.Filter):
         return "socket.send() raised exception" not in record.getMessage()
 
 
-def create_app(service: Service, token: Optional[str] = None) -> FastAPI:
+def create_app(service: Service, token: Optional[str] = None, body_seconds: float = BODY_SECONDS) -> FastAPI:
     logging.getLogger("asyncio").addFilter(_DroppedStreams())
 
     @asynccontextmanager
@@ -160,7 +161,7 @@ def create_app(service: Service, token: Optional[str] = None) -> FastAPI:
         summary="Neural style transfer as a service: queue jobs, follow them, fetch the results.",
         lifespan=lifespan,
     )
-    app.add_middleware(Guard, token=token, max_bytes=service.limits.upload.max_bytes)
+    app.add_middleware(Guard, token=token, max_bytes=service.limits.upload.max_bytes, body_seconds=body_seconds)
     max_styles = service.limits.max_styles
 
     @app.exception_handler(BodyTooLarge)
@@ -171,8 +172,8 @@ def create_app(service: Service, token: Optional[str] = None) -> FastAPI:
     async def too_slow(request, exc):
         return _error(
             408,
-            f"the request body stalled (no data for {BODY_PIECE_SECONDS:g} s, or not all of it within "
-            f"{BODY_SECONDS:g} s); send it again",
+            f"the request body stalled (no data for {body_seconds:g} s, or not all of it within "
+            f"{BODY_TOTAL * body_seconds:g} s); send it again",
         )
 
     @app.exception_handler(RequestValidationError)

@@ -84,6 +84,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="seconds a connection may take to send a request's headers before it is closed (default: 10)",
     )
     p.add_argument(
+        "--body-timeout",
+        type=_positive(float),
+        default=30.0,
+        help="seconds a request body may stall before it is refused with 408; the whole body gets ten times "
+        "this (default: 30)",
+    )
+    p.add_argument(
         "--max-connections",
         type=_positive(int),
         default=256,
@@ -170,7 +177,7 @@ def run(args: argparse.Namespace) -> int:
     _raise_open_files(args.max_connections)
     server = _server(
         uvicorn.Config(
-            create_app(service, token),
+            create_app(service, token, body_seconds=args.body_timeout),
             host=args.host,
             port=args.port,
             log_level="warning",

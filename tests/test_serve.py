@@ -372,7 +372,7 @@ def test_a_result_gone_from_disk_is_410_not_a_reset(server):
 @pytest.fixture(scope="module")
 def strict(tmp_path_factory):
     """A server with a memory budget of one small job and a half of another (by the engine's model), a 2 s header
-    timeout and 12 connections at most."""
+    and body timeout and 12 connections at most."""
     from engine.job_memory import job_memory
 
     one = job_memory(STRICT_CONFIG, (36, 48), [(30, 48)])
@@ -388,6 +388,8 @@ def strict(tmp_path_factory):
         "2",
         "--max-connections",
         "12",
+        "--body-timeout",
+        "2",
     )
     yield s
     assert s.stop(), "".join(s.stderr)
@@ -442,6 +444,52 @@ def test_slow_headers_are_closed_and_connections_capped(strict):
             sock.close()
     time.sleep(2.5)
     assert strict.client.get("/health").json()["status"] == "ok"
+
+
+def test_a_stalled_body_is_refused_with_408(strict):
+    started = time.monotonic()
+    with socket.create_connection(strict.address) as sock:
+        sock.sendall(
+            b"POST /jobs HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+            b"Content-Length: 100000\r\n\r\n--b\r\n"  # and then nothing
+        )
+        answer = _read_all(sock)
+    assert answer.startswith(b"HTTP/1.1 408") and b"the request body stalled (no data for 2 s" in answer
+    assert time.monotonic() - started < 10
+
+
+def test_a_locked_job_table_is_503_and_progress_waits_in_memory(server):
+    """Another process holds the table's write lock: a POST gets 503 (after sqlite's 5 s busy wait), the
+    running job goes on, /health says degraded; released, everything is written."""
+    job = server.submit({"steps": "3000"}).json()["id"]
+    server.events(job, until=lambda e: e["step"] >= 1)
+    with contextlib.closing(sqlite3.connect(server.state_dir / "jobs.sqlite3", isolation_level=None)) as db:
+        db.execute("BEGIN EXCLUSIVE")
+        locked = server.submit()
+        assert locked.status_code == 503 and locked.headers["retry-after"] == "10"
+        assert sentence(locked) == "the server's job table is locked by another process; try again later"
+        assert server.client.get("/health").json()["status"] == "degraded"
+        steps = server.client.get(f"/jobs/{job}").json()["progress"]["step"]
+        db.execute("ROLLBACK")
+    assert server.events(job, until=lambda e: e["step"] > steps + 1)[-1]["step"] > steps + 1  # it went on
+    server.client.delete(f"/jobs/{job}")
+    assert server.wait(job)["state"] == "cancelled"
+    assert server.client.get("/health").json()["status"] == "ok"
+    with contextlib.closing(sqlite3.connect(server.state_dir / "jobs.sqlite3")) as db:
+        assert db.execute("SELECT state FROM jobs WHERE id = ?", (job,)).fetchone() == ("cancelled",)
+
+
+def test_out_of_memory_before_the_first_step_says_so():
+    """The sentence of a job that ran out of memory before its first step (it said "scale 1 of 0")."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from engine.service import Progress, _sentence
+
+    job = SimpleNamespace(progress=Progress(total_steps=3))
+    sentence = _sentence(torch.OutOfMemoryError("CUDA out of memory"), job)
+    assert sentence.startswith("ran out of memory before its first step") and "of 0" not in sentence
 
 
 def test_the_state_dir_is_the_servers_alone(tmp_path):
