@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import sqlite3
 import sys
 import threading
 import time
@@ -226,11 +227,14 @@ class Service:
         except TimeoutError as exc:  # a step longer than the timeout: the last periodic checkpoint remains
             _log(f"{exc}; it goes on from its last checkpoint next time")
         self.decoder.shutdown(wait=False, cancel_futures=True)
-        counts = self.store.count()
-        kept = counts.get("queued", 0) + counts.get("running", 0)
         if not self.store.flush():
             _log("the job table could not be brought up to date (is the disk full?)")
-        _log(f"stopped; {kept} unfinished job{'' if kept == 1 else 's'} kept for the next start")
+        try:
+            counts = self.store.count()
+            kept = counts.get("queued", 0) + counts.get("running", 0)
+            _log(f"stopped; {kept} unfinished job{'' if kept == 1 else 's'} kept for the next start")
+        except sqlite3.Error as exc:
+            _log(f"stopped; the job table cannot be read now ({exc})")
         self.store.close()
 
     def health(self) -> dict:

@@ -308,7 +308,7 @@ class Store:
             merged = {**self.pending.pop(job_id, {}), **values}
             try:
                 self._write(job_id, merged)
-            except sqlite3.OperationalError:
+            except sqlite3.Error:
                 self.pending[job_id] = merged  # a full disk or a locked table: answered from memory meanwhile
                 return False
         self.flush()
@@ -320,7 +320,7 @@ class Store:
             for job_id in list(self.pending):
                 try:
                     self._write(job_id, self.pending[job_id])
-                except sqlite3.OperationalError:
+                except sqlite3.Error:
                     return False
                 del self.pending[job_id]
         return True

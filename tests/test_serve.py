@@ -126,8 +126,11 @@ def test_job_over_http_events_in_order_and_results(server):
     assert np.abs(np.rint(sixteen / 257.0) - as_eight).max() <= 1
     preview = server.client.get(f"/jobs/{job['id']}/preview")
     assert preview.headers["content-type"] == "image/jpeg" and Image.open(io.BytesIO(preview.content)).size == (48, 40)
-    # Asking again replays the whole stream.
+    # Asking again replays the whole stream; with Last-Event-ID, the events after that one.
     assert [e["type"] for e in server.events(job["id"])][-1] == "done"
+    with server.client.stream("GET", f"/jobs/{job['id']}/events", headers={"Last-Event-ID": "9"}) as response:
+        ids = [int(line[4:]) for line in response.iter_lines() if line.startswith("id: ")]
+    assert ids == list(range(10, len(events)))
     assert server.client.get(f"/jobs/{job['id']}/result", params={"bits": "7"}).json() == {
         "detail": "bits must be 8 or 16, not '7'"
     }
