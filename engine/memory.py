@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -77,10 +77,20 @@ def state_bytes_per_pixel(config) -> float:
     if config.optimizer == "lbfgs":
         copies += 2 * LBFGS_HISTORY + 3  # curvature pairs, direction, previous gradient and point
     masks = len(config.style_masks or ()) * 4
-    loss = style_loss(config.style_loss).state_bytes_per_pixel(
-        config, layer_bytes(config.model, config.feature_layers, 4)
+    return copies * 3 * 4 + content_targets + masks
+
+
+def loss_state_bytes(config, pixels: int, style_pixels: Optional[Sequence[int]] = None) -> float:
+    """What the style loss holds in a scale of ``pixels`` output pixels (its class says: ``StyleLoss.state_bytes``);
+    without ``style_pixels``, one style image of ``style_ratio^2`` of the output's pixels is assumed."""
+    if style_pixels is None:
+        style_pixels = [round(pixels * config.style_ratio**2)]
+    return style_loss(config.style_loss).state_bytes(
+        config,
+        pixels=pixels,
+        style_pixels=style_pixels,
+        layer_bytes=layer_bytes(config.model, config.feature_layers, 4),
     )
-    return copies * 3 * 4 + content_targets + masks + loss
 
 
 def available_bytes(device: torch.device) -> int:
@@ -120,6 +130,7 @@ def plan_scale(
     batch: int = 1,
     budget: Optional[float] = None,
     checkpointable: bool = True,
+    style_pixels: Optional[Sequence[int]] = None,
 ) -> MemoryPlan:
     """Pick the mode for a ``batch`` of ``height x width`` images from ``config.tile`` and the memory budget.
 
@@ -133,7 +144,8 @@ def plan_scale(
     element = element_bytes(runtime)
     geometry = Geometry.of(model, layers)
     pixels = height * width * batch
-    state = state_bytes_per_pixel(config) * pixels
+    # The image-side state, and what the style loss holds (its targets and per-step buffers).
+    state = state_bytes_per_pixel(config) * pixels + loss_state_bytes(config, pixels, style_pixels)
     untiled = state + activation_bytes_per_pixel(model, layers, element) * pixels
     checkpointed = state + activation_bytes_per_pixel(model, layers, element, "checkpoint") * pixels
     per_crop_pixel = activation_bytes_per_pixel(model, layers, element) * batch
