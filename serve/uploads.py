@@ -24,27 +24,8 @@ from engine.images import FORMATS, MAX_INPUT_PIXELS, pil_to_tensor
 # images, style masks), what the Engine is built with (the network and its layers, device, precision:
 # engine.service.FIXED, set by `nst serve` options), how it computes (tiling, batching) and its limits
 # (max_pixels), which are the operator's.
-CLIENT_OPTIONS = (
-    "size",
-    "min_size",
-    "steps",
-    "style_weight",
-    "content_weight",
-    "tv_weight",
-    "style_loss",
-    "ot_projections",
-    "preserve_colors",
-    "style_scale",
-    "style_size",
-    "style_blend_weights",
-    "content_layer_weights",
-    "style_layer_weights",
-    "optimizer",
-    "lr",
-    "ema_decay",
-    "init",
-    "seed",
-)
+# The options a client may set: the Config fields marked "http" (engine/config.py); the rest are the server's.
+CLIENT_OPTIONS = tuple(f.name for f in dataclasses.fields(Config) if f.metadata.get("http"))
 _FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 _HINTS = typing.get_type_hints(Config)
 DECODABLE = tuple(dict.fromkeys(FORMATS.values()))  # PNG, JPEG, TIFF, WEBP, BMP

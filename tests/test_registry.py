@@ -108,6 +108,11 @@ def test_the_toy_loss_is_a_choice_everywhere(toys):
     assert args.style_loss == "toymean"
     levers, _ = matrix(torch.device("cpu"))
     assert "loss_toymean" in {lever.name for lever in levers}
+    # The body of nst serve's GET /options, which the page builds its form from (read at request time).
+    from serve.uploads import options_schema
+
+    style_loss_option = next(o for o in options_schema(Config()) if o["name"] == "style_loss")
+    assert {"toymean", "toynotiles"} <= set(style_loss_option["choices"])
 
 
 def test_an_unregistered_name_is_refused_in_one_sentence():
