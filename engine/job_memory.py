@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 
 from .config import Config
 from .images import fit_long_side
-from .memory import layer_bytes, plan_scale
+from .memory import OutOfBudget, layer_bytes, plan_scale
 from .sizes import min_side as network_min_side
 from .sizes import style_size
 
@@ -63,8 +63,11 @@ def job_memory(
     copies = 2 if config.preserve_colors == "luminance" else 1  # the grey content beside the colour one
     held = RGB_FLOAT * (kept_content * copies + sum(style_pixels))
 
-    plan = plan_scale(config, runtime, out_h, out_w, budget=budget, style_pixels=style_pixels)
+    try:
+        run = plan_scale(config, runtime, out_h, out_w, budget=budget, style_pixels=style_pixels).estimate
+    except OutOfBudget as exc:  # what it would need: the caller compares that with its budget and says so
+        run = exc.needed
     sizes = layer_bytes(config.model, config.feature_layers, FLOAT)
     # Each style's features are computed once, one style at a time, without gradients.
     style_forward = sum(sizes.values()) * max(style_pixels, default=0)
-    return JobMemory(int(held), int(plan.estimate + style_forward))
+    return JobMemory(int(held), int(run + style_forward))

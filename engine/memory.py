@@ -108,6 +108,14 @@ def available_bytes(device: torch.device) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
+class OutOfBudget(UserError):
+    """No mode of a scale fits the memory budget; ``needed`` is the bytes the leanest mode would take."""
+
+    def __init__(self, message: str, needed: float):
+        super().__init__(message)
+        self.needed = needed
+
+
 @dataclass(frozen=True)
 class MemoryPlan:
     """How one scale runs: ``untiled``, ``checkpoint`` or ``tiled`` (with ``tiling``), and the bytes it expects."""
@@ -170,6 +178,15 @@ def plan_scale(
         return MemoryPlan("untiled", untiled)
     if checkpointable and checkpointed <= budget:
         return MemoryPlan("checkpoint", checkpointed)
+    refusal = style_loss(config.style_loss).tile_refusal()
+    if refusal is not None:  # no tiles for this loss: the leanest mode is checkpointed blocks
+        leanest = checkpointed if checkpointable else untiled
+        raise OutOfBudget(
+            f"a {width}x{height} image needs about {leanest / GiB:.1f} GiB with the {config.style_loss} style loss, "
+            f"which cannot be tiled, but the budget is {budget / GiB:.1f} GiB; use a smaller --size, another "
+            "--style-loss, or free memory",
+            leanest,
+        )
     room = (budget - state) / per_crop_pixel
     if room > 0:
         # The largest square crop that fits, less the halo on both sides, in whole strides.
@@ -179,9 +196,10 @@ def plan_scale(
             if plan.estimate <= budget:
                 return plan
     smallest = tiled(geometry.stride).estimate
-    raise UserError(
+    raise OutOfBudget(
         f"a {width}x{height} image needs about {smallest / GiB:.1f} GiB even in the smallest tiles "
-        f"({state / GiB:.1f} GiB of it for the image, its gradient, Adam's state, the average and the content "
-        f"targets: {state_bytes_per_pixel(config):.0f} bytes per pixel), but the budget is {budget / GiB:.1f} GiB; "
-        "use a smaller --size, or free memory"
+        f"({state / GiB:.1f} GiB of it for the image, its gradient, Adam's state, the average, the content "
+        f"targets ({state_bytes_per_pixel(config):.0f} bytes per pixel) and the style loss's own), but the budget "
+        f"is {budget / GiB:.1f} GiB; use a smaller --size, or free memory",
+        smallest,
     )
