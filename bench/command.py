@@ -167,7 +167,7 @@ def run(args: argparse.Namespace) -> int:
         path = suite.profile(args.only[0] if args.only else "all", size, args.device, args.profile)
         print(f"wrote {path} (open it in https://ui.perfetto.dev or chrome://tracing)")
         return 0
-    results = suite.run(sizes, args.device, args.warmup, args.repeats, args.batch, only)
+    results = suite.run(sizes, args.device, warmup=args.warmup, repeats=args.repeats, batch=args.batch, only=only)
     if args.json:
         print(f"wrote {suite.write_json(results, args.json, args.overwrite)}")
     if args.plot:

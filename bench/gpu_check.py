@@ -773,7 +773,7 @@ def child_matrix(plan: Plan, out: Path, seconds: float, peaks: dict) -> dict:
     suite.build_step(levers[0], min(plan.matrix_sizes), device)  # the weights into their cache, as suite.run does
     not_run, longest = [], 0.0
     for size in plan.matrix_sizes:
-        rows = suite.rows_at(size, levers, device, plan.warmup, plan.repeats, peaks)
+        rows = suite.rows_at(size, levers, device, warmup=plan.warmup, repeats=plan.repeats, peaks=peaks)
         for lever in levers:
             # A row at a larger size or batch takes longer than the last: leave room for twice the longest yet.
             if time.monotonic() + 2 * longest > deadline:

@@ -334,6 +334,7 @@ def select(levers: list[Lever], only: Optional[list[str]]) -> list[Lever]:
 def run(
     sizes=None,
     device_name: str = "auto",
+    *,
     warmup: int = 5,
     repeats: int = 20,
     batch: int = 4,
@@ -376,7 +377,7 @@ def run(
     log(HEADER)
     rows = []
     for size in sizes:
-        for row in rows_at(size, levers, device, warmup, repeats, peaks, build):
+        for row in rows_at(size, levers, device, warmup=warmup, repeats=repeats, peaks=peaks, build=build):
             rows.append(row)
             log(format_row(row))
     fits = fit_levers(rows)
@@ -389,6 +390,7 @@ def rows_at(
     size: int,
     levers: list[Lever],
     device: torch.device,
+    *,
     warmup: int,
     repeats: int,
     peaks: dict[str, float],

@@ -125,6 +125,7 @@ def parse_size(text: str) -> Size:
 def validate(
     images: Sequence[ImageLike],
     config: Optional[Config] = None,
+    *,
     sizes: Sequence[Union[str, Size]] = DEFAULT_SIZES,
     backends: Sequence[str] = BACKENDS,
     torchscript_path: Optional[os.PathLike] = None,
