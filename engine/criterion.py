@@ -11,7 +11,7 @@ import contextlib
 import hashlib
 import threading
 from collections import OrderedDict
-from typing import Callable, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -89,6 +89,7 @@ def build_criterion(
     masks: Optional[torch.Tensor] = None,
     tiling: Optional[Tiling] = None,
     style_cache: Optional[StyleFeatureCache] = None,
+    extra_terms: Optional[Mapping[str, tuple[float, nn.Module]]] = None,
 ) -> StyleTransferLoss:
     """The loss with this scale's targets, one per job.
 
@@ -97,6 +98,7 @@ def build_criterion(
     style) ties each style to a region (Gram loss only). With ``tiling`` the
     targets are computed tile by tile (the same values, in bounded memory).
     ``style_cache`` keeps each style's features for later scales and jobs of the same size.
+    ``extra_terms``: image terms added to the loss as they are (see ``StyleTransferLoss``'s ``extra``).
     """
     autocast = runtime.autocast if runtime is not None else contextlib.nullcontext
     layout = runtime.layout if runtime is not None else (lambda t: t.to(content.device))
@@ -145,6 +147,7 @@ def build_criterion(
         content_weight=config.content_weight,
         style_weight=config.style_weight,
         tv_weight=config.tv_weight,
+        extra=extra_terms,
     )
 
 

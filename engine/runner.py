@@ -156,6 +156,9 @@ class Batch:
     saving: Optional[Saving] = None
     after_step: Callable[[], None] = lambda: None
     share: Optional[TileShare] = None  # processes computing these jobs together (see stylize_batch)
+    # Extra image terms for this batch, made per scale: ``(height, width) -> {name: (weight, term)}`` with
+    # one target per job (see losses.StyleTransferLoss's ``extra``); video/ brings its temporal term this way.
+    extra_terms: Optional[Callable[[int, int], dict]] = None
 
 
 def prepare_jobs(
@@ -279,6 +282,9 @@ def run_batch(session: Session, batch: Batch) -> list[Result]:
             scale_masks,
             tiling=memory.tiling,
             style_cache=session.style_cache,
+            extra_terms=None
+            if batch.extra_terms is None
+            else {k: (w, term.to(runtime.device)) for k, (w, term) in batch.extra_terms(*size).items()},
         )
         objective = scale_objective(memory, extractor, criterion, runtime, size, batch.share)
         generators = [m.generator for m in criterion.style.values() if isinstance(m, SlicedOTStyleLoss)]
