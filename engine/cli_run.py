@@ -91,8 +91,12 @@ class Progress:
 
 def run_stylize(args: argparse.Namespace, share=None) -> int:
     """``nst stylize``; ``share``: this process is one of several computing one image (see ``run_job``)."""
+    from video.command import run_video, wants_video  # a video file, or --frames-dir (moves to cli/ with it)
+
     from .cli import config_from_args
 
+    if wants_video(args):
+        return run_video(args)
     config = config_from_args(args)
     if Path(args.content).is_dir():
         if share is not None:
