@@ -13,13 +13,18 @@ frame) or lies on a motion boundary, where flow is least accurate.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from engine.images import resize
+
 # Ruder et al.'s thresholds (after Sundaram, Brox and Keutzer 2010), in pixels and pixels squared.
 CONSISTENCY_RELATIVE, CONSISTENCY_ABSOLUTE = 0.01, 0.5
 BOUNDARY_RELATIVE, BOUNDARY_ABSOLUTE = 0.01, 0.002
+FLOW_MIN_SIDE = 256  # frames with a shorter long side are enlarged by a whole factor for the flow (dis_flow)
 
 
 def grey(image: torch.Tensor) -> np.ndarray:
@@ -38,8 +43,15 @@ def dis_flow(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     # run (a resumed video must compute exactly what the uninterrupted one did).
     cv2.setNumThreads(1)
     dis = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)
-    flow = dis.calc(grey(source), grey(target), None)  # (H, W, 2) float32
-    return torch.from_numpy(flow).permute(2, 0, 1).contiguous()
+    h, w = source.shape[-2:]
+    # DIS matches 8 px patches over a pyramid: on small frames it blurs a moving object's flow into its
+    # surroundings (and hides the disocclusion beside it). Small frames are matched enlarged instead.
+    factor = max(1, math.ceil(FLOW_MIN_SIDE / max(h, w)))
+    a, b = (resize(f, (h * factor, w * factor)) if factor > 1 else f for f in (source, target))
+    flow = torch.from_numpy(dis.calc(grey(a), grey(b), None)).permute(2, 0, 1)  # (2, H, W) float32
+    if factor > 1:
+        flow = F.avg_pool2d(flow[None], factor)[0] / factor
+    return flow.contiguous()
 
 
 def sample_grid(flow: torch.Tensor) -> torch.Tensor:
