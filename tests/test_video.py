@@ -193,8 +193,9 @@ def test_cli_stylizes_a_video_and_resumes_after_sigint_to_the_same_video(tmp_pat
     write_video(tmp_path / "in.mp4", c.frames, audio=True)
     args = ["stylize", "in.mp4", STYLE, "-s", 64, "--min-size", 32, "-n", 6, "--style-layers", "relu1_1,relu2_1"]
     args += ["--content-layers", "relu2_1", "--device", "cpu"]
-    nst(*args, "-o", "whole.mp4", cwd=tmp_path)
-    assert not (tmp_path / "whole.mp4.frames").exists()  # the work folder goes once the video is written
+    nst(*args, "-o", "plain.mp4", cwd=tmp_path)
+    assert not (tmp_path / "plain.mp4.frames").exists()  # the work folder goes once the video is written
+    nst(*args, "-o", "whole.mp4", "--keep-frames", cwd=tmp_path)
     proc = subprocess.Popen(
         [sys.executable, "-m", "engine", *map(str, args), "-o", "parts.mp4"],
         cwd=tmp_path,
@@ -213,10 +214,14 @@ def test_cli_stylizes_a_video_and_resumes_after_sigint_to_the_same_video(tmp_pat
     assert "run the same command again" in err and not (tmp_path / "parts.mp4").exists()
     kept = sorted(p.name for p in work.glob("frame_*.png"))
     assert 2 <= len(kept) < 5
-    again = nst(*args, "-o", "parts.mp4", cwd=tmp_path)
+    again = nst(*args, "-o", "parts.mp4", "--keep-frames", cwd=tmp_path)
     assert f"going on at frame {len(kept) + 1}/5" in again.stderr
+    # The stylised frames are bit for bit those of the uninterrupted run. (The H.264 bits of the two videos
+    # may still differ: x264 does not always encode the same frames to the same bits.)
+    assert tree(tmp_path / "whole.mp4.frames") == tree(work)
     decoded = [list(io.read_frames(tmp_path / name)) for name in ("whole.mp4", "parts.mp4")]
-    assert len(decoded[0]) == 5 and all(torch.equal(a, b) for a, b in zip(*decoded))
+    assert len(decoded[0]) == len(decoded[1]) == 5
+    assert all(float((a - b).abs().mean()) < 0.02 for a, b in zip(*decoded))
     with av.open(str(tmp_path / "parts.mp4")) as back:
         assert back.streams.audio and back.streams.video[0].average_rate == 12
 

@@ -57,6 +57,11 @@ def add_options(parser: argparse.ArgumentParser) -> None:
         "--long-term", action="store_true", help="also hold each frame to the outputs of frames t-2 and t-4"
     )
     group.add_argument(
+        "--keep-frames",
+        action="store_true",
+        help="keep the stylised frames (PNG) in OUTPUT.frames/ after the video is written",
+    )
+    group.add_argument(
         "--independent-frames",
         action="store_true",
         help="stylise every frame on its own, with the full schedule (the flickering baseline)",
@@ -180,7 +185,8 @@ def run_video(args: argparse.Namespace) -> int:
         audio_from=str(source) if info.audio else None,
         span=span,
     )
-    _remove_store(store)
+    if not args.keep_frames:
+        _remove_store(store)
     audio = ", audio copied" if info.audio else ""
     print(
         f"wrote {output} ({size[1]}x{size[0]}, {plural(total, 'frame')} at {float(info.fps):g} fps{audio}) "

@@ -167,7 +167,9 @@ def encode(
         with av.open(tmp, "w", format=OUTPUT_CONTAINERS[output.suffix.lower()]) as out:
             video = out.add_stream("libx264", rate=fps)
             video.pix_fmt = "yuv420p"
-            video.options = {"crf": str(CRF)}
+            # One thread, lookahead included: with its threads x264 made different bits from run to run for the
+            # same frames. (Some content still varies in its last bits; the frames themselves never do.)
+            video.options = {"crf": str(CRF), "x264-params": "threads=1:lookahead-threads=1"}
             source = av.open(audio_from) if audio_from else None
             try:
                 audio_in = source.streams.audio[0] if source is not None and source.streams.audio else None
@@ -175,8 +177,9 @@ def encode(
                 frames = iter(frames)
                 first = next(frames)
                 video.height, video.width = first.shape[:2]  # before the first frame: PyAV's default is 640x480
-                for arr in itertools.chain([first], frames):
+                for index, arr in enumerate(itertools.chain([first], frames)):
                     frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(arr), format="rgb24")
+                    frame.pts = index
                     out.mux(video.encode(frame))
                 out.mux(video.encode(None))
                 if audio_in is not None:

@@ -41,3 +41,37 @@ def _resize(image: torch.Tensor, size) -> torch.Tensor:
     from engine.images import resize
 
     return resize(image, size)
+
+
+def load_frames(source) -> list[torch.Tensor]:
+    """A video file's frames, or a folder's images in name order, as ``(3, H, W)`` tensors."""
+    from pathlib import Path
+
+    from engine.images import FORMATS, load_image
+
+    from .io import read_frames
+
+    path = Path(source)
+    if path.is_dir():
+        return [load_image(p) for p in sorted(path.iterdir()) if p.suffix.lower() in FORMATS]
+    return list(read_frames(path))
+
+
+def main(argv=None) -> int:
+    """``python -m video.measure CONTENT OUTPUT...``: the warping error of each output and of the content."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m video.measure", description=main.__doc__)
+    parser.add_argument("content", help="the content video (or folder of frames) the outputs were made from")
+    parser.add_argument("outputs", nargs="+", help="stylised videos or folders of frames, same frame count")
+    args = parser.parse_args(argv)
+    contents = load_frames(args.content)
+    rows = [("content (the floor)", contents)] + [(o, load_frames(o)) for o in args.outputs]
+    for name, frames in rows:
+        error = warping_error(frames, contents[: len(frames)])
+        print(f"{error:.6f}  {name}  ({len(frames)} frames)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -75,3 +75,33 @@ def make_clip(
         hidden.append(gone)
         where.append(on)
     return Clip(torch.stack(out), torch.stack(flows), torch.stack(hidden), torch.stack(where))
+
+
+def main(argv=None) -> int:
+    """``python -m video.synthetic OUT.mp4``: write the pan-and-square clip as a video (the docs' test clip)."""
+    import argparse
+    from fractions import Fraction
+
+    import numpy as np
+
+    from engine.images import load_image
+
+    from .io import encode
+
+    parser = argparse.ArgumentParser(prog="python -m video.synthetic", description=main.__doc__)
+    parser.add_argument("output")
+    parser.add_argument("--photo", required=True, help="the background photograph")
+    parser.add_argument("--patch", required=True, help="the photograph the moving square is cut from")
+    parser.add_argument("--frames", type=int, default=48)
+    parser.add_argument("--size", default="192x256", help="HxW (default: 192x256)")
+    parser.add_argument("--fps", type=int, default=12)
+    args = parser.parse_args(argv)
+    h, w = (int(v) for v in args.size.split("x"))
+    clip = make_clip(load_image(args.photo), load_image(args.patch), args.frames, (h, w))
+    frames = (np.rint(f.permute(1, 2, 0).numpy() * 255).astype(np.uint8) for f in clip.frames)
+    encode(frames, args.output, Fraction(args.fps), overwrite=False)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
