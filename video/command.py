@@ -27,7 +27,7 @@ MANIFEST = ".nst-video.json"
 
 def add_options(parser: argparse.ArgumentParser) -> None:
     """The video options of ``nst stylize`` (they apply when CONTENT is a video, or with --frames-dir)."""
-    from .run import LATER_STEPS, TEMPORAL_WEIGHT
+    from . import LATER_STEPS, TEMPORAL_WEIGHT
 
     group = parser.add_argument_group("video (CONTENT is a video file, or a folder of frames with --frames-dir)")
     group.add_argument(
@@ -169,13 +169,13 @@ def run_video(args: argparse.Namespace) -> int:
     except _Stopped:
         done = store.first_missing()
         print(
-            f"nst: stopped by {stop.name}; {plural(done, 'frame')} of {total} are in {store.folder}; "
+            f"nst: stopped by {stop.name}; {done} of {plural(total, 'frame')} are done, in {store.folder}; "
             "run the same command again to go on",
             file=sys.stderr,
         )
         return 128 + stop.signum
     if info is None:
-        print(f"wrote {plural(total, 'frame')} to {output} in {time.perf_counter() - started:.1f} s")
+        print(f"wrote {plural(total - start, 'frame')} to {output} in {time.perf_counter() - started:.1f} s")
         return 0
     io.encode(
         (_uint8(store.load(k)) for k in range(total)),

@@ -38,7 +38,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     rows = side_by_side([Path(f) for f in args.folders], args.scale)
     if args.output.endswith(".gif"):
-        frames = [Image.fromarray(r).quantize(colors=128, method=Image.MEDIANCUT) for r in rows]
+        frames = [Image.fromarray(r).quantize(colors=96, method=Image.MEDIANCUT) for r in rows]
         frames[0].save(args.output, save_all=True, append_images=frames[1:], duration=round(1000 / args.fps), loop=0)
     else:
         from .io import encode

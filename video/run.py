@@ -31,13 +31,9 @@ from engine.runner import Batch, Session, decode_jobs, load_masks, run_batch
 from engine.schedule import Scale, build_schedule
 from engine.temporal import TemporalLoss
 
+from . import LATER_STEPS, TEMPORAL_WEIGHT
 from . import flow as fl
 
-# The temporal term's weight beside content 1, style 4, TV 2 (engine.Config's defaults). The term is a mean
-# squared pixel difference (0-1 scale) over the frame: an error of 0.05 (13 grey levels) everywhere costs
-# 0.0025 x weight. Measured in docs/video.md: below ~100 the style drifts from frame to frame again.
-TEMPORAL_WEIGHT = 200.0
-LATER_STEPS = 0.5  # frames after the first: this fraction of --steps, at the output size (docs/video.md)
 LONG_TERM = (1, 2, 4)  # the earlier frames the long-term terms look back to
 
 
