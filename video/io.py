@@ -22,7 +22,8 @@ import torch
 from engine.errors import UserError
 from engine.files import create_temporary, publish
 
-VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v", ".ts", ".mpg", ".mpeg", ".gif")
+# Not .gif: a GIF content has always been an image (its first frame), and stays one.
+VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v", ".ts", ".mpg", ".mpeg")
 OUTPUT_CONTAINERS = {".mp4": "mp4", ".mov": "mov", ".mkv": "matroska"}
 CRF = 16  # x264's quality: visually lossless for stylised frames, whose brush texture costs bits
 
