@@ -297,3 +297,14 @@ def test_a_plain_folder_still_means_independent_images_and_frames_needs_a_video(
     assert "'pics' is not a video file" in capsys.readouterr().err
     assert main(["stylize", "pics", str(STYLE), "-o", "out"]) == 2  # the folder of images it always was
     assert "has no images" in capsys.readouterr().err
+
+
+def test_only_video_extensions_switch_to_video_mode():
+    from argparse import Namespace
+
+    from video.command import wants_video
+
+    assert wants_video(Namespace(content="clip.MP4", frames=None, frames_dir=False))
+    assert wants_video(Namespace(content="frames", frames=None, frames_dir=True))
+    for image in ("photo.jpg", "anim.gif", "folder"):  # a GIF has always been an image, its first frame
+        assert not wants_video(Namespace(content=image, frames=None, frames_dir=False))
