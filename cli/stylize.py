@@ -145,8 +145,12 @@ class FileJob:
 def prepare_stylize(args: argparse.Namespace):
     """``nst stylize``'s arguments for one image, checked and made into ``(job, config, resume)`` for
     ``run_file_job`` (``scale.tiled`` calls it too: the processes there share one image)."""
+    from video.command import wants_video
+
     from .options import config_from_args
 
+    if wants_video(args):
+        raise UserError("processes share one image, not a video's frames; run the video with nst stylize alone")
     config = config_from_args(args)
     if Path(args.content).is_dir():
         raise UserError("processes share one image, not a folder of contents; a folder's jobs go to --ray")
@@ -176,9 +180,13 @@ def prepare_resume(args: argparse.Namespace):
 
 
 def run_stylize(args: argparse.Namespace) -> int:
-    """``nst stylize``: one image, or a folder of them."""
+    """``nst stylize``: one image, a folder of them, or a video (``video/``: a video file, or ``--frames-dir``)."""
+    from video.command import run_video, wants_video
+
     from .options import config_from_args
 
+    if wants_video(args):
+        return run_video(args)
     config = config_from_args(args)
     if Path(args.content).is_dir():
         if args.checkpoint_every or args.resume:

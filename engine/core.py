@@ -275,9 +275,13 @@ class Batch:
     indices: tuple[int, ...] = (0,)  # the jobs' places in the caller's list, for StepInfo.jobs
     saving: Optional[Saving] = None
     control: Control = field(default_factory=Control)
+    schedule: Optional[list[Scale]] = None  # None: the jobs' own coarse-to-fine schedule (from config)
+    # Image terms beside content, style and TV, made per scale: ``(height, width) -> {name: (weight, term)}`` with
+    # one target per job (see ``losses.StyleTransferLoss``'s ``extra``); video/ brings its temporal term this way.
+    extra_terms: Optional[Callable[[int, int], dict]] = None
 
-    def schedule(self, min_side: int) -> list[Scale]:
-        return self.jobs[0].schedule(self.config, min_side)
+    def scales(self, min_side: int) -> list[Scale]:
+        return self.schedule or self.jobs[0].schedule(self.config, min_side)
 
 
 def plan_batches(schedules: Sequence[Sequence[Scale]], config: Config) -> list[list[int]]:
@@ -325,7 +329,7 @@ def run_batch(core: Core, batch: Batch) -> list[Result]:
     """
     started = time.perf_counter()
     config, runtime, jobs, share, control = batch.config, batch.runtime, batch.jobs, core.share, batch.control
-    schedule = batch.schedule(core.min_side)
+    schedule = batch.scales(core.min_side)
     leader = share is None or share.leader  # of processes sharing the jobs, only one writes files
     saving = batch.saving or Saving(None, {}, None)
     plan, resume = saving.plan, saving.resume
@@ -369,6 +373,9 @@ def run_batch(core: Core, batch: Batch) -> list[Result]:
             masks=scale_masks,
             tiling=memory.tiling,
             style_cache=core.style_cache,
+            extra_terms=None
+            if batch.extra_terms is None
+            else {k: (w, term.to(runtime.device)) for k, (w, term) in batch.extra_terms(*size).items()},
         )
         objective = scale_objective(
             memory=memory, extractor=extractor, criterion=criterion, runtime=runtime, size=size, share=share

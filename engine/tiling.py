@@ -269,6 +269,7 @@ class TiledObjective:
                     term.from_sums(sums[name])
         style = sum(w * term.finish() for term, w in zip(terms.values(), criterion.style_layer_weights))
         content = tv = image.new_zeros(())
+        extra: dict[str, torch.Tensor] = {}
         weights = criterion.weights
         layout = torch.channels_last if _is_channels_last(image) else torch.contiguous_format
         for tile in self.tiles:  # pass 2: each tile's share of the gradient
@@ -289,13 +290,21 @@ class TiledObjective:
             )
             tile_tv = criterion.tv.partial(crop, tile.own_in_crop(), (grid.height, grid.width))
             surrogate = weights["content"] * tile_content + weights["style"] * tile_style + weights["tv"] * tile_tv
+            # Extra image terms (StyleTransferLoss.extra) are per pixel like TV: each tile's share is its own.
+            tile_extra = {
+                name: term.partial(crop, tile.own_in_crop(), (grid.height, grid.width), (tile.crop[0], tile.crop[2]))
+                for name, term in criterion.extra.items()
+            }
+            surrogate = surrogate + sum((weights[k] * v for k, v in tile_extra.items()), image.new_zeros(()))
             (surrogate if scale is None else surrogate * scale).backward()  # fp16's loss scale: see LossScale
             y0, y1, x0, x1 = tile.crop
             image.grad[..., y0:y1, x0:x1] += crop.grad
             content, tv = content + tile_content.detach(), tv + tile_tv.detach()
+            extra = {k: extra.get(k, 0) + v.detach() for k, v in tile_extra.items()}
+        extra = {k: extra.get(k, image.new_zeros(())) for k in criterion.extra}  # zeros for a process without tiles
         if self.share is not None:
-            self.share.all_reduce([image.grad, content, tv])
-        parts = {"content": content, "style": style, "tv": tv}
+            self.share.all_reduce([image.grad, content, tv, *extra.values()])
+        parts = {"content": content, "style": style, "tv": tv, **extra}
         total = sum(weights[k] * v for k, v in parts.items())
         return total, parts
 
