@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     st.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     add_config_options(st)
-    from video.command import add_options as add_video_options  # the shell's video mode (moves to cli/ with it)
+    from .video import add_options as add_video_options  # the shell's video mode
 
     add_video_options(st)
     st.set_defaults(run=lambda args: _run("run_stylize", args))

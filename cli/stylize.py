@@ -20,6 +20,8 @@ from typing import Optional
 from engine.control import Control
 from engine.errors import UserError, is_out_of_memory, plural
 
+from .signals import StopOnSignal
+
 
 class ProgressBar:
     """A tqdm bar made at the first step, so that a run failing before it leaves no empty bar behind.
@@ -145,9 +147,8 @@ class FileJob:
 def prepare_stylize(args: argparse.Namespace):
     """``nst stylize``'s arguments for one image, checked and made into ``(job, config, resume)`` for
     ``run_file_job`` (``scale.tiled`` calls it too: the processes there share one image)."""
-    from video.command import wants_video
-
     from .options import config_from_args
+    from .video import wants_video
 
     if wants_video(args):
         raise UserError("processes share one image, not a video's frames; run the video with nst stylize alone")
@@ -181,9 +182,8 @@ def prepare_resume(args: argparse.Namespace):
 
 def run_stylize(args: argparse.Namespace) -> int:
     """``nst stylize``: one image, a folder of them, or a video (``video/``: a video file, or ``--frames-dir``)."""
-    from video.command import run_video, wants_video
-
     from .options import config_from_args
+    from .video import run_video, wants_video
 
     if wants_video(args):
         return run_video(args)
@@ -354,39 +354,6 @@ def _shown(path: Path) -> str:
         return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
     except ValueError:
         return str(path)
-
-
-class StopOnSignal:
-    """While active, SIGINT and SIGTERM call ``stop()`` (a ``Control``'s ``interrupt`` or ``cancel``): the run
-    stops after the current step. A second SIGINT stops at once (``KeyboardInterrupt``)."""
-
-    def __init__(self, stop):
-        self.stop = stop
-        self.signum = 0
-        self.name = ""
-        self._previous = {}
-
-    def _handle(self, signum, frame):
-        import signal
-
-        if self.signum and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # asked twice: the user wants out now
-        self.signum, self.name = signum, signal.Signals(signum).name
-        self.stop()
-
-    def __enter__(self):
-        import signal
-
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        import signal
-
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        return False
 
 
 def _runner(name: str):

@@ -2,7 +2,7 @@
 
 An outer layer, like serve/ and scale/: it builds on engine/ (which never imports it). ``video.run`` is
 the frame loop, ``video.flow`` the optical flow and its weights, ``video.io`` the files (PyAV),
-``video.command`` the ``nst stylize VIDEO`` mode, ``video.measure`` the warping error. See docs/video.md.
+``cli/video.py`` (the shell) the ``nst stylize VIDEO`` mode, ``video.measure`` the warping error. See docs/video.md.
 """
 
 # The temporal term's weight beside content 1, style 4, TV 2 (engine.Config's defaults). The term is a mean

@@ -26,7 +26,7 @@ MANIFEST = ".nst-video.json"
 
 def add_options(parser: argparse.ArgumentParser) -> None:
     """The video options of ``nst stylize`` (they apply when CONTENT is a video, or with --frames-dir)."""
-    from . import LATER_STEPS, TEMPORAL_WEIGHT
+    from video import LATER_STEPS, TEMPORAL_WEIGHT
 
     group = parser.add_argument_group("video (CONTENT is a video file, or a folder of frames with --frames-dir)")
     group.add_argument(
@@ -68,7 +68,7 @@ def add_options(parser: argparse.ArgumentParser) -> None:
 
 
 def wants_video(args: argparse.Namespace) -> bool:
-    from .io import is_video
+    from video.io import is_video
 
     if getattr(args, "frames_dir", False):
         return True
@@ -81,12 +81,12 @@ def wants_video(args: argparse.Namespace) -> bool:
 
 def run_video(args: argparse.Namespace) -> int:
     """``nst stylize`` in video mode."""
-    from cli.options import config_from_args
     from engine.images import load_image
     from engine.sizes import check_size
+    from video import io
+    from video.run import FrameStore, VideoSettings, frame_size
 
-    from . import io
-    from .run import FrameStore, VideoSettings, frame_size
+    from .options import config_from_args
 
     config = config_from_args(args)
     for name, given in (
@@ -146,8 +146,9 @@ def run_video(args: argparse.Namespace) -> int:
         print(
             f"nst: going on at frame {start + 1}/{total}: the frames before it are in {store.folder}", file=sys.stderr
         )
-    from cli.stylize import StopOnSignal
     from engine.control import Control, Stopped
+
+    from .signals import StopOnSignal
 
     started = time.perf_counter()
     control = Control()
@@ -161,7 +162,7 @@ def run_video(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
 
-    from .run import stylize_frames
+    from video.run import stylize_frames
 
     try:
         with stop:
