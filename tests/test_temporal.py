@@ -75,7 +75,7 @@ def test_tiled_loss_and_gradient_with_the_term_equal_untiled_in_float64(tile):
     torch.testing.assert_close(total, sum(criterion.weights[k] * v for k, v in parts.items()))
     grid = Tiling(tile, Geometry.of(config.model, config.feature_layers)).grid(*image.shape[-2:])
     tiled, tiled_parts, tiled_grad = loss_and_grad(
-        TiledObjective(extractor, criterion, grid, contextlib.nullcontext), image
+        TiledObjective(extractor, criterion, grid, autocast=contextlib.nullcontext), image
     )
     torch.testing.assert_close(tiled, total, rtol=1e-10, atol=0)
     for name in ("content", "style", "tv", "temporal"):
@@ -85,4 +85,13 @@ def test_tiled_loss_and_gradient_with_the_term_equal_untiled_in_float64(tile):
 
 def test_an_extra_term_may_not_take_a_built_in_name():
     with pytest.raises(ValueError, match="tv"):
-        StyleTransferLoss({}, {}, [], [], 1.0, 1.0, 1.0, extra={"tv": (1.0, term())})
+        StyleTransferLoss(
+            {},
+            {},
+            content_layer_weights=[],
+            style_layer_weights=[],
+            content_weight=1.0,
+            style_weight=1.0,
+            tv_weight=1.0,
+            extra={"tv": (1.0, term())},
+        )

@@ -304,7 +304,7 @@ def test_a_plain_folder_still_means_independent_images_and_frames_needs_a_video(
 def test_only_video_extensions_switch_to_video_mode():
     from argparse import Namespace
 
-    from .video import wants_video
+    from cli.video import wants_video
 
     assert wants_video(Namespace(content="clip.MP4", frames=None, frames_dir=False))
     assert wants_video(Namespace(content="frames", frames=None, frames_dir=True))
