@@ -286,7 +286,8 @@ def run_job(job: dict, config, quiet: bool, resume, fresh_output: bool, share=No
         if leftover.exists():
             leftover.unlink()
     h, w = result.image.shape[-2:]
-    print(f"wrote {_shown(written)} ({w}x{h}, {len(result.history)} steps) in {time.perf_counter() - started:.1f} s")
+    steps = plural(len(result.history), "step")
+    print(f"wrote {_shown(written)} ({w}x{h}, {steps}) in {time.perf_counter() - started:.1f} s")
     return 0
 
 
