@@ -90,6 +90,7 @@ def test_parse_config_takes_stylize_settings_and_refuses_others():
         quality.parse_config("x:style_loss=nope")
 
 
+@pytest.mark.slow
 def test_nst_bench_quality_writes_results_curves_and_images(tmp_path):
     from engine.cli import main
 
