@@ -344,7 +344,8 @@ def run_file_job(job: FileJob, config, *, resume: Optional[dict] = None, quiet: 
     # covers a run interrupted before its first step), and a resumed job's interrupted picture is superseded.
     checkpoint.discard(str(ckpt_path), str(partial) if resume is not None else None)
     h, w = result.image.shape[-2:]
-    print(f"wrote {_shown(written)} ({w}x{h}, {len(result.history)} steps) in {time.perf_counter() - started:.1f} s")
+    steps = plural(len(result.history), "step")
+    print(f"wrote {_shown(written)} ({w}x{h}, {steps}) in {time.perf_counter() - started:.1f} s")
     return 0
 
 

@@ -33,6 +33,7 @@ STYLE_LOSSES = Names()
 # long-lived Engine is built from (engine.service.FIXED).
 EXTRACTOR_FIELDS = ("model", "weights", "preprocess", "pooling", "padding", "content_layers", "style_layers", "device")
 RUNTIME_FIELDS = ("precision", "memory_format", "backend", "cuda_graphs")
+MIN_SIZE_DEFAULT = 128
 # A sanity bound, not a memory estimate: beyond this a typo is far likelier than intent.
 MAX_SIZE = 16384
 
@@ -114,7 +115,12 @@ class Config:
     # How to optimise.
     size: int = field(default=512, metadata={"http": True, "help": "long side of the output in pixels"})
     min_size: int = field(
-        default=128, metadata={"http": True, "help": "long side of the first, coarsest scale (scales grow by sqrt(2))"}
+        default=MIN_SIZE_DEFAULT,
+        metadata={
+            "http": True,
+            "help": "long side of the first, coarsest scale (scales grow by sqrt(2)); at most --size, except "
+            f"the default {MIN_SIZE_DEFAULT}, which means one scale when --size is smaller"
+        },
     )
     steps: int = field(
         default=200,
@@ -227,6 +233,12 @@ class Config:
         ):
             raise UserError(
                 f"{option('style_size')} must be a whole number from 1 to {MAX_SIZE}, not {self.style_size!r}"
+            )
+        if self.min_size > self.size and self.min_size != MIN_SIZE_DEFAULT:
+            # The default (128) stays valid below it (a 64 px run is one scale); a chosen one says what it means.
+            raise UserError(
+                f"{option('min_size')} {self.min_size} is larger than {option('size')} {self.size}: the first scale "
+                f"cannot be larger than the last; give a {option('min_size')} of at most {self.size} (equal: one scale)"
             )
         if self.size > MAX_SIZE:
             raise UserError(f"{option('size')} {self.size} is larger than the {MAX_SIZE} px this engine accepts")
