@@ -116,7 +116,7 @@ OPTIONS = {
     "output exists": (["-o", "taken.png"], "output 'taken.png' already exists; pass --overwrite"),
 }
 
-# More cases, run in this process through engine.cli.main (each subprocess costs a torch import, and the
+# More cases, run in this process through cli.main.main (each subprocess costs a torch import, and the
 # machine is shared): the same contract, one line and exit 2, nothing touched.
 OPTIONS_IN_PROCESS = {
     # Every size that reaches the network is checked in one place (engine/sizes.py), the limit included.
