@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 DEMO   := out/tubingen_starry_night.png
 
-.PHONY: demo test bench serve clean
+.PHONY: demo test bench serve gpu-carry gpu-check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,17 @@ serve: $(VENV)/.installed-serve
 bench: $(VENV)/.installed-test
 	mkdir -p out
 	$(BIN)/nst bench --json out/bench.json --overwrite
+
+# The wheels a bare GPU machine lacks, for its Python 3.12, into .gpu-wheels/ (docs/gpu-check.md).
+gpu-carry: $(VENV)/.installed
+	$(BIN)/python -m bench.carry
+
+# The prepared GPU check, every stage under a time cap (docs/gpu-check.md); results in bench/results/<gpu>/.
+# `make gpu-check ARGS=--dry-run` rehearses it on the CPU. It needs no .venv: on a GPU machine without one,
+# the machine's own python3 runs it (after the install line in docs/gpu-check.md).
+GPU_CHECK_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON))
+gpu-check:
+	$(GPU_CHECK_PYTHON) -m bench.gpu_check $(ARGS)
 
 clean:
 	rm -rf out .pytest_cache .benchmarks

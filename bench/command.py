@@ -61,7 +61,7 @@ def register(sub) -> None:
     )
     p.set_defaults(run=run)
 
-    sub_bench = p.add_subparsers(dest="bench_command", metavar="{compare,highres}", required=False)
+    sub_bench = p.add_subparsers(dest="bench_command", metavar="{compare,highres,quality}", required=False)
     c = sub_bench.add_parser(
         "compare",
         help="compare two recorded runs: NEW/OLD per row, marked only outside the noise",
@@ -110,6 +110,46 @@ def register(sub) -> None:
         help="time ratios only, the modes' steps taken in turn in one process per size (robust on a busy machine)",
     )
     h.set_defaults(run=run_highres)
+    q = sub_bench.add_parser(
+        "quality",
+        help="judge results by measures the optimisation does not use, against time and pixel-steps",
+        description="Run each configuration on each (content, style) pair and judge snapshots along the run: "
+        "style (sliced Wasserstein distance to the style at ten VGG layers no default loss reads), content "
+        "(feature distance to the photo at relu3_2 and relu4_3) and colour (distance of the colour "
+        "distributions). Style and colour are 1.0 for the photo itself and 0 for the style; content is 0 for the "
+        "photo and 1.0 for the style image. See docs/quality.md.",
+    )
+    q.add_argument(
+        "--pair",
+        nargs=2,
+        action="append",
+        metavar=("CONTENT", "STYLE"),
+        help="a content photo and a style image (repeatable; default: the bundled examples)",
+    )
+    q.add_argument(
+        "--config",
+        action="append",
+        metavar="NAME[:KEY=VALUE;...]",
+        help="a configuration: a name and stylize settings, e.g. 'ot:style_loss=ot' or "
+        "'decay:style_layer_weights=256,64,16,4,1' (repeatable; default: 'default', the defaults)",
+    )
+    q.add_argument("--size", type=_positive, default=256, help="long side of the results (default: 256)")
+    q.add_argument(
+        "--snapshot-every", type=_positive, default=50, metavar="N", help="judge the image every N steps (default: 50)"
+    )
+    q.add_argument(
+        "--seeds", type=_sizes_or_zero, default=[0], metavar="A,B", help="run seeds (--seed) of each run (default: 0)"
+    )
+    q.add_argument("--judge-seed", type=int, default=0, help="seed of the judge's random projections (default: 0)")
+    q.add_argument(
+        "--out",
+        type=Path,
+        default=Path("bench/results/quality"),
+        metavar="DIR",
+        help="where results.json, curves.png and the result images go (default: bench/results/quality)",
+    )
+    q.add_argument("--overwrite", action="store_true", help="replace an existing DIR/results.json")
+    q.set_defaults(run=run_quality)
 
 
 def _positive(text: str) -> int:
@@ -144,6 +184,16 @@ def _sweep(text: str) -> tuple[int, int, Optional[int]]:
     return low, high, count[0] if count else None
 
 
+def _sizes_or_zero(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of whole numbers from 0 up")
+    return values
+
+
 def _sizes(text: str) -> list[int]:
     return [_positive(part) for part in text.split(",") if part.strip()]
 
@@ -168,7 +218,7 @@ def run(args: argparse.Namespace) -> int:
         path = suite.profile(args.only[0] if args.only else "all", size, args.device, args.profile)
         print(f"wrote {path} (open it in https://ui.perfetto.dev or chrome://tracing)")
         return 0
-    results = suite.run(sizes, args.device, args.warmup, args.repeats, args.batch, only)
+    results = suite.run(sizes, args.device, warmup=args.warmup, repeats=args.repeats, batch=args.batch, only=only)
     if args.json:
         print(f"wrote {suite.write_json(results, args.json, args.overwrite)}")
     if args.plot:
@@ -184,6 +234,25 @@ def run_highres(args: argparse.Namespace) -> int:
     return highres.table(
         args.sizes.split(","), args.modes.split(","), args.steps, args.device, args.json, args.interleave
     )
+
+
+def run_quality(args: argparse.Namespace) -> int:
+    from engine.files import check_writable
+
+    from . import quality
+
+    root = Path(__file__).resolve().parents[1]
+    pairs = args.pair or [(str(root / "examples/tubingen.jpg"), str(root / "examples/starry_night.jpg"))]
+    configs = [quality.parse_config(text) for text in args.config or ["default"]]
+    json_path = args.out / "results.json"
+    args.out.mkdir(parents=True, exist_ok=True)
+    check_writable(json_path, args.overwrite, what="results file")  # refused now, not after the runs
+    results = quality.run_quality(pairs, configs, args.size, args.snapshot_every, args.seeds, args.judge_seed, args.out)
+    print(f"wrote {quality.write_json(results, json_path, args.overwrite)}")
+    print(f"wrote {quality.plot_curves(results, args.out / 'curves.png')}")
+    for line in quality.summary(results):
+        print(line)
+    return 0
 
 
 def run_compare(args: argparse.Namespace) -> int:

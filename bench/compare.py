@@ -41,7 +41,7 @@ class Timings:
     rows: dict[Key, tuple[float, Optional[list[float]]]]
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Change:
     key: Key
     old_ms: float
@@ -103,7 +103,7 @@ def compare(old: Timings, new: Timings, noise: float = 0.20) -> Comparison:
             verdict = "slower" if low > 1 and ratio > 1 + noise else "faster" if high < 1 and ratio < 1 - noise else "~"
         else:
             ratio, interval, verdict = new_ms / old_ms, None, "?"
-        changes.append(Change(key, old_ms, new_ms, ratio, interval, verdict))
+        changes.append(Change(key=key, old_ms=old_ms, new_ms=new_ms, ratio=ratio, interval=interval, verdict=verdict))
     return Comparison(changes, [k for k in old.rows if k not in new.rows], [k for k in new.rows if k not in old.rows])
 
 

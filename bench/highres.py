@@ -32,7 +32,7 @@ from engine.files import write_atomically
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _build(height: int, width: int, mode: str, device: str, extractor=None):
+def _build(height: int, width: int, mode: str, device: str, extractor=None, precision: str = "auto"):
     """``(step, memory plan, runtime, extractor, seconds spent on the targets)`` for one mode.
 
     ``mode`` is a ``--tile`` value, or ``TILE/lagged`` for tiles with ``--tile-stats lagged`` (the untimed
@@ -48,7 +48,12 @@ def _build(height: int, width: int, mode: str, device: str, extractor=None):
 
     tile, _, stats = mode.partition("/")
     config = Config(
-        device=device, tile=tile, tile_stats=stats or "exact", size=max(height, width), max_pixels=height * width
+        device=device,
+        tile=tile,
+        tile_stats=stats or "exact",
+        size=max(height, width),
+        max_pixels=height * width,
+        precision=precision,
     )
     runtime = resolve_runtime(config)
     extractor = extractor or loop_extractor(config, runtime)
@@ -56,9 +61,18 @@ def _build(height: int, width: int, mode: str, device: str, extractor=None):
     style = load_image(ROOT / "examples/starry_night.jpg")
     memory = plan_scale(config, runtime, height, width, checkpointable=isinstance(extractor, VGGFeatures))
     started = time.perf_counter()
-    criterion = build_criterion(config, extractor, content, [([style], (1.0,))], 16, runtime, tiling=memory.tiling)
+    criterion = build_criterion(
+        config, extractor, content, [([style], (1.0,))], min_side=16, runtime=runtime, tiling=memory.tiling
+    )
     targets = time.perf_counter() - started
-    objective = scale_objective(memory, extractor, criterion, runtime, (height, width), stats=config.tile_stats)
+    objective = scale_objective(
+        memory=memory,
+        extractor=extractor,
+        criterion=criterion,
+        runtime=runtime,
+        size=(height, width),
+        stats=config.tile_stats,
+    )
     step = make_step(content.clone().requires_grad_(True), objective, "adam", config.lr, runtime)
     return step, memory, runtime, extractor, targets
 
@@ -88,13 +102,13 @@ def interleaved(height: int, width: int, modes: list[str], steps: int, device: s
     return {mode: statistics.median(values) for mode, values in ratios.items()}
 
 
-def measure(height: int, width: int, tile: str, steps: int, device: str) -> dict:
+def measure(height: int, width: int, tile: str, steps: int, device: str, precision: str = "auto") -> dict:
     """One row, in this process."""
     import torch
 
     from engine.memory import GiB
 
-    step, memory, runtime, _, targets = _build(height, width, tile, device)
+    step, memory, runtime, _, targets = _build(height, width, tile, device, precision=precision)
     times = []
     for i in range(steps + 1):
         started = time.perf_counter()
@@ -120,6 +134,7 @@ def measure(height: int, width: int, tile: str, steps: int, device: str) -> dict
         "peak_gib": peak / GiB,
         "estimate_gib": memory.estimate / GiB,
         "device": runtime.device.type,
+        "precision": runtime.precision,
     }
 
 
@@ -219,11 +234,12 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--interleave", action="store_true", help="MODE is a comma-separated list; time ratios only")
+    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "tf32", "bf16", "fp16"))
     args = parser.parse_args(argv)
     if args.interleave:
         print(json.dumps(interleaved(*_size(args.row[0]), args.row[1].split(","), max(args.steps, 1), args.device)))
         return 0
-    print(json.dumps(measure(*_size(args.row[0]), args.row[1], args.steps, args.device)))
+    print(json.dumps(measure(*_size(args.row[0]), args.row[1], args.steps, args.device, args.precision)))
     return 0
 
 

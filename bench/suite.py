@@ -35,7 +35,7 @@ import statistics
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
@@ -150,9 +150,14 @@ def _fields(lever: Lever) -> dict:
     return {**fields, "batch": lever.batch}
 
 
-def measure_matmul_peak(device: torch.device, precisions, repeats: int = 10) -> dict[str, float]:
-    """TFLOP/s of an N x N x N matmul in each precision, measured now (the ceiling for the % column)."""
-    n = MATMUL_N[device.type]
+def measure_matmul_peak(
+    device: torch.device, precisions, repeats: int = 10, n: Optional[int] = None
+) -> dict[str, float]:
+    """TFLOP/s of an N x N x N matmul in each precision, measured now (the ceiling for the % column).
+
+    ``n`` defaults to ``MATMUL_N`` for the device; a smaller one only for a quick look (it may miss the peak).
+    """
+    n = n or MATMUL_N[device.type]
     dtypes = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     peaks = {}
     for precision in dict.fromkeys(precisions):
@@ -200,10 +205,16 @@ def build_step(lever: Lever, size: int, device: torch.device, base: Optional[Con
     extractor = loop_extractor(config, runtime)
     min_side = 2 ** downsampling(config.model, config.feature_layers)
     jobs = [([style], (1.0,))] * lever.batch
-    memory = plan_scale(config, runtime, size, size, lever.batch, checkpointable=isinstance(extractor, VGGFeatures))
-    criterion = build_criterion(config, extractor, batch, jobs, min_side, runtime, tiling=memory.tiling)
+    memory = plan_scale(
+        config, runtime, size, size, batch=lever.batch, checkpointable=isinstance(extractor, VGGFeatures)
+    )
+    criterion = build_criterion(
+        config, extractor, batch, jobs, min_side=min_side, runtime=runtime, tiling=memory.tiling
+    )
     image = batch.clone().requires_grad_(True)
-    objective = scale_objective(memory, extractor, criterion, runtime, (size, size))
+    objective = scale_objective(
+        memory=memory, extractor=extractor, criterion=criterion, runtime=runtime, size=(size, size)
+    )
     return make_step(image, objective, "adam", config.lr, runtime), config
 
 
@@ -323,6 +334,7 @@ def select(levers: list[Lever], only: Optional[list[str]]) -> list[Lever]:
 def run(
     sizes=None,
     device_name: str = "auto",
+    *,
     warmup: int = 5,
     repeats: int = 20,
     batch: int = 4,
@@ -365,29 +377,49 @@ def run(
     log(HEADER)
     rows = []
     for size in sizes:
-        baseline = None
-        for lever in levers:
-            try:
-                row = run_row(lever, size, device, warmup, repeats, build)
-            except (torch.OutOfMemoryError, RuntimeError) as exc:
-                # CUDA raises OutOfMemoryError; the CPU allocator a RuntimeError ("can't allocate memory").
-                if not isinstance(exc, torch.OutOfMemoryError) and "allocate" not in str(exc):
-                    raise
-                row = {"config": lever.name, **_fields(lever), "size": size, "error": "out of memory"}
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-            if "error" not in row:
-                row["pct_matmul_peak"] = 100 * row["tflops"] / peaks[lever.precision]
-                if lever.name == "baseline":
-                    baseline = row
-                per_image = row["ms_per_step"] / lever.batch
-                row["speedup"] = baseline["ms_per_step"] / per_image if baseline else None
+        for row in rows_at(size, levers, device, warmup=warmup, repeats=repeats, peaks=peaks, build=build):
             rows.append(row)
             log(format_row(row))
     fits = fit_levers(rows)
     for name, fit in fits.items():
         log(f"cost model {name}: {fit['text']}")
     return {"meta": meta, "rows": rows, "fits": fits}
+
+
+def rows_at(
+    size: int,
+    levers: list[Lever],
+    device: torch.device,
+    *,
+    warmup: int,
+    repeats: int,
+    peaks: dict[str, float],
+    build: StepBuilder = build_step,
+) -> Iterator[dict]:
+    """Each lever's row at one size, as it is timed, with its share of ``peaks`` and its speed-up.
+
+    The speed-up is over the ``baseline`` lever's row of the same size (put it first). A generator, so
+    that a caller with a deadline (``bench/gpu_check.py``) can stop between rows.
+    """
+    baseline = None
+    for lever in levers:
+        try:
+            row = run_row(lever, size, device, warmup, repeats, build)
+        # torch.cuda's name for the class: torch.OutOfMemoryError is the same class, but only from torch 2.5.
+        except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:
+            # CUDA raises OutOfMemoryError; the CPU allocator a RuntimeError ("can't allocate memory").
+            if not isinstance(exc, torch.cuda.OutOfMemoryError) and "allocate" not in str(exc):
+                raise
+            row = {"config": lever.name, **_fields(lever), "size": size, "error": "out of memory"}
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        if "error" not in row:
+            row["pct_matmul_peak"] = 100 * row["tflops"] / peaks[lever.precision]
+            if lever.name == "baseline":
+                baseline = row
+            per_image = row["ms_per_step"] / lever.batch
+            row["speedup"] = baseline["ms_per_step"] / per_image if baseline else None
+        yield row
 
 
 PEAK_MEMORY = {

@@ -25,6 +25,18 @@ from .options import _list_of, add_config_options, config_from_args
 EXIT_FAILED_CHECK = 1
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
+# What other style-transfer tools call the output's long side; difflib would offer --style-scale or --style-size.
+OUTPUT_SIZE_NAMES = {
+    "--end-scale",
+    "--image-size",
+    "--image_size",
+    "--output-size",
+    "--out-size",
+    "--max-size",
+    "--long-side",
+    "--resolution",
+    "--img-size",
+}
 EXPORT_FORMATS = ("torchscript", "onnx")
 FORMAT_OF_SUFFIX = {".pt": "torchscript", ".ts": "torchscript", ".torchscript": "torchscript", ".onnx": "onnx"}
 
@@ -67,7 +79,10 @@ class _Parser(argparse.ArgumentParser):
                 command = next((a for a in self.argv if a in action.choices), None)
                 if command is not None:
                     known = [s for a in action.choices[command]._actions for s in a.option_strings]
-        close = difflib.get_close_matches(unknown[1].split("=")[0], known, n=1, cutoff=0.6)
+        given = unknown[1].split("=")[0]
+        if given in OUTPUT_SIZE_NAMES and "--size" in known:  # other tools' names for the output size
+            return "; did you mean --size (the long side of the output)?"
+        close = difflib.get_close_matches(given, known, n=1, cutoff=0.6)
         return f"; did you mean {close[0]}?" if close else ""
 
 
@@ -132,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     st.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     add_config_options(st)
+    from .video import add_options as add_video_options  # the shell's video mode
+
+    add_video_options(st)
     st.set_defaults(run=lambda args: _run("run_stylize", args))
 
     rs = sub.add_parser(
@@ -310,7 +328,7 @@ def run_plot(args: argparse.Namespace) -> int:
     check_plot_output(Path(args.output), args.overwrite)  # before reading: a bad name costs nothing
     records = read_log(Path(args.log))
     written = plot_log(records, Path(args.output), args.overwrite, title=Path(args.log).name)
-    print(f"wrote {written} ({len(records)} steps)")
+    print(f"wrote {written} ({plural(len(records), 'step')})")
     return 0
 
 

@@ -20,6 +20,8 @@ from typing import Optional
 from engine.control import Control
 from engine.errors import UserError, is_out_of_memory, plural
 
+from .signals import StopOnSignal
+
 
 class ProgressBar:
     """A tqdm bar made at the first step, so that a run failing before it leaves no empty bar behind.
@@ -146,7 +148,10 @@ def prepare_stylize(args: argparse.Namespace):
     """``nst stylize``'s arguments for one image, checked and made into ``(job, config, resume)`` for
     ``run_file_job`` (``scale.tiled`` calls it too: the processes there share one image)."""
     from .options import config_from_args
+    from .video import wants_video
 
+    if wants_video(args):
+        raise UserError("processes share one image, not a video's frames; run the video with nst stylize alone")
     config = config_from_args(args)
     if Path(args.content).is_dir():
         raise UserError("processes share one image, not a folder of contents; a folder's jobs go to --ray")
@@ -176,9 +181,12 @@ def prepare_resume(args: argparse.Namespace):
 
 
 def run_stylize(args: argparse.Namespace) -> int:
-    """``nst stylize``: one image, or a folder of them."""
+    """``nst stylize``: one image, a folder of them, or a video (``video/``: a video file, or ``--frames-dir``)."""
     from .options import config_from_args
+    from .video import run_video, wants_video
 
+    if wants_video(args):
+        return run_video(args)
     config = config_from_args(args)
     if Path(args.content).is_dir():
         if args.checkpoint_every or args.resume:
@@ -336,7 +344,8 @@ def run_file_job(job: FileJob, config, *, resume: Optional[dict] = None, quiet: 
     # covers a run interrupted before its first step), and a resumed job's interrupted picture is superseded.
     checkpoint.discard(str(ckpt_path), str(partial) if resume is not None else None)
     h, w = result.image.shape[-2:]
-    print(f"wrote {_shown(written)} ({w}x{h}, {len(result.history)} steps) in {time.perf_counter() - started:.1f} s")
+    steps = plural(len(result.history), "step")
+    print(f"wrote {_shown(written)} ({w}x{h}, {steps}) in {time.perf_counter() - started:.1f} s")
     return 0
 
 
@@ -346,39 +355,6 @@ def _shown(path: Path) -> str:
         return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
     except ValueError:
         return str(path)
-
-
-class StopOnSignal:
-    """While active, SIGINT and SIGTERM call ``stop()`` (a ``Control``'s ``interrupt`` or ``cancel``): the run
-    stops after the current step. A second SIGINT stops at once (``KeyboardInterrupt``)."""
-
-    def __init__(self, stop):
-        self.stop = stop
-        self.signum = 0
-        self.name = ""
-        self._previous = {}
-
-    def _handle(self, signum, frame):
-        import signal
-
-        if self.signum and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # asked twice: the user wants out now
-        self.signum, self.name = signum, signal.Signals(signum).name
-        self.stop()
-
-    def __enter__(self):
-        import signal
-
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        import signal
-
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        return False
 
 
 def _runner(name: str):

@@ -34,12 +34,15 @@ STYLE_LOSSES = Names()
 # long-lived Engine is built from (engine.service.FIXED).
 EXTRACTOR_FIELDS = ("model", "weights", "preprocess", "pooling", "padding", "content_layers", "style_layers", "device")
 RUNTIME_FIELDS = ("precision", "memory_format", "backend", "cuda_graphs")
+MIN_SIZE_DEFAULT = 128
 # A sanity bound, not a memory estimate: beyond this a typo is far likelier than intent.
 MAX_SIZE = 16384
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Config:
+    # A field whose metadata has "http": True is one a client of `nst serve` may set (serve/uploads.py reads
+    # the mark); the others (devices, paths, limits) are the server's alone.
     # What to compute with.
     model: str = field(default="vgg19", metadata={"help": "VGG architecture", "choices": MODELS})
     weights: str = field(
@@ -61,33 +64,35 @@ class Config:
     # What to match.
     content_layers: tuple[str, ...] = field(default=("relu4_2",), metadata={"help": "content layers"})
     content_layer_weights: Optional[tuple[float, ...]] = field(
-        default=None, metadata={"help": "one weight per content layer (default: equal)"}
+        default=None, metadata={"http": True, "help": "one weight per content layer (default: equal)"}
     )
     style_layers: tuple[str, ...] = field(
         default=("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1"), metadata={"help": "style layers"}
     )
     style_layer_weights: Optional[tuple[float, ...]] = field(
-        default=None, metadata={"help": "one weight per style layer (default: equal)"}
+        default=None, metadata={"http": True, "help": "one weight per style layer (default: equal)"}
     )
-    content_weight: float = field(default=1.0, metadata={"help": "weight of the content loss"})
-    style_weight: float = field(default=4.0, metadata={"help": "weight of the style loss"})
-    tv_weight: float = field(default=2.0, metadata={"help": "weight of the total-variation loss"})
+    content_weight: float = field(default=1.0, metadata={"http": True, "help": "weight of the content loss"})
+    style_weight: float = field(default=4.0, metadata={"http": True, "help": "weight of the style loss"})
+    tv_weight: float = field(default=2.0, metadata={"http": True, "help": "weight of the total-variation loss"})
     style_blend_weights: Optional[tuple[float, ...]] = field(
-        default=None, metadata={"help": "one weight per style image (default: equal)"}
+        default=None, metadata={"http": True, "help": "one weight per style image (default: equal)"}
     )
     style_loss: str = field(
         default="gram",
         metadata={
+            "http": True,
             "help": "style loss, one of the registered ones (see docs/losses.md)",
             "choices": STYLE_LOSSES,
         },
     )
     ot_projections: int = field(
-        default=64, metadata={"help": "random directions per layer and step for --style-loss ot"}
+        default=64, metadata={"http": True, "help": "random directions per layer and step for --style-loss ot"}
     )
     preserve_colors: str = field(
         default="none",
         metadata={
+            "http": True,
             "help": "keep the content's colours: 'luminance' (transfer on luminance only) or 'histogram' "
             "(style colours matched to the content first)",
             "choices": COLOR_MODES,
@@ -97,35 +102,50 @@ class Config:
         default=None,
         metadata={"help": "one mask image per style: style i is painted where mask i is white (gram loss only)"},
     )
-    style_scale: float = field(default=1.0, metadata={"help": "style image size relative to the output's long side"})
+    style_scale: float = field(
+        default=1.0, metadata={"http": True, "help": "style image size relative to the output's long side"}
+    )
     style_size: Optional[int] = field(
         default=None,
         metadata={
+            "http": True,
             "help": "long side of the style images in pixels at the output size, instead of --style-scale "
-            "(coarser scales shrink it alike)"
+            "(coarser scales shrink it alike)",
         },
     )
     # How to optimise.
-    size: int = field(default=512, metadata={"help": "long side of the output in pixels"})
+    size: int = field(default=512, metadata={"http": True, "help": "long side of the output in pixels"})
     min_size: int = field(
-        default=128, metadata={"help": "long side of the first, coarsest scale (scales grow by sqrt(2))"}
+        default=MIN_SIZE_DEFAULT,
+        metadata={
+            "http": True,
+            "help": "long side of the first, coarsest scale (scales grow by sqrt(2)); at most --size, except "
+            f"the default {MIN_SIZE_DEFAULT}, which means one scale when --size is smaller",
+        },
     )
     steps: int = field(
-        default=200, metadata={"help": "steps at the coarsest scale; each finer scale takes 1/sqrt(2) as many"}
+        default=200,
+        metadata={"http": True, "help": "steps at the coarsest scale; each finer scale takes 1/sqrt(2) as many"},
     )
-    optimizer: str = field(default="adam", metadata={"help": "optimiser", "choices": OPTIMIZERS})
-    lr: float = field(default=0.02, metadata={"help": "Adam learning rate in pixel units (L-BFGS uses 1)"})
+    optimizer: str = field(default="adam", metadata={"http": True, "help": "optimiser", "choices": OPTIMIZERS})
+    lr: float = field(
+        default=0.02, metadata={"http": True, "help": "Adam learning rate in pixel units (L-BFGS uses 1)"}
+    )
     ema_decay: float = field(
         default=0.9,
         metadata={
-            "help": "the output is an exponential moving average of the image with this decay (0: the last step)"
+            "http": True,
+            "help": "the output is an exponential moving average of the image with this decay (0: the last step)",
         },
     )
     init: str = field(
         default="content",
-        metadata={"help": "starting image: content, noise, gray, or an image file (resized to each job's content)"},
+        metadata={
+            "http": True,
+            "help": "starting image: content, noise, gray, or an image file (resized to each job's content)",
+        },
     )
-    seed: int = field(default=0, metadata={"help": "random seed"})
+    seed: int = field(default=0, metadata={"http": True, "help": "random seed"})
     max_pixels: int = field(
         default=DEFAULT_MAX_PIXELS,
         metadata={
@@ -224,6 +244,12 @@ class Config:
         ):
             raise UserError(
                 f"{option('style_size')} must be a whole number from 1 to {MAX_SIZE}, not {self.style_size!r}"
+            )
+        if self.min_size > self.size and self.min_size != MIN_SIZE_DEFAULT:
+            # The default (128) stays valid below it (a 64 px run is one scale); a chosen one says what it means.
+            raise UserError(
+                f"{option('min_size')} {self.min_size} is larger than {option('size')} {self.size}: the first scale "
+                f"cannot be larger than the last; give a {option('min_size')} of at most {self.size} (equal: one scale)"
             )
         if self.size > MAX_SIZE:
             raise UserError(f"{option('size')} {self.size} is larger than the {MAX_SIZE} px this engine accepts")

@@ -44,7 +44,7 @@ from .optimize import (
     StepPool,
     optimize_scale,
 )
-from .runtime import Runtime, decide_runtime, resolve_device, resolve_runtime
+from .runtime import Runtime, decide_runtime, resolve_device, resolve_runtime, set_flags
 from .schedule import Scale, build_schedule
 from .sizes import check_size, style_size
 from .sizes import min_side as network_min_side
@@ -77,7 +77,14 @@ def build_extractor(config: Config, device: Optional[torch.device] = None) -> VG
     """The truncated VGG for ``config``'s layers and weights, on ``device`` (eager, float32, contiguous)."""
     needed = [n for n in truncated_names(config.model, config.feature_layers) if n in conv_shapes(config.model)]
     convs, normalize = load_weights(config.model, config.weights, config.preprocess, needed)
-    extractor = VGGFeatures(config.model, convs, normalize, config.feature_layers, config.pooling, config.padding)
+    extractor = VGGFeatures(
+        model=config.model,
+        convs=convs,
+        normalize=normalize,
+        layers=config.feature_layers,
+        pooling=config.pooling,
+        padding=config.padding,
+    )
     return extractor.to(device or resolve_device(config.device))
 
 
@@ -133,15 +140,15 @@ class Core:
             )
         # The runtime sets torch's TF32 and cuDNN flags, which belong to the process: a second open Core on
         # CUDA with another precision would switch them under the first, so it is refused.
-        claim = decide_runtime(config)
+        runtime = decide_runtime(config)  # the one decision: each job's runtime_for only varies it per optimiser
         with cls._open_lock:
-            other = next((p for p in cls._open.values() if p != claim.precision), None)
-            if claim.device.type == "cuda" and other is not None:
+            other = next((p for p in cls._open.values() if p != runtime.precision), None)
+            if runtime.device.type == "cuda" and other is not None:
                 raise UserError(
                     f"an open Engine with {option('precision')} {other!r} set this process's CUDA math flags; "
-                    f"one with {claim.precision!r} would change them under it (close it first)"
+                    f"one with {runtime.precision!r} would change them under it (close it first)"
                 )
-        runtime = resolve_runtime(config)
+        set_flags(runtime)
         core = cls(
             config=config,
             runtime=runtime,
@@ -223,7 +230,7 @@ class Core:
         return run_batch(self, batch)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class JobInput:
     """One job's decoded images."""
 
@@ -268,9 +275,13 @@ class Batch:
     indices: tuple[int, ...] = (0,)  # the jobs' places in the caller's list, for StepInfo.jobs
     saving: Optional[Saving] = None
     control: Control = field(default_factory=Control)
+    schedule: Optional[list[Scale]] = None  # None: the jobs' own coarse-to-fine schedule (from config)
+    # Image terms beside content, style and TV, made per scale: ``(height, width) -> {name: (weight, term)}`` with
+    # one target per job (see ``losses.StyleTransferLoss``'s ``extra``); video/ brings its temporal term this way.
+    extra_terms: Optional[Callable[[int, int], dict]] = None
 
-    def schedule(self, min_side: int) -> list[Scale]:
-        return self.jobs[0].schedule(self.config, min_side)
+    def scales(self, min_side: int) -> list[Scale]:
+        return self.schedule or self.jobs[0].schedule(self.config, min_side)
 
 
 def plan_batches(schedules: Sequence[Sequence[Scale]], config: Config) -> list[list[int]]:
@@ -318,7 +329,7 @@ def run_batch(core: Core, batch: Batch) -> list[Result]:
     """
     started = time.perf_counter()
     config, runtime, jobs, share, control = batch.config, batch.runtime, batch.jobs, core.share, batch.control
-    schedule = batch.schedule(core.min_side)
+    schedule = batch.scales(core.min_side)
     leader = share is None or share.leader  # of processes sharing the jobs, only one writes files
     saving = batch.saving or Saving(None, {}, None)
     plan, resume = saving.plan, saving.resume
@@ -351,19 +362,30 @@ def run_batch(core: Core, batch: Batch) -> list[Result]:
         scale_masks = None if batch.masks is None else resize(batch.masks, size).to(runtime.device)
         styles = [(job.styles, job.blend) for job in jobs]
         extractor = core.extractor
-        memory = plan_scale(config, runtime, *size, len(jobs), checkpointable=isinstance(extractor, VGGFeatures))
+        memory = plan_scale(config, runtime, *size, batch=len(jobs), checkpointable=isinstance(extractor, VGGFeatures))
         criterion = build_criterion(
             config,
             extractor,
             content,
             styles,
-            core.min_side,
-            runtime,
-            scale_masks,
+            min_side=core.min_side,
+            runtime=runtime,
+            masks=scale_masks,
             tiling=memory.tiling,
             style_cache=core.style_cache,
+            extra_terms=None
+            if batch.extra_terms is None
+            else {k: (w, term.to(runtime.device)) for k, (w, term) in batch.extra_terms(*size).items()},
         )
-        objective = scale_objective(memory, extractor, criterion, runtime, size, share, stats=config.tile_stats)
+        objective = scale_objective(
+            memory=memory,
+            extractor=extractor,
+            criterion=criterion,
+            runtime=runtime,
+            size=size,
+            share=share,
+            stats=config.tile_stats,
+        )
         generators = [g for loss in criterion.style.values() for g in loss.generators()]
         if scale_resume is not None:
             ckpt.restore_generators(generators, resume)
@@ -474,7 +496,7 @@ def decode_jobs(specs: Sequence[JobSpec], config: Config) -> list[JobInput]:
         # Only ever used at the output size or below: keeping the full-size decode of every photo in a
         # folder would cost N x (camera resolution) of memory instead of N x size^2.
         content_t = at_most(content_t, config.size)
-        job = JobInput(content_t, [load(s, "style image") for s in style_list], tuple(blend))
+        job = JobInput(content=content_t, styles=[load(s, "style image") for s in style_list], blend=tuple(blend))
         need = network_min_side(config.model, config.feature_layers)
         for number, style in enumerate(job.styles, start=1):
             # The largest a style image gets: at the last scale, whose long side is config.size.
@@ -513,20 +535,22 @@ def _reporting(callback) -> tuple[int, float, Callable[[int], bool]]:
 
 
 def scale_objective(
+    *,
     memory: MemoryPlan,
     extractor,
     criterion,
     runtime: Runtime,
     size: tuple[int, int],
     share: Optional[TileShare] = None,
-    *,
     stats: str = "exact",
 ):
     """The objective of one scale of ``size``, run as ``memory`` plans: untiled, checkpointed or tiled
     (this process's ``share`` of the tiles, if several processes share the image; ``stats``: how tiles
     get the whole image's style statistics, ``Config.tile_stats``)."""
     if memory.mode == "tiled":
-        return TiledObjective(extractor, criterion, memory.tiling.grid(*size), runtime.autocast, share, stats)
+        return TiledObjective(
+            extractor, criterion, memory.tiling.grid(*size), autocast=runtime.autocast, share=share, stats=stats
+        )
     if memory.mode == "checkpoint":
         if not isinstance(extractor, VGGFeatures):
             raise UserError("tile 'checkpoint' needs the eager extractor; use backend eager, or a tile size")

@@ -10,9 +10,10 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections import OrderedDict
-from typing import Callable, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 import torch
+from torch import nn
 
 from .images import digest, resize
 from .losses import ContentLoss, Moments, StyleTransferLoss
@@ -75,11 +76,13 @@ def build_criterion(
     extractor,
     content: torch.Tensor,
     styles: Sequence[StyleJob],
+    *,
     min_side: int,
     runtime=None,
     masks: Optional[torch.Tensor] = None,
     tiling: Optional[Tiling] = None,
     style_cache: Optional[StyleFeatureCache] = None,
+    extra_terms: Optional[Mapping[str, tuple[float, nn.Module]]] = None,
 ) -> StyleTransferLoss:
     """The loss with this scale's targets, one per job.
 
@@ -88,6 +91,7 @@ def build_criterion(
     style) ties each style to a region (Gram loss only). With ``tiling`` the
     targets are computed tile by tile (the same values, in bounded memory).
     ``style_cache`` keeps each style's features for later scales and jobs of the same size.
+    ``extra_terms``: image terms added to the loss as they are (see ``StyleTransferLoss``'s ``extra``).
     """
     autocast = runtime.autocast if runtime is not None else contextlib.nullcontext
     layout = runtime.layout if runtime is not None else (lambda t: t.to(content.device))
@@ -137,4 +141,5 @@ def build_criterion(
         content_weight=config.content_weight,
         style_weight=config.style_weight,
         tv_weight=config.tv_weight,
+        extra=extra_terms,
     )

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Iterator, Mapping, Sequence, Union
+from typing import Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -186,17 +186,25 @@ class TotalVariationLoss(nn.Module):
 
 
 class StyleTransferLoss(nn.Module):
-    """The weighted sum ``content + style + tv``, with its parts for reporting."""
+    """The weighted sum ``content + style + tv`` (+ any ``extra`` image terms), with its parts for reporting.
+
+    ``extra`` maps a name to ``(weight, term)``: a term of the image alone (``term(image)``, e.g. the video
+    layer's temporal term, engine/temporal.py) that also has ``term.partial(crop, own, size, origin)`` for
+    tiling. It is added into the total and reported as its own part. Callers outside the engine (video/)
+    bring their terms this way, so the engine needs no knowledge of them.
+    """
 
     def __init__(
         self,
         content: Mapping[str, nn.Module],
         style: Mapping[str, nn.Module],
+        *,
         content_layer_weights: Sequence[float],
         style_layer_weights: Sequence[float],
         content_weight: float,
         style_weight: float,
         tv_weight: float,
+        extra: Optional[Mapping[str, tuple[float, nn.Module]]] = None,
     ):
         super().__init__()
         self.content = nn.ModuleDict(content)
@@ -206,12 +214,19 @@ class StyleTransferLoss(nn.Module):
         self.content_layer_weights = _normalised(content_layer_weights)
         self.style_layer_weights = _normalised(style_layer_weights)
         self.weights = {"content": content_weight, "style": style_weight, "tv": tv_weight}
+        extra = dict(extra or {})
+        for name in extra:
+            if name in self.weights:
+                raise ValueError(f"an extra image term may not be called {name!r}: that is a built-in part")
+        self.extra = nn.ModuleDict({name: term for name, (_, term) in extra.items()})  # buffers follow .to()
+        self.weights.update({name: float(weight) for name, (weight, _) in extra.items()})
 
     def forward(self, features: Mapping[str, torch.Tensor], image: torch.Tensor):
         parts = {
             "content": _weighted(self.content, self.content_layer_weights, features),
             "style": _weighted(self.style, self.style_layer_weights, features),
             "tv": self.tv(image),
+            **{name: term(image) for name, term in self.extra.items()},
         }
         total = sum(self.weights[k] * v for k, v in parts.items())
         return total, parts

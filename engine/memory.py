@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -81,10 +81,20 @@ def state_bytes_per_pixel(config) -> float:
     if config.optimizer == "lbfgs":
         copies += 2 * LBFGS_HISTORY + 3  # curvature pairs, direction, previous gradient and point
     masks = len(config.style_masks or ()) * 4
-    loss = style_loss(config.style_loss).state_bytes_per_pixel(
-        config, layer_bytes(config.model, config.feature_layers, 4)
+    return copies * 3 * 4 + content_targets + masks
+
+
+def loss_state_bytes(config, pixels: int, style_pixels: Optional[Sequence[int]] = None) -> float:
+    """What the style loss holds in a scale of ``pixels`` output pixels (its class says: ``StyleLoss.state_bytes``);
+    without ``style_pixels``, one style image of ``style_ratio^2`` of the output's pixels is assumed."""
+    if style_pixels is None:
+        style_pixels = [round(pixels * config.style_ratio**2)]
+    return style_loss(config.style_loss).state_bytes(
+        config,
+        pixels=pixels,
+        style_pixels=style_pixels,
+        layer_bytes=layer_bytes(config.model, config.feature_layers, 4),
     )
-    return copies * 3 * 4 + content_targets + masks + loss
 
 
 def available_bytes(device: torch.device) -> int:
@@ -100,6 +110,14 @@ def available_bytes(device: torch.device) -> int:
     except OSError:
         pass
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+class OutOfBudget(UserError):
+    """No mode of a scale fits the memory budget; ``needed`` is the bytes the leanest mode would take."""
+
+    def __init__(self, message: str, needed: float):
+        super().__init__(message)
+        self.needed = needed
 
 
 @dataclass(frozen=True)
@@ -120,9 +138,11 @@ def plan_scale(
     runtime,
     height: int,
     width: int,
+    *,
     batch: int = 1,
     budget: Optional[float] = None,
     checkpointable: bool = True,
+    style_pixels: Optional[Sequence[int]] = None,
 ) -> MemoryPlan:
     """Pick the mode for a ``batch`` of ``height x width`` images from ``config.tile`` and the memory budget.
 
@@ -136,7 +156,8 @@ def plan_scale(
     element = element_bytes(runtime)
     geometry = Geometry.of(model, layers)
     pixels = height * width * batch
-    state = state_bytes_per_pixel(config) * pixels
+    # The image-side state, and what the style loss holds (its targets and per-step buffers).
+    state = state_bytes_per_pixel(config) * pixels + loss_state_bytes(config, pixels, style_pixels)
     untiled = state + activation_bytes_per_pixel(model, layers, element) * pixels
     checkpointed = state + activation_bytes_per_pixel(model, layers, element, "checkpoint") * pixels
     per_crop_pixel = activation_bytes_per_pixel(model, layers, element) * batch
@@ -161,6 +182,15 @@ def plan_scale(
         return MemoryPlan("untiled", untiled)
     if checkpointable and checkpointed <= budget:
         return MemoryPlan("checkpoint", checkpointed)
+    refusal = style_loss(config.style_loss).tile_refusal()
+    if refusal is not None:  # no tiles for this loss: the leanest mode is checkpointed blocks
+        leanest = checkpointed if checkpointable else untiled
+        raise OutOfBudget(
+            f"a {width}x{height} image needs about {leanest / GiB:.1f} GiB with the {config.style_loss} style loss, "
+            f"which cannot be tiled, but the budget is {budget / GiB:.1f} GiB; use a smaller --size, another "
+            "--style-loss, or free memory",
+            leanest,
+        )
     room = (budget - state) / per_crop_pixel
     if room > 0:
         # The largest square crop that fits, less the halo on both sides, in whole strides.
@@ -170,9 +200,10 @@ def plan_scale(
             if plan.estimate <= budget:
                 return plan
     smallest = tiled(geometry.stride).estimate
-    raise UserError(
+    raise OutOfBudget(
         f"a {width}x{height} image needs about {smallest / GiB:.1f} GiB even in the smallest tiles "
-        f"({state / GiB:.1f} GiB of it for the image, its gradient, Adam's state, the average and the content "
-        f"targets: {state_bytes_per_pixel(config):.0f} bytes per pixel), but the budget is {budget / GiB:.1f} GiB; "
-        "use a smaller --size, or free memory"
+        f"({state / GiB:.1f} GiB of it for the image, its gradient, Adam's state, the average, the content "
+        f"targets ({state_bytes_per_pixel(config):.0f} bytes per pixel) and the style loss's own), but the budget "
+        f"is {budget / GiB:.1f} GiB; use a smaller --size, or free memory",
+        smallest,
     )

@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from typing import TYPE_CHECKING, Callable, ContextManager, Optional
 
 import torch
@@ -83,6 +83,7 @@ class Callback:
     """
 
     fn: Callable[[StepInfo], None]
+    _: KW_ONLY
     every: int = SYNC_EVERY
     seconds: float = 0.1
     image_due: Callable[[int], bool] = lambda total_step: False
@@ -176,6 +177,7 @@ class StepFunction:
         self,
         image: torch.Tensor,
         objective: Callable,
+        *,
         optimizer: str,
         lr: float,
         capturable: bool = False,
@@ -326,7 +328,7 @@ def make_step(image: torch.Tensor, objective: Callable, optimizer: str, lr: floa
     """
     graphs = runtime is not None and runtime.cuda_graphs and optimizer == "adam" and objective.capturable
     scale = LossScale(image.device) if runtime is not None and runtime.precision == "fp16" else None
-    step = StepFunction(image, objective, optimizer, lr, capturable=graphs, loss_scale=scale)
+    step = StepFunction(image, objective, optimizer=optimizer, lr=lr, capturable=graphs, loss_scale=scale)
     return GraphedStep(step) if graphs else step
 
 

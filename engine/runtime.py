@@ -36,7 +36,7 @@ SWITCHES = ("auto", "on", "off")
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Runtime:
     device: torch.device
     precision: str  # resolved: fp32, tf32, bf16 or fp16
@@ -94,9 +94,9 @@ def resolve_runtime(config, device: Optional[torch.device] = None) -> Runtime:
     """Turn the config's ``auto``s into decisions, check them, and set torch's global math flags.
 
     The flags (TF32, cuDNN autotuning) belong to the process, not to a run: two runs in one process
-    that want different precisions on CUDA would switch them under each other's feet. A long-lived
-    ``engine.Engine`` therefore sets them once, and a second Engine on CUDA with another precision
-    is refused (see ``service.Engine``).
+    that want different precisions on CUDA would switch them under each other's feet. A ``core.Core``
+    (and so an ``Engine``) therefore sets them once, and a second one open on CUDA with another
+    precision is refused (see ``Core.open``).
     """
     runtime = decide_runtime(config, device)
     set_flags(runtime)
@@ -152,4 +152,4 @@ def decide_runtime(config, device: Optional[torch.device] = None) -> Runtime:
             f"{option('cuda_graphs')} 'on' cannot capture the {config.style_loss} style loss ({uncapturable})"
         )
     use_graphs = graphs == "on" or (graphs == "auto" and cuda and config.optimizer == "adam" and not uncapturable)
-    return Runtime(device, precision, channels_last, use_graphs)
+    return Runtime(device=device, precision=precision, channels_last=channels_last, cuda_graphs=use_graphs)

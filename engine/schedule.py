@@ -18,7 +18,7 @@ from .images import fit_long_side
 FACTOR = math.sqrt(2.0)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Scale:
     index: int
     height: int
@@ -51,4 +51,6 @@ def build_schedule(height: int, width: int, size: int, min_size: int, steps: int
             f"at size {size} the content becomes {w}x{h} px, but the chosen layers need at least "
             f"{min_side} px on each side; use a larger {option('size')} or shallower layers"
         )
-    return [Scale(i, h, w, max(1, round(steps / FACTOR**i))) for i, (h, w) in enumerate(scales)]
+    return [
+        Scale(index=i, height=h, width=w, steps=max(1, round(steps / FACTOR**i))) for i, (h, w) in enumerate(scales)
+    ]

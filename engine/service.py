@@ -84,7 +84,7 @@ class JobState(str, enum.Enum):
 TERMINAL = (JobState.DONE, JobState.FAILED, JobState.CANCELLED, JobState.INTERRUPTED)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class JobProgress:
     """Where a job is: ``step`` of ``total_steps`` over all scales, ``scale`` (0-based) of ``scales``.
 
@@ -104,7 +104,9 @@ class JobProgress:
 class Job:
     """A submitted job: its state, progress, preview and result. Made by ``Engine.submit``."""
 
-    def __init__(self, *, engine: "Engine", config: Config, runtime: Runtime, inputs, masks, saving, control: Control):
+    def __init__(
+        self, *, engine: "Engine", config: Config, runtime: Runtime, inputs, masks, saving, control: Control, on_event
+    ):
         self.id = secrets.token_urlsafe(16)
         self.config = config
         self.state = JobState.QUEUED
@@ -120,6 +122,9 @@ class Job:
         self._preview: Optional[torch.Tensor] = None
         self._result: Optional[Result] = None
         self._started: Optional[float] = None
+        # Called with every event, in order, after it is recorded and outside the job's lock (so a slow
+        # listener, such as a service writing its table, never holds up the readers of ``events``).
+        self._on_event: Optional[Callable[[dict], None]] = on_event
 
     def __repr__(self) -> str:
         return f"<Job {self.id} {self.state.value} step {self.progress.step}/{self.progress.total_steps}>"
@@ -197,6 +202,11 @@ class Job:
         self._events.append(event)
         self._cond.notify_all()
 
+    def _tell(self, event: Optional[dict]) -> None:
+        """The ``on_event`` listener, called by the thread that made ``event`` once the lock is released."""
+        if event is not None and self._on_event is not None:
+            self._on_event(event)
+
     def _start(self) -> None:
         with self._cond:
             self.state = JobState.RUNNING
@@ -212,7 +222,9 @@ class Job:
             p.loss, p.parts, p.seconds = info.loss, dict(info.parts), time.perf_counter() - self._started
             if image is not None:
                 self._preview = image
-            self._emit({"type": "progress", **dataclasses.asdict(p)})
+            event = {"type": "progress", **dataclasses.asdict(p)}
+            self._emit(event)
+        self._tell(event)
 
     def _finish(self, state: JobState, error: Optional[str] = None, result=None, exception=None) -> None:
         """Set the terminal state once (a later call is ignored) and send the terminal event."""
@@ -228,6 +240,7 @@ class Job:
             if state == JobState.FAILED:
                 event["error"] = error
             self._emit(event)
+        self._tell(event)
 
 
 class Engine:
@@ -298,11 +311,15 @@ class Engine:
         resume: Optional[dict] = None,
         time_limit: Optional[float] = None,
         control: Optional[Control] = None,
+        on_event: Optional[Callable[[dict], None]] = None,
     ) -> Job:
         """Queue a job and return it at once; bad input or settings raise ``UserError`` and queue nothing.
 
         ``control`` (``engine.control.Control``, made from ``time_limit`` when not given) is the job's own:
         ``Job.cancel`` and ``Job.interrupt`` act through it, and its ``watch`` runs once per step.
+        ``on_event``: called with each of the job's events (those ``Job.events`` gives), in order, from the
+        thread that made it (the worker; ``cancel``'s or ``close``'s caller for a job that never ran). It
+        should not raise: an exception from it fails the job's run like any other error.
         """
         config = config or self.config
         runtime = self.core.runtime_for(config)
@@ -315,7 +332,14 @@ class Engine:
         if saving is not None:
             saving.plan = checkpoint
         job = Job(
-            engine=self, config=config, runtime=runtime, inputs=decoded[0], masks=masks, saving=saving, control=control
+            engine=self,
+            config=config,
+            runtime=runtime,
+            inputs=decoded[0],
+            masks=masks,
+            saving=saving,
+            control=control,
+            on_event=on_event,
         )
         with self._cond:
             self._check_room()
@@ -350,34 +374,17 @@ class Engine:
         """``engine.stylize`` on this Engine's core (see ``engine.api.stylize``)."""
         return self.stylize_batch([(content, styles)], config, **options)[0]
 
-    def stylize_batch(
-        self,
-        jobs: Sequence[JobSpec],
-        config: Optional[Config] = None,
-        *,
-        callback: Optional[Callable[[StepInfo], None]] = None,
-        on_result: Optional[Callable[[int, Result], None]] = None,
-        checkpoint: Optional[CheckpointPlan] = None,
-        resume: Optional[dict] = None,
-        control: Optional[Control] = None,
-    ) -> list[Result]:
-        """``engine.stylize_batch`` on this Engine's core (see ``engine.api.stylize_batch``).
+    def stylize_batch(self, jobs: Sequence[JobSpec], config: Optional[Config] = None, **options) -> list[Result]:
+        """``Core.stylize_batch`` on this Engine's core, between the worker's batches; ``options`` are its keyword
+        arguments (``callback``, ``on_result``, ``checkpoint``, ``resume``, ``control``).
 
         It runs in the caller's thread, so the callback is called there and exceptions (``Interrupted``,
-        the callback's own) reach the caller as they are; it takes the device between the worker's batches.
+        the callback's own) reach the caller as they are.
         """
         if self._closed:
             raise UserError("this Engine is closed and runs no more jobs")
         with self._device:
-            return self.core.stylize_batch(
-                jobs,
-                config or self.config,
-                callback=callback,
-                on_result=on_result,
-                checkpoint=checkpoint,
-                resume=resume,
-                control=control,
-            )
+            return self.core.stylize_batch(jobs, config or self.config, **options)
 
     # ---------------------------------------------------------------------------------- the worker
 
@@ -537,9 +544,12 @@ def _sentence(exc: BaseException, job: Job) -> str:
         return str(exc)
     if is_out_of_memory(exc):
         p = job.progress
-        return (
-            f"ran out of memory at step {p.step} of {p.total_steps} (scale {p.scale + 1} of {p.scales}); "
-            f"try a smaller {option('size')} or fewer {option('style_layers')}"
+        # Before the first step the progress has no scales yet ("scale 1 of 0"): say where it was instead.
+        where = (
+            f"at step {p.step} of {p.total_steps} (scale {p.scale + 1} of {p.scales})"
+            if p.scales
+            else "before its first step (preparing the style targets or the first scale)"
         )
+        return f"ran out of memory {where}; try a smaller {option('size')} or fewer {option('style_layers')}"
     text = " ".join(str(exc).split()) or "no message"
     return f"the job failed with an internal error ({type(exc).__name__}: {text})"

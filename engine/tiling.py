@@ -115,7 +115,7 @@ class Tile:
         return rows, cols
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TileGrid:
     height: int
     width: int
@@ -133,7 +133,7 @@ class TileGrid:
             for x0, x1 in _cuts(width, tile, stride):
                 crop = (max(0, y0 - halo), min(height, y1 + halo), max(0, x0 - halo), min(width, x1 + halo))
                 tiles.append(Tile((y0, y1, x0, x1), crop, (height, width)))
-        return cls(height, width, tile, geometry, tuple(tiles))
+        return cls(height=height, width=width, tile=tile, geometry=geometry, tiles=tuple(tiles))
 
     def map_size(self, layer: str) -> tuple[int, int]:
         factor = self.geometry.factors[layer]
@@ -251,6 +251,7 @@ class TiledObjective:
         extractor: Callable,
         criterion: StyleTransferLoss,
         grid: TileGrid,
+        *,
         autocast: Callable[[], ContextManager],
         share: Optional[TileShare] = None,
         stats: str = "exact",
@@ -287,6 +288,7 @@ class TiledObjective:
             terms, seed = self._pass_one(image)
             style = sum(w * term.finish() for term, w in zip(terms.values(), criterion.style_layer_weights))
         content = tv = image.new_zeros(())
+        extra: dict[str, torch.Tensor] = {}
         weights = criterion.weights
         layout = torch.channels_last if _is_channels_last(image) else torch.contiguous_format
         for index, tile in enumerate(self.tiles):  # pass 2: each tile's share of the gradient
@@ -320,15 +322,25 @@ class TiledObjective:
                 )
             tile_tv = criterion.tv.partial(crop, tile.own_in_crop(), (grid.height, grid.width))
             surrogate = weights["content"] * tile_content + weights["style"] * tile_style + weights["tv"] * tile_tv
+            # Extra image terms (StyleTransferLoss.extra) are per pixel like TV: each tile's share is its own.
+            tile_extra = {
+                name: term.partial(crop, tile.own_in_crop(), (grid.height, grid.width), (tile.crop[0], tile.crop[2]))
+                for name, term in criterion.extra.items()
+            }
+            surrogate = surrogate + sum((weights[k] * v for k, v in tile_extra.items()), image.new_zeros(()))
             (surrogate if scale is None else surrogate * scale).backward()  # fp16's loss scale: see LossScale
             y0, y1, x0, x1 = tile.crop
             image.grad[..., y0:y1, x0:x1] += crop.grad
             content, tv = content + tile_content.detach(), tv + tile_tv.detach()
+            extra = {k: extra.get(k, 0) + v.detach() for k, v in tile_extra.items()}
+        extra = {k: extra.get(k, image.new_zeros(())) for k in criterion.extra}  # zeros for a process without tiles
         sums = {}
         if lagged:  # this call's sums, from the tiles' own (not from ``running``, which would carry rounding on)
             sums = {name: self._total(probe, [p[name] for p in parts], image) for name, probe in probes.items()}
         if self.share is not None:  # one message: the gradient, the shares and (lagged) the new sums
-            self.share.all_reduce([image.grad, content, tv, *(t for layer in sums.values() for t in layer)])
+            self.share.all_reduce(
+                [image.grad, content, tv, *extra.values(), *(t for layer in sums.values() for t in layer)]
+            )
         if lagged:  # the image's own style loss, from the same sums the next call starts from
             self.parts = parts
             self.sums = sums
@@ -337,7 +349,7 @@ class TiledObjective:
         elif self.stats == "lagged":  # the exact first call seeds them with pass 1's
             self.sums = {name: term.to_sums() for name, term in terms.items()}
             self.parts = seed
-        parts_out = {"content": content, "style": style, "tv": tv}
+        parts_out = {"content": content, "style": style, "tv": tv, **extra}
         total = sum(weights[k] * v for k, v in parts_out.items())
         return total, parts_out
 

@@ -86,7 +86,7 @@ class Normalize(nn.Module):
     padding of conv1_1 is defined in the normalised space (zeros: the mean colour).
     """
 
-    def __init__(self, perm: tuple[int, int, int], scale: float, mean, std):
+    def __init__(self, *, perm: tuple[int, int, int], scale: float, mean, std):
         super().__init__()
         std_t = torch.tensor(std, dtype=torch.float32)
         self.perm = tuple(perm)
@@ -112,6 +112,7 @@ class VGGFeatures(nn.Module):
 
     def __init__(
         self,
+        *,
         model: str,
         convs: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
         normalize: Normalize,

@@ -48,9 +48,9 @@ Convs = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 def make_normalize(kind: str) -> Normalize:
     if kind == "caffe":
-        return Normalize((2, 1, 0), 255.0, CAFFE_MEAN_BGR, (1.0, 1.0, 1.0))
+        return Normalize(perm=(2, 1, 0), scale=255.0, mean=CAFFE_MEAN_BGR, std=(1.0, 1.0, 1.0))
     if kind == "imagenet":
-        return Normalize((0, 1, 2), 1.0, IMAGENET_MEAN, IMAGENET_STD)
+        return Normalize(perm=(0, 1, 2), scale=1.0, mean=IMAGENET_MEAN, std=IMAGENET_STD)
     raise UserError(f"unknown preprocessing {kind!r}; allowed: {', '.join(PREPROCESS)}")
 
 

@@ -40,7 +40,7 @@ DESCRIBED = ("model", "pooling", "padding", "content_layers", "style_layers")
 Size = Union[int, tuple[int, int]]
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Check:
     image: str
     height: int
@@ -55,7 +55,7 @@ class Check:
         return self.error <= self.tolerance
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Report:
     device: str
     checks: list[Check] = field(default_factory=list)
@@ -125,6 +125,7 @@ def parse_size(text: str) -> Size:
 def validate(
     images: Sequence[ImageLike],
     config: Optional[Config] = None,
+    *,
     sizes: Sequence[Union[str, Size]] = DEFAULT_SIZES,
     backends: Sequence[str] = BACKENDS,
     torchscript_path: Optional[os.PathLike] = None,
@@ -265,7 +266,9 @@ def _compare(report: Report, name: str, batch: torch.Tensor, runners: dict, laye
             scale = e.abs().max().item() or 1.0
             error = (f - e).abs().max().item() / scale
             error = error if error == error else float("inf")  # NaN counts as a failure
-            report.checks.append(Check(name, h, w, backend, layer, error, tol))
+            report.checks.append(
+                Check(image=name, height=h, width=w, backend=backend, layer=layer, error=error, tolerance=tol)
+            )
 
 
 def _median_ms(run: Callable, batch: torch.Tensor, repeats: int) -> float:

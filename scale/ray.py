@@ -125,14 +125,21 @@ def stylize_on_ray(
             hint = "" if os.environ.get("RAY_AUTH_MODE") else "; a cluster that takes a token needs RAY_AUTH_MODE=token"
             raise UserError(f"could not reach the Ray cluster at {address or 'RAY_ADDRESS'} ({detail}){hint}") from None
     try:
-        return _Run(ray, list(jobs), config, cpus_per_worker, workers, on_result).run()
+        return _Run(
+            ray=ray,
+            jobs=list(jobs),
+            config=config,
+            cpus_per_worker=cpus_per_worker,
+            workers=workers,
+            on_result=on_result,
+        ).run()
     finally:
         if started_here:
             ray.shutdown()
 
 
 class _Run:
-    def __init__(self, ray, jobs, config: Config, cpus_per_worker: int, workers: Optional[int], on_result):
+    def __init__(self, *, ray, jobs, config: Config, cpus_per_worker: int, workers: Optional[int], on_result):
         self.ray, self.jobs, self.config, self.on_result = ray, jobs, config, on_result
         self.outcomes: list[Optional[Outcome]] = [None] * len(jobs)
         resources = ray.cluster_resources()

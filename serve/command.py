@@ -62,6 +62,41 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--max-queued", type=_positive(int), default=32, help="jobs waiting; more get 429 (default: 32)")
     p.add_argument(
+        "--memory-budget",
+        type=_positive(float),
+        default=None,
+        help="GiB the jobs held (queued and running) may take together, by the engine's memory model; a job that "
+        "needs more alone is refused, one that does not fit now gets 429 (default: 80 percent of the memory "
+        "available at start-up)",
+    )
+    p.add_argument("--max-styles", type=_positive(int), default=8, help="style images one job may send (default: 8)")
+    p.add_argument(
+        "--max-step-pixels",
+        type=_positive(float),
+        default=1000.0,
+        help="millions of pixel-steps a job may ask for: the sum over its scales of steps x pixels, a bound on "
+        "its time (default: 1000)",
+    )
+    p.add_argument(
+        "--header-timeout",
+        type=_positive(float),
+        default=10.0,
+        help="seconds a connection may take to send a request's headers before it is closed (default: 10)",
+    )
+    p.add_argument(
+        "--body-timeout",
+        type=_positive(float),
+        default=30.0,
+        help="seconds a request body may stall before it is refused with 408; the whole body gets ten times "
+        "this (default: 30)",
+    )
+    p.add_argument(
+        "--max-connections",
+        type=_positive(int),
+        default=256,
+        help="open connections at most; more are answered 503 and closed (default: 256)",
+    )
+    p.add_argument(
         "--checkpoint-every",
         type=_positive(int),
         default=20,
@@ -113,17 +148,23 @@ def run(args: argparse.Namespace) -> int:
     except ImportError:
         raise UserError("nst serve needs FastAPI and uvicorn: pip install -e '.[serve]'") from None
     from engine import Config
+    from engine.memory import HEADROOM, GiB, available_bytes
 
     from .app import create_app
+    from .protocol import guarded_protocol
     from .service import Limits, Service
     from .uploads import UploadLimits
 
+    budget = args.memory_budget * GiB if args.memory_budget else HEADROOM * available_bytes(torch_cpu())
     limits = Limits(
         upload=UploadLimits(max_bytes=int(args.max_upload_mb * 2**20), max_pixels=args.max_input_pixels),
         max_pixels=args.max_pixels,
         time_limit=args.time_limit,
         max_queued=args.max_queued,
         checkpoint_every=args.checkpoint_every,
+        memory_budget=int(budget),
+        max_styles=args.max_styles,
+        max_step_pixels=args.max_step_pixels * 1e6,
     )
     try:
         args.state_dir.mkdir(parents=True, exist_ok=True)
@@ -133,22 +174,58 @@ def run(args: argparse.Namespace) -> int:
 
     base = Config(**{name: getattr(args, name) for name in FIXED if hasattr(args, name)})
     service = Service(args.state_dir, limits, base)
+    _raise_open_files(args.max_connections)
     server = _server(
         uvicorn.Config(
-            create_app(service, token),
+            create_app(service, token, body_seconds=args.body_timeout),
             host=args.host,
             port=args.port,
             log_level="warning",
             access_log=False,
             # Event streams end when the service stops; this bounds what a slow client can hold up.
             timeout_graceful_shutdown=5,
+            # Slow or idle clients: the headers within --header-timeout (guarded_protocol), an idle keep-alive
+            # connection closed after 5 s, a request line and headers of 64 KiB at most; the body's pace is
+            # the app's (app.Guard). Connections beyond --max-connections get a JSON 503 and are closed.
+            http=guarded_protocol(args.header_timeout, args.max_connections),
+            timeout_keep_alive=5,
+            h11_max_incomplete_event_size=64 * 1024,
         ),
         service,
     )
+    _log_limits(limits, args)
     # Requests are answered in words for HTTP clients (``style_weight``, the form field), not the command
     # line's (``--style-weight``): a fresh context drops the CLI's wording that ``nst`` set around this call.
     contextvars.Context().run(server.run)
     return 0
+
+
+def torch_cpu():
+    import torch
+
+    return torch.device("cpu")
+
+
+def _raise_open_files(connections: int) -> None:
+    """Room for --max-connections sockets beside the files a job uses (the soft limit up to the hard one)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = connections + 256
+    if soft != resource.RLIM_INFINITY and soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want if hard == resource.RLIM_INFINITY else min(want, hard), hard))
+
+
+def _log_limits(limits, args) -> None:
+    from engine.memory import GiB
+
+    print(
+        f"nst serve: memory budget {limits.memory_budget / GiB:.1f} GiB for the jobs held, "
+        f"{limits.max_queued} queued at most, headers within {args.header_timeout:g} s, "
+        f"{args.max_connections} connections at most",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def _server(config, service):

@@ -2,6 +2,14 @@
 
     python -m serve.loadtest [--jobs 50] [--clients 10] [--size 32] [--steps 10] [--max-queued 8]
     python -m serve.loadtest --compare 6 --size 128 --steps 40     # jobs/minute: service vs nst stylize
+    python -m serve.loadtest --attack styles [--requests 8] [--styles 8] [--side 7000] [--root CHECKOUT]
+    python -m serve.loadtest --attack headers [--root CHECKOUT]
+
+``--attack styles`` queues REQUESTS jobs (behind a long one, so that they wait) of STYLES near-limit style
+images each (SIDE x SIDE PNGs of a few hundred KB: the decoding bomb the pixel limit still lets through)
+and reports the server's peak resident memory (VmHWM). ``--attack headers`` opens a connection, sends half
+of a request's headers and times how long the server holds it (60 s at most). ``--root`` runs the server
+of another checkout (to measure an older version the same way).
 
 Starts a real server (``python -m serve``, one CPU thread per process unless OMP_NUM_THREADS says
 otherwise) on a fresh state directory, then CLIENTS threads submit JOBS small jobs between them through
@@ -37,10 +45,11 @@ def rss_mib(pid: int) -> float:
 
 
 class Server:
-    def __init__(self, state: Path, *args: str):
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    def __init__(self, state: Path, *args: str, root: Path = ROOT):
+        env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
         command = [sys.executable, "-m", "serve", "--port", "0", "--state-dir", str(state), "--device", "cpu", *args]
-        self.proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True)
+        # cwd: `python -m` puts the working directory first on the path, before PYTHONPATH.
+        self.proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True, cwd=root)
         lines: queue.Queue = queue.Queue()
         threading.Thread(target=lambda: [lines.put(x) for x in self.proc.stdout], daemon=True).start()
         line = lines.get(timeout=180)
@@ -173,6 +182,102 @@ def compare(args) -> dict:
     }
 
 
+def peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def near_limit_png(side: int) -> bytes:
+    """A side x side RGB PNG of a smooth pattern: millions of pixels in a few hundred KB."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    ramp = np.arange(side, dtype=np.uint16)
+    arr = np.empty((side, side, 3), dtype=np.uint8)
+    arr[..., 0] = (ramp[None, :] // 32) % 256
+    arr[..., 1] = (ramp[:, None] // 32) % 256
+    arr[..., 2] = 128
+    buffer = io.BytesIO()
+    Image.fromarray(arr).save(buffer, format="PNG", optimize=False, compress_level=9)
+    return buffer.getvalue()
+
+
+def attack_styles(args) -> dict:
+    import httpx
+
+    style = near_limit_png(args.side)
+    small = {"content_sample": "tubingen.jpg", "size": "64", "min_size": "64"}
+    with tempfile.TemporaryDirectory() as state:
+        server = Server(Path(state) / "s", root=Path(args.root))
+        base = peak_rss_mib(server.proc.pid)
+        outcomes = []
+        try:
+            with httpx.Client(base_url=server.url, timeout=600) as http:
+                # A long job first, so that the others wait in the queue with whatever they keep.
+                blocker = http.post("/jobs", data={**small, "style_sample": "starry_night.jpg", "steps": "100000"})
+                started = time.monotonic()
+
+                def one(_):
+                    files = [("style", (f"s{k}.png", style, "image/png")) for k in range(args.styles)]
+                    try:
+                        r = http.post("/jobs", data={**small, "steps": "50"}, files=files)
+                        return f"{r.status_code}" + ("" if r.status_code == 201 else f" {r.json()['detail'][:80]}")
+                    except httpx.HTTPError as exc:
+                        return f"error {type(exc).__name__}"
+
+                from concurrent.futures import ThreadPoolExecutor
+
+                with ThreadPoolExecutor(args.requests) as pool:
+                    outcomes = list(pool.map(one, range(args.requests)))
+                wall = time.monotonic() - started
+                alive = server.proc.poll() is None
+                peak = peak_rss_mib(server.proc.pid) if alive else float("nan")
+                if blocker.status_code == 201:
+                    http.delete(f"/jobs/{blocker.json()['id']}")
+        finally:
+            if server.proc.poll() is None:
+                server.stop()
+    return {
+        "root": str(args.root),
+        "requests": args.requests,
+        "styles_per_request": args.styles,
+        "style_png": f"{args.side}x{args.side}, {len(style) / 1024:.0f} KiB",
+        "outcomes": outcomes,
+        "server_alive": alive,
+        "rss_at_start_mib": round(base, 1),
+        "peak_rss_mib": round(peak, 1),
+        "wall_s": round(wall, 1),
+    }
+
+
+def attack_headers(args) -> dict:
+    import socket
+
+    with tempfile.TemporaryDirectory() as state:
+        server = Server(Path(state) / "s", root=Path(args.root))
+        try:
+            host, port = server.url.removeprefix("http://").rsplit(":", 1)
+            sock = socket.create_connection((host, int(port)))
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nUser-Agent: slow")  # and nothing more
+            sock.settimeout(60)
+            started = time.monotonic()
+            try:
+                closed = sock.recv(1024) == b""
+            except (socket.timeout, TimeoutError):
+                closed = False
+            except ConnectionResetError:
+                closed = True
+            held = time.monotonic() - started
+            sock.close()
+        finally:
+            server.stop()
+    return {"root": str(args.root), "closed_by_server": closed, "held_s": round(held, 1)}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m serve.loadtest", description=__doc__.split("\n\n")[0])
     p.add_argument("--jobs", type=int, default=50)
@@ -181,7 +286,16 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--max-queued", type=int, default=8)
     p.add_argument("--compare", type=int, metavar="N", help="time N jobs through the service vs nst stylize")
+    p.add_argument("--attack", choices=("styles", "headers"), help="measure one of the hostile cases (see above)")
+    p.add_argument("--requests", type=int, default=8)
+    p.add_argument("--styles", type=int, default=8)
+    p.add_argument("--side", type=int, default=7000)
+    p.add_argument("--root", default=str(ROOT), help="the checkout whose server runs (default: this one)")
     args = p.parse_args(argv)
+    if args.attack:
+        report = attack_styles(args) if args.attack == "styles" else attack_headers(args)
+        print(json.dumps(report, indent=2))
+        return 0
     report = compare(args) if args.compare else load(args)
     print(json.dumps(report, indent=2))
     return 0 if args.compare or report["lost"] == 0 else 1

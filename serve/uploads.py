@@ -24,27 +24,8 @@ from engine.images import FORMATS, MAX_INPUT_PIXELS, pil_to_tensor
 # images, style masks), what the Engine is built with (the network and its layers, device, precision:
 # engine.service.FIXED, set by `nst serve` options), how it computes (tiling, batching) and its limits
 # (max_pixels), which are the operator's.
-CLIENT_OPTIONS = (
-    "size",
-    "min_size",
-    "steps",
-    "style_weight",
-    "content_weight",
-    "tv_weight",
-    "style_loss",
-    "ot_projections",
-    "preserve_colors",
-    "style_scale",
-    "style_size",
-    "style_blend_weights",
-    "content_layer_weights",
-    "style_layer_weights",
-    "optimizer",
-    "lr",
-    "ema_decay",
-    "init",
-    "seed",
-)
+# The options a client may set: the Config fields marked "http" (engine/config.py); the rest are the server's.
+CLIENT_OPTIONS = tuple(f.name for f in dataclasses.fields(Config) if f.metadata.get("http"))
 _FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 _HINTS = typing.get_type_hints(Config)
 DECODABLE = tuple(dict.fromkeys(FORMATS.values()))  # PNG, JPEG, TIFF, WEBP, BMP
@@ -68,6 +49,35 @@ def parse_options(form: dict[str, str]) -> dict:
     if options.get("init", "content") not in INITS:
         raise UserError(f"init must be one of {', '.join(INITS)} over HTTP, not {options['init']!r}")
     return options
+
+
+def options_schema(base: Config) -> list[dict]:
+    """Every option a client may set, from ``Config``'s fields and their metadata (nothing here names a value):
+    name, type, default (the server's), help, and choices where the field declares them."""
+    fields = {f.name: f for f in dataclasses.fields(Config)}  # read now: choices may be registered late
+    out = []
+    for name in CLIENT_OPTIONS:
+        kind, nullable = _HINTS[name], False
+        if typing.get_origin(kind) is typing.Union:  # Optional[X]
+            kind, nullable = typing.get_args(kind)[0], True
+        if typing.get_origin(kind) is tuple:
+            item = typing.get_args(kind)[0]
+            type_name = "numbers" if item is float else "names"  # comma-separated, as Config reads them
+        else:
+            type_name = {int: "integer", float: "number"}.get(kind, "string")
+        default = getattr(base, name)
+        entry = {
+            "name": name,
+            "type": type_name,
+            "nullable": nullable,
+            "default": list(default) if isinstance(default, tuple) else default,
+            "help": fields[name].metadata.get("help", ""),
+        }
+        choices = INITS if name == "init" else fields[name].metadata.get("choices")  # no files over HTTP
+        if choices:
+            entry["choices"] = list(choices)
+        out.append(entry)
+    return out
 
 
 def job_config(base: Config, options: dict) -> Config:
@@ -109,8 +119,25 @@ def display_name(filename: Optional[str], fallback: str) -> str:
     return name or fallback
 
 
-def check_image(data: bytes, what: str, limits: UploadLimits) -> torch.Tensor:
-    """Decode an uploaded image after checking its header; a ``UserError`` naming ``what`` when it is refused."""
+# Above this many pixels an upload is reduced while it is decoded (``shrink_to``): a JPEG at a coarser DCT
+# scale, an 8-bit image by whole-pixel box averaging, both to at least twice the size the job uses, so that a
+# 49 Mpx upload never exists as 49 Mpx of float32 (600 MB). Smaller images take the exact path (the same
+# pixels as ``nst stylize``).
+LARGE_PIXELS = 16_000_000
+_BOXABLE = ("RGB", "L", "CMYK", "YCbCr")
+
+
+def check_image(
+    data: bytes,
+    what: str,
+    limits: UploadLimits,
+    shrink_to: Optional[typing.Callable[[int, int], tuple[int, int]]] = None,
+) -> torch.Tensor:
+    """Decode an uploaded image after checking its header; a ``UserError`` naming ``what`` when it is refused.
+
+    ``shrink_to(height, width)``: the size the image will be used at; a large image is reduced towards it
+    while it is decoded (see ``LARGE_PIXELS``), never below twice that size.
+    """
     if not data:
         raise UserError(f"{what} is empty")
     limit = min(limits.max_pixels, MAX_INPUT_PIXELS)
@@ -123,7 +150,16 @@ def check_image(data: bytes, what: str, limits: UploadLimits) -> torch.Tensor:
             width, height = img.size  # from the header: nothing is decoded yet
             if width * height > limit:
                 raise UserError(f"{what} is {width}x{height} = {pixels(width * height)}, {refuse}")
+            if shrink_to is None or width * height <= LARGE_PIXELS:
+                img.load()
+                return pil_to_tensor(img)
+            th, tw = shrink_to(height, width)
+            if img.format == "JPEG":
+                img.draft("RGB", (2 * tw, 2 * th))  # decodes at 1/2, 1/4 or 1/8 scale, still >= 2x the target
             img.load()
+            factor = min(img.size[1] // (2 * th), img.size[0] // (2 * tw))
+            if factor >= 2 and img.mode in _BOXABLE:
+                img = img.reduce(factor)
             return pil_to_tensor(img)
     except Image.DecompressionBombError:
         raise UserError(f"{what} declares a size {refuse}") from None

@@ -52,7 +52,7 @@ def main(content: str, style: str, outdir: str) -> None:
         config, extractor, criterion, *_, image = problem(loss, masks=masks)
         grid = Tiling(16, Geometry.of(config.model, config.feature_layers)).grid(*image.shape[-2:])
         results = [
-            loss_and_grad(TiledObjective(extractor, criterion, grid, contextlib.nullcontext, s), image)
+            loss_and_grad(TiledObjective(extractor, criterion, grid, autocast=contextlib.nullcontext, share=s), image)
             for s in (share, None)
         ]
         (total, parts, grad), (total1, parts1, grad1) = results

@@ -23,25 +23,34 @@ SMALL = {"size": "48", "min_size": "48", "steps": "12"}
 LAYERS = ("--content-layers", "relu2_2", "--style-layers", "relu1_1,relu2_1")
 
 
+def command(state_dir: Path, *args: str, port: int = 0) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "serve",
+        "--port",
+        str(port),
+        "--state-dir",
+        str(state_dir),
+        "--device",
+        "cpu",
+        *LAYERS,
+        *args,
+    ]
+
+
+def refused(state_dir: Path, *args: str) -> subprocess.CompletedProcess:
+    """Start a server that is expected to refuse to start; its exit, stdout and stderr."""
+    return subprocess.run(command(state_dir, *args), env=ENV, capture_output=True, text=True, timeout=START_SECONDS)
+
+
 class Server:
-    def __init__(self, state_dir: Path, *args: str, env: dict | None = None, token: str | None = None):
+    def __init__(self, state_dir: Path, *args: str, env: dict | None = None, token: str | None = None, port: int = 0):
         self.state_dir = Path(state_dir)
         if token:
             args = (*args, "--token", token)
-        command = [
-            sys.executable,
-            "-m",
-            "serve",
-            "--port",
-            "0",
-            "--state-dir",
-            str(state_dir),
-            "--device",
-            "cpu",
-            *LAYERS,
-        ]
         self.proc = subprocess.Popen(
-            [*command, *args],
+            command(state_dir, *args, port=port),
             env={**ENV, **(env or {})},
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -55,6 +64,11 @@ class Server:
         self.client = httpx.Client(
             base_url=self.url, timeout=60, headers={"Authorization": f"Bearer {token}"} if token else None
         )
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, port = self.url.removeprefix("http://").rsplit(":", 1)
+        return host, int(port)
 
     @staticmethod
     def _read(stream, put) -> None:
@@ -90,7 +104,8 @@ class Server:
             raise
         time.sleep(0.2)  # the last of stderr
         said = "".join(self.stderr)
-        return code in (0, -sig) and "stopped; " in said and "Traceback" not in said
+        # No traceback, and no line per event stream a client dropped (asyncio's "socket.send() raised").
+        return code in (0, -sig) and "stopped; " in said and "Traceback" not in said and "socket.send()" not in said
 
     def kill(self) -> None:
         if self.proc.poll() is None:
@@ -100,9 +115,8 @@ class Server:
     # Jobs --------------------------------------------------------------------------------------------------
 
     def submit(self, options: dict | None = None, files: list | None = None, samples: bool = True, **kwargs):
-        data = {**SMALL, **(options or {})}
-        if samples:
-            data.update(content_sample="tubingen.jpg", style_sample="starry_night.jpg")
+        data = {"content_sample": "tubingen.jpg", "style_sample": "starry_night.jpg"} if samples else {}
+        data.update(SMALL, **(options or {}))
         return self.client.post("/jobs", data=data, files=files, **kwargs)
 
     def events(self, job_id: str, until=None):

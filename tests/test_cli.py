@@ -303,7 +303,7 @@ def test_folder_run_stops_on_sigterm_and_the_same_command_does_the_rest(tmp_path
     args = [
         sys.executable,
         "-m",
-        "engine",
+        "cli",
         "stylize",
         "photos",
         "style.png",

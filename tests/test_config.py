@@ -31,6 +31,7 @@ from engine import Config, UserError
         ({"size": 2.5}, "size must be a positive whole number, not 2.5"),
         ({"steps": True}, "steps must be a positive whole number"),
         ({"size": 200000}, "size 200000 is larger than the 16384 px"),
+        ({"size": 64, "min_size": 96}, "min_size 96 is larger than size 64: the first scale cannot be larger"),
         ({"size": 8192, "style_scale": 4.0}, "style_scale 4.0 makes the style images 32768 px"),
         ({"device": "tpu"}, "device must be one of auto, cpu, cuda"),
         ({"seed": "x"}, "seed must be a whole number"),
@@ -51,4 +52,5 @@ def test_defaults_and_normalisation():
     with pytest.raises(dataclasses.FrozenInstanceError):
         c.size = 3
     assert Config().content_layers == ("relu4_2",)
+    assert Config(size=64).min_size == 128  # the default minimum below a small size: one scale, not an error
     assert Config().style_layers == ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")

@@ -116,7 +116,7 @@ OPTIONS = {
     "output exists": (["-o", "taken.png"], "output 'taken.png' already exists; pass --overwrite"),
 }
 
-# More cases, run in this process through engine.cli.main (each subprocess costs a torch import, and the
+# More cases, run in this process through cli.main.main (each subprocess costs a torch import, and the
 # machine is shared): the same contract, one line and exit 2, nothing touched.
 OPTIONS_IN_PROCESS = {
     # Every size that reaches the network is checked in one place (engine/sizes.py), the limit included.
@@ -141,6 +141,11 @@ OPTIONS_IN_PROCESS = {
         "--style-layer-weights has 1 value but there are 2 style layers",
     ),
     "option typo": (["--style-wieght", "3"], "unrecognized arguments: --style-wieght 3; did you mean --style-weight?"),
+    "output size by another tool's name": (
+        ["--end-scale", "256"],
+        "unrecognized arguments: --end-scale 256; did you mean --size (the long side of the output)?",
+    ),
+    "min size above size": (["--min-size", "64"], "--min-size 64 is larger than --size 32"),
     "unfinished run": (
         ["-o", "left.png"],
         "left.png.ckpt holds an unfinished run of this output; go on with: nst resume",

@@ -205,8 +205,15 @@ def test_interrupted_job_resumed_equals_an_uninterrupted_one(engine, tmp_path):
     config = Config(**{**TINY, "steps": 6})
     full = engine.submit(*pair, config).result(60)
     calls = []
-    plan = ckpt.CheckpointPlan(str(tmp_path / "job.ckpt"), should_stop=lambda: calls.append(1) or len(calls) == 4)
-    stopped = engine.submit(*pair, config, checkpoint=plan)
+
+    def watch():  # once per step: interrupt after the fourth
+        calls.append(1)
+        if len(calls) == 4:
+            control.interrupt()
+
+    control = Control(watch=watch)
+    plan = ckpt.CheckpointPlan(str(tmp_path / "job.ckpt"))
+    stopped = engine.submit(*pair, config, checkpoint=plan, control=control)
     with pytest.raises(JobInterrupted):
         stopped.result(60)
     assert stopped.state == "interrupted" and list(stopped.events())[-1] == {"type": "interrupted"}
@@ -244,7 +251,7 @@ def test_loading_optimizer_state_keeps_the_tensors_a_captured_graph_reads():
 
     image = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
     step = StepFunction(
-        image, Objective(lambda x: {"x": x}, lambda f, x: ((f["x"] - 0.3).pow(2).mean(), {})), "adam", 0.1
+        image, Objective(lambda x: {"x": x}, lambda f, x: ((f["x"] - 0.3).pow(2).mean(), {})), optimizer="adam", lr=0.1
     )
     step()
     saved = {k: v.clone() for k, v in step.optimizer.state[image].items()}

@@ -129,7 +129,15 @@ def test_combined_loss_weights_and_parts(rng):
     image = torch.tensor(rng.random((1, 3, 6, 6)))
     content = {"a": ContentLoss(feats["a"] * 0.5)}
     style = {"a": GramStyleLoss(gram_matrix(feats["b"])), "b": GramStyleLoss(gram_matrix(feats["a"]))}
-    crit = StyleTransferLoss(content, style, [1.0], [3.0, 1.0], 2.0, 5.0, 7.0)
+    crit = StyleTransferLoss(
+        content,
+        style,
+        content_layer_weights=[1.0],
+        style_layer_weights=[3.0, 1.0],
+        content_weight=2.0,
+        style_weight=5.0,
+        tv_weight=7.0,
+    )
     total, parts = crit(feats, image)
     want_style = 0.75 * style["a"](feats["a"]) + 0.25 * style["b"](feats["b"])
     torch.testing.assert_close(parts["style"], want_style, rtol=1e-12, atol=0)

@@ -108,6 +108,11 @@ def test_the_toy_loss_is_a_choice_everywhere(toys):
     assert args.style_loss == "toymean"
     levers, _ = matrix(torch.device("cpu"))
     assert "loss_toymean" in {lever.name for lever in levers}
+    # The body of nst serve's GET /options, which the page builds its form from (read at request time).
+    from serve.uploads import options_schema
+
+    style_loss_option = next(o for o in options_schema(Config()) if o["name"] == "style_loss")
+    assert {"toymean", "toynotiles"} <= set(style_loss_option["choices"])
 
 
 def test_an_unregistered_name_is_refused_in_one_sentence():
@@ -131,7 +136,7 @@ def test_the_toy_loss_tiles_exactly_in_float64(toys):
     total, parts, grad = loss_and_grad(Objective(extractor, criterion), image)
     grid = Tiling(16, Geometry.of(config.model, config.feature_layers)).grid(*image.shape[-2:])
     tiled, tiled_parts, tiled_grad = loss_and_grad(
-        TiledObjective(extractor, criterion, grid, contextlib.nullcontext), image
+        TiledObjective(extractor, criterion, grid, autocast=contextlib.nullcontext), image
     )
     torch.testing.assert_close(tiled, total, rtol=1e-10, atol=0)
     torch.testing.assert_close(tiled_parts["style"], parts["style"], rtol=1e-10, atol=0)

@@ -129,7 +129,18 @@ def test_mp4_without_imageio_ffmpeg_says_to_use_a_gif(tmp_path, capsys, monkeypa
 
 def test_a_resumed_run_appends_to_its_log_and_goes_on_counting_seconds(tmp_path):
     def info(step):
-        return StepInfo(0, 1, 24, 32, step, 4, step, 4, 1.0 / step, {"content": 0.1, "style": 0.2, "tv": 0.0})
+        return StepInfo(
+            scale=0,
+            scales=1,
+            height=24,
+            width=32,
+            step=step,
+            steps=4,
+            total_step=step,
+            total_steps=4,
+            loss=1.0 / step,
+            parts={"content": 0.1, "style": 0.2, "tv": 0.0},
+        )
 
     path = tmp_path / "run.jsonl"
     first = StepLog(path, overwrite=False, append=False)

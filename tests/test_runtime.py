@@ -137,9 +137,9 @@ def test_autocast_step_on_cpu_tracks_fp32():
     losses = {}
     for precision in ("fp32", "bf16"):
         # Built directly: resolve_runtime refuses bf16 on this CPU for speed, not for correctness.
-        rt = Runtime(torch.device("cpu"), precision, channels_last=False, cuda_graphs=False)
+        rt = Runtime(device=torch.device("cpu"), precision=precision, channels_last=False, cuda_graphs=False)
         extractor = loop_extractor(config, rt)
-        criterion = build_criterion(config, extractor, content, [([style], (1.0,))], 8, rt)
+        criterion = build_criterion(config, extractor, content, [([style], (1.0,))], min_side=8, runtime=rt)
         image = content.clone().requires_grad_(True)
         step = make_step(image, Objective(extractor, criterion, rt.autocast), "adam", 0.02, rt)
         assert isinstance(step, StepFunction)
@@ -180,16 +180,17 @@ def test_emulated_fp16_tracks_fp32_only_with_loss_scaling():
     # float16's smallest subnormal, so unscaled they flush to zero and the image follows TV alone.
     config = Config(device="cpu", content_layers=("relu2_2",), style_layers=("relu1_1", "relu2_1"))
     content, style = picture(192, 256, 1)[None], picture(256, 256, 2)
-    rt = Runtime(torch.device("cpu"), "fp32", channels_last=False, cuda_graphs=False)
+    rt = Runtime(device=torch.device("cpu"), precision="fp32", channels_last=False, cuda_graphs=False)
     extractor, switch = loop_extractor(config, rt), {"on": False}
     _emulate_fp16(extractor, switch)
     tracks = {}
     for mode in ("fp32", "fp16", "fp16 scaled"):
         switch["on"] = mode != "fp32"
-        criterion = build_criterion(config, extractor, content, [([style], (1.0,))], 8, rt)  # targets in fp16 too
+        # targets in fp16 too
+        criterion = build_criterion(config, extractor, content, [([style], (1.0,))], min_side=8, runtime=rt)
         image = content.clone().requires_grad_(True)
         scale = LossScale(image.device) if mode == "fp16 scaled" else None
-        step = StepFunction(image, Objective(extractor, criterion), "adam", config.lr, loss_scale=scale)
+        step = StepFunction(image, Objective(extractor, criterion), optimizer="adam", lr=config.lr, loss_scale=scale)
         tracks[mode] = torch.stack([step()[0] for _ in range(6)])
     fp32 = tracks["fp32"]
     assert fp32[-1] < 0.75 * fp32[0]  # it descends
@@ -200,7 +201,7 @@ def test_emulated_fp16_tracks_fp32_only_with_loss_scaling():
 def test_fp16_alone_gets_a_loss_scale():
     image = torch.rand(1, 3, 4, 4, requires_grad=True)
     for precision in ("fp32", "bf16", "fp16"):
-        rt = Runtime(torch.device("cpu"), precision, channels_last=False, cuda_graphs=False)
+        rt = Runtime(device=torch.device("cpu"), precision=precision, channels_last=False, cuda_graphs=False)
         step = make_step(image, Objective(lambda x: {"x": x}, _Poisoned(99)), "adam", 0.1, rt)
         assert (step.loss_scale is not None) == (precision == "fp16")
         assert step.optimizer.param_groups[0]["fused"] == (True if precision == "fp16" else None)
@@ -213,7 +214,7 @@ def _scaled_step(scale_value, settled, optimizer="adam"):
     scale.scale.fill_(scale_value)
     scale.settled = settled
     objective = Objective(lambda x: {"x": x}, lambda features, image: ((features["x"] * 2.0**30).sum(), {}))
-    step = StepFunction(image, objective, optimizer, 0.01, loss_scale=scale)
+    step = StepFunction(image, objective, optimizer=optimizer, lr=0.01, loss_scale=scale)
     return step, image, scale
 
 
@@ -259,17 +260,17 @@ def _report(sync_every, sync_seconds=0.0, report_due=lambda i: False, steps=10):
     seen = {}
     optimize_scale(
         ScaleProblem(
-            torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(0)),
-            Objective(lambda x: {"x": x}, _quadratic),
-            steps,
-            "adam",
-            0.05,
+            image=torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(0)),
+            objective=Objective(lambda x: {"x": x}, _quadratic),
+            steps=steps,
+            optimizer="adam",
+            lr=0.05,
             ema_decay=0.9,
             reporting=Reporting(
-                lambda i, loss, parts, image: seen.__setitem__(i, image and image().clone()),
-                sync_every,
-                sync_seconds,
-                report_due,
+                on_step=lambda i, loss, parts, image: seen.__setitem__(i, image and image().clone()),
+                every=sync_every,
+                seconds=sync_seconds,
+                due=report_due,
             ),
         )
     )
@@ -293,25 +294,25 @@ def test_the_image_of_a_report_is_gone_once_the_run_moves_on():
     kept = []
     optimize_scale(
         ScaleProblem(
-            torch.rand(1, 3, 8, 8),
-            Objective(lambda x: {"x": x}, _quadratic),
-            3,
-            "adam",
-            0.05,
+            image=torch.rand(1, 3, 8, 8),
+            objective=Objective(lambda x: {"x": x}, _quadratic),
+            steps=3,
+            optimizer="adam",
+            lr=0.05,
             ema_decay=0.9,
-            reporting=Reporting(lambda i, loss, parts, image: kept.append(image)),
+            reporting=Reporting(on_step=lambda i, loss, parts, image: kept.append(image)),
         )
     )
     assert all(image() is None for image in kept)  # not read in time: never built, and not built late
     live = []
     optimize_scale(
         ScaleProblem(
-            torch.rand(1, 3, 8, 8),
-            Objective(lambda x: {"x": x}, _quadratic),
-            3,
-            "adam",
-            0.05,
-            reporting=Reporting(lambda i, loss, parts, image: live.append(image())),
+            image=torch.rand(1, 3, 8, 8),
+            objective=Objective(lambda x: {"x": x}, _quadratic),
+            steps=3,
+            optimizer="adam",
+            lr=0.05,
+            reporting=Reporting(on_step=lambda i, loss, parts, image: live.append(image())),
         )
     )
     assert not any(image.requires_grad for image in live)  # without an average: the live image, detached
@@ -358,12 +359,12 @@ def test_nan_guard_stops_with_the_step_number(sync_every):
     with pytest.raises(NonFiniteLoss, match="the loss became NaN at step 3 of this scale, so the run stopped"):
         optimize_scale(
             ScaleProblem(
-                image,
-                Objective(lambda x: {"x": x}, _Poisoned(3)),
-                10,
-                "adam",
-                0.1,
-                reporting=Reporting(lambda i, *a: seen.append(i), sync_every),
+                image=image,
+                objective=Objective(lambda x: {"x": x}, _Poisoned(3)),
+                steps=10,
+                optimizer="adam",
+                lr=0.1,
+                reporting=Reporting(on_step=lambda i, *a: seen.append(i), every=sync_every),
             )
         )
     assert seen == [1, 2]  # the good steps were reported, nothing after the bad one
@@ -408,7 +409,7 @@ def test_nan_guard_reaches_the_cli_as_one_sentence(monkeypatch, tmp_path):
 
 
 def test_graphs_are_not_used_off_cuda():
-    rt = Runtime(torch.device("cpu"), "fp32", channels_last=False, cuda_graphs=False)
+    rt = Runtime(device=torch.device("cpu"), precision="fp32", channels_last=False, cuda_graphs=False)
     step = make_step(
         torch.rand(1, 3, 4, 4, requires_grad=True), Objective(lambda x: {"x": x}, _Poisoned(99)), "adam", 0.1, rt
     )
@@ -602,10 +603,10 @@ def test_cuda_resume_equals_uninterrupted(cuda_problem, tmp_path, precision, det
 def test_cuda_fp16_steps_never_wait_for_the_host(graphs, keep_cuda_flags):
     """Loss scaling is all on the device: after the first step, no step synchronises with the host."""
     config = Config(device="cuda")
-    rt = Runtime(torch.device("cuda"), "fp16", channels_last=True, cuda_graphs=graphs)
+    rt = Runtime(device=torch.device("cuda"), precision="fp16", channels_last=True, cuda_graphs=graphs)
     content = rt.layout(picture(96, 128, 1)[None])
     extractor = loop_extractor(config, rt)
-    criterion = build_criterion(config, extractor, content, [([picture(128, 128, 2)], (1.0,))], 16, rt)
+    criterion = build_criterion(config, extractor, content, [([picture(128, 128, 2)], (1.0,))], min_side=16, runtime=rt)
     image = content.clone().requires_grad_(True)
     step = make_step(image, Objective(extractor, criterion, rt.autocast), "adam", config.lr, rt)
     assert isinstance(step, GraphedStep) == graphs and step.loss_scale is not None

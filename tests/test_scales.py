@@ -70,7 +70,16 @@ def test_carried_moments_have_the_scale_of_the_new_gradients():
 def _run(image, steps, optimizer="adam", lr=0.05, record=None, ema_decay=0.0, carry=None):
     objective = Objective(lambda x: {"x": x}, _quadratic)
     return optimize_scale(
-        ScaleProblem(image, objective, steps, optimizer, lr, ema_decay, reporting=Reporting(record), carry=carry)
+        ScaleProblem(
+            image=image,
+            objective=objective,
+            steps=steps,
+            optimizer=optimizer,
+            lr=lr,
+            ema_decay=ema_decay,
+            reporting=Reporting(on_step=record),
+            carry=carry,
+        )
     )
 
 

@@ -52,7 +52,7 @@ def problem(loss="gram", dtype=torch.float64, size=(46, 58), batch=2, masks=Fals
         mask = rand(1, 1, *size, seed=5, dtype=dtype)
         styles = [([rand(3, 37, 51, seed=2, dtype=dtype), rand(3, 29, 23, seed=3, dtype=dtype)], (1.0, 3.0))] * batch
         mask = torch.cat([mask, 1 - mask])
-    criterion = build_criterion(config, extractor, content, styles, 4, None, mask).to(dtype)
+    criterion = build_criterion(config, extractor, content, styles, min_side=4, masks=mask).to(dtype)
     image = rand(batch, 3, *size, seed=6, dtype=dtype).requires_grad_(True)
     return config, extractor, criterion, content, styles, mask, image
 
@@ -105,7 +105,7 @@ def test_tiled_loss_and_gradient_equal_untiled_in_float64(loss, masks, tile):
     grid = Tiling(tile, Geometry.of(config.model, config.feature_layers)).grid(*image.shape[-2:])
     assert len(grid.tiles) > 4
     tiled, tiled_parts, tiled_grad = loss_and_grad(
-        TiledObjective(extractor, criterion, grid, contextlib.nullcontext), image
+        TiledObjective(extractor, criterion, grid, autocast=contextlib.nullcontext), image
     )
     torch.testing.assert_close(tiled, total, rtol=1e-10, atol=0)
     for name in ("content", "style", "tv"):
@@ -121,7 +121,9 @@ def test_tiled_equals_untiled_with_edge_padding(padding):
     zeros = problem("gram")
     assert not torch.allclose(total, loss_and_grad(Objective(zeros[1], zeros[2]), zeros[-1])[0])  # it matters
     grid = Tiling(16, Geometry.of(config.model, config.feature_layers)).grid(*image.shape[-2:])
-    tiled, _, tiled_grad = loss_and_grad(TiledObjective(extractor, criterion, grid, contextlib.nullcontext), image)
+    tiled, _, tiled_grad = loss_and_grad(
+        TiledObjective(extractor, criterion, grid, autocast=contextlib.nullcontext), image
+    )
     torch.testing.assert_close(tiled, total, rtol=1e-10, atol=0)
     assert float((tiled_grad - grad).abs().max() / grad.abs().max()) < 1e-10
 
@@ -131,7 +133,9 @@ def test_tiled_gradient_in_float32_and_with_the_default_layers():
     config, extractor, criterion, *_, image = problem("gram", dtype=torch.float32, size=(200, 170), batch=1, layers={})
     total, _, grad = loss_and_grad(Objective(extractor, criterion), image)
     grid = Tiling(64, Geometry.of(config.model, config.feature_layers)).grid(200, 170)
-    tiled, _, tiled_grad = loss_and_grad(TiledObjective(extractor, criterion, grid, contextlib.nullcontext), image)
+    tiled, _, tiled_grad = loss_and_grad(
+        TiledObjective(extractor, criterion, grid, autocast=contextlib.nullcontext), image
+    )
     torch.testing.assert_close(tiled, total, rtol=1e-5, atol=0)
     assert float((tiled_grad - grad).abs().max() / grad.abs().max()) < 1e-5
 
@@ -140,7 +144,7 @@ def test_tiled_gradient_in_float32_and_with_the_default_layers():
 def test_tiled_targets_equal_untiled(loss, masks):
     config, extractor, criterion, content, styles, mask, _ = problem(loss, masks=masks)
     tiling = Tiling(12, Geometry.of(config.model, config.feature_layers))
-    tiled = build_criterion(config, extractor, content, styles, 4, None, mask, tiling=tiling).to(torch.float64)
+    tiled = build_criterion(config, extractor, content, styles, min_side=4, masks=mask, tiling=tiling).to(torch.float64)
     ours, theirs = criterion.state_dict(), tiled.state_dict()
     assert ours.keys() == theirs.keys()
     for key in ours:
@@ -177,7 +181,7 @@ def test_sliced_ot_refuses_tiles_in_one_sentence():
     config, extractor, criterion, *_ = problem("ot", batch=1)
     grid = Tiling(16, Geometry.of(config.model, config.feature_layers)).grid(46, 58)
     with pytest.raises(UserError, match="ot style loss .* cannot be split into tiles exactly"):
-        TiledObjective(extractor, criterion, grid, contextlib.nullcontext)
+        TiledObjective(extractor, criterion, grid, autocast=contextlib.nullcontext)
     with pytest.raises(UserError, match="cannot be split into tiles"):
         plan_scale(Config(style_loss="ot", tile="64"), None, 512, 512)
 
@@ -278,10 +282,11 @@ config = Config(device="cpu", tile=tile)
 runtime = resolve_runtime(config)
 extractor = loop_extractor(config, runtime)
 content = runtime.layout(torch.rand(1, 3, size, size))
-criterion = build_criterion(config, extractor, content, [([torch.rand(3, 64, 64)], (1.0,))], 16, runtime)
+styles = [([torch.rand(3, 64, 64)], (1.0,))]
+criterion = build_criterion(config, extractor, content, styles, min_side=16, runtime=runtime)
 memory = plan_scale(config, runtime, size, size)
-step = make_step(content.clone().requires_grad_(True), scale_objective(memory, extractor, criterion, runtime,
-                 (size, size)), "adam", 0.02, runtime)
+objective = scale_objective(memory=memory, extractor=extractor, criterion=criterion, runtime=runtime, size=(size, size))
+step = make_step(content.clone().requires_grad_(True), objective, "adam", 0.02, runtime)
 rss = lambda key: int(re.search(key + r":\\s+(\\d+)", open("/proc/self/status").read()).group(1)) * 1024
 open("/proc/self/clear_refs", "w").write("5")  # resets the peak (VmHWM) to the current RSS
 before = rss("VmRSS")

@@ -145,7 +145,20 @@ def test_init_from_an_image_file(tmp_path):
 def test_progress_bar_of_a_resumed_run_starts_at_the_resumed_step():
     bar = ProgressBar(quiet=False)
     bar.plain = False  # a terminal's bar, whatever pytest's stderr is
-    info = StepInfo(1, 3, 48, 40, 5, 30, 57, 132, 1.5, {}, torch.zeros(1, 3, 2, 2))
+    image = torch.zeros(1, 3, 2, 2)
+    info = StepInfo(
+        scale=1,
+        scales=3,
+        height=48,
+        width=40,
+        step=5,
+        steps=30,
+        total_step=57,
+        total_steps=132,
+        loss=1.5,
+        parts={},
+        source=lambda: image,
+    )
     bar.step(info, "scale 2/3")
     try:
         assert (bar.bar.n, bar.bar.total) == (57, 132)

@@ -12,7 +12,7 @@ model ask of a loss, so none of them names a loss:
   ``TileTerm.lagged_surrogate``); a loss without one may say why in ``untileable``;
 * ``uncapturable``: None, or why a CUDA graph cannot record a step of it;
 * ``generators``: the random state a checkpoint must keep for a run to resume bit for bit;
-* ``state_bytes_per_pixel``: the memory its targets and work buffers add per output pixel.
+* ``state_bytes``: the memory its targets and per-step buffers add to a scale, beyond the network's.
 
 Only ``name``, ``help``, ``build`` and ``forward`` are required; the defaults describe a loss built from
 moments that tiles cannot split, that a CUDA graph can capture and that holds no random state.
@@ -27,6 +27,7 @@ from torch import nn
 
 from ..errors import UserError, option
 from ..losses import FeaturesOrMoments, at_least_float32
+from ..vgg import CHANNELS
 
 if TYPE_CHECKING:
     from ..tiling import Tile
@@ -69,9 +70,14 @@ class StyleLoss(nn.Module):
         return []
 
     @classmethod
-    def state_bytes_per_pixel(cls, config, layer_bytes: dict[str, float]) -> float:
-        """Bytes per output pixel that this loss's targets and work buffers hold, beyond the network's."""
-        return 0.0
+    def state_bytes(cls, config, *, pixels: int, style_pixels: Sequence[int], layer_bytes: dict[str, float]) -> float:
+        """Bytes this loss's targets and per-step buffers hold in a scale of ``pixels`` output pixels (the
+        batch's, together) whose style images have ``style_pixels`` pixels, beyond the network's activations.
+        ``layer_bytes``: float32 bytes per input pixel of each layer's output (``memory.layer_bytes``).
+
+        The default is a loss of moments: a C x C target and a C-vector per style layer (and its gradient).
+        """
+        return sum((_channels(n) ** 2 + _channels(n)) * 4 * 2 for n in config.style_layers)
 
 
 class TileTerm:
@@ -157,6 +163,10 @@ class TileTerm:
 
     def surrogate(self, features: torch.Tensor, tile: "Tile", factor: int) -> torch.Tensor:
         raise NotImplementedError
+
+
+def _channels(layer: str) -> int:
+    return CHANNELS[int(layer[4]) - 1]  # "relu3_1": the fifth character is the block
 
 
 # ------------------------------------------------------------------------------------------ the registry

@@ -48,6 +48,7 @@ class GaussianW2StyleLoss(StyleLoss):
 
     def __init__(
         self,
+        *,
         mean: torch.Tensor,
         cov_sqrt: torch.Tensor,
         cov_trace: torch.Tensor,
@@ -91,7 +92,9 @@ class GaussianW2StyleLoss(StyleLoss):
             traces.append(torch.trace(cov))
             scales.append(torch.trace(cov) + mean.pow(2).sum())
         stack = lambda ts: torch.stack(ts).float()  # noqa: E731
-        return cls(stack(means), stack(roots), stack(traces), stack(scales), method)
+        return cls(
+            mean=stack(means), cov_sqrt=stack(roots), cov_trace=stack(traces), scale=stack(scales), method=method
+        )
 
     def stats(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean ``(N, C)`` and covariance ``(N, C, C)`` of the image's feature vectors."""
