@@ -144,9 +144,9 @@ def register(sub) -> None:
     q.add_argument(
         "--out",
         type=Path,
-        default=Path("bench/results/quality"),
+        default=Path("out/quality"),
         metavar="DIR",
-        help="where results.json, curves.png and the result images go (default: bench/results/quality)",
+        help="where results.json, curves.png and the result images go (default: out/quality)",
     )
     q.add_argument("--overwrite", action="store_true", help="replace an existing DIR/results.json")
     q.set_defaults(run=run_quality)
