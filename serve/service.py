@@ -278,13 +278,7 @@ class Service:
                 f"server's {pixels(self.limits.max_pixels)} limit; ask for a smaller size"
             )
         self._check_work(config, content)
-        memory = job_memory(
-            config,
-            tuple(content.shape[-2:]),
-            [tuple(s.shape[-2:]) for s in styles],
-            self.engine.runtime,
-            self.limits.memory_budget,
-        )
+        memory = self._memory(config, content, styles)
         self._check_memory(memory)
         Store.save_image(staging, "content", content)
         for index, style in enumerate(styles):
@@ -348,6 +342,11 @@ class Service:
                 f"job's scales, above this server's {self.limits.max_step_pixels / 1e6:,.0f} million; ask for "
                 "fewer steps or a smaller size"
             )
+
+    def _memory(self, config: Config, content: torch.Tensor, styles: list) -> JobMemory:
+        """What a job of these decoded images holds and needs, as the engine will plan its scales."""
+        shapes = [tuple(s.shape[-2:]) for s in styles]
+        return job_memory(config, tuple(content.shape[-2:]), shapes, self.engine.runtime, self.limits.memory_budget)
 
     def _check_memory(self, memory: JobMemory) -> None:
         budget = self.limits.memory_budget
@@ -461,13 +460,7 @@ class Service:
         except (OSError, ValueError) as exc:
             raise UserError(f"its images could not be read back ({_detail(exc)})") from None
         config = job_config(self.base, row.options)
-        memory = job_memory(
-            config,
-            tuple(content.shape[-2:]),
-            [tuple(s.shape[-2:]) for s in styles],
-            self.engine.runtime,
-            self.limits.memory_budget,
-        )
+        memory = self._memory(config, content, styles)
         with self._lock:
             # A job accepted by an earlier run is never refused for memory, only held back: alone, it runs.
             self._reserve(row.id, memory, force=not self._reserved)
