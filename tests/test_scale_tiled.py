@@ -66,7 +66,13 @@ def test_two_processes_end_at_the_one_process_tiled_image(shared_runs, name):
     alone, first, second = shared_runs(f"alone_{name}"), shared_runs(f"rank0_{name}"), shared_runs(f"rank1_{name}")
     assert torch.equal(first, second)  # the same bits on every process: their optimisers stay in step
     difference = float((first - alone).abs().max())
-    assert difference <= TOLERANCE, difference
+    if name.endswith("_lagged"):
+        # A process's lagged sums are fresh for its own tiles only (the others' are the previous step's until the
+        # all-reduce), so a shared lagged run lags more than one process alone: it stays within the lag's effect.
+        lag = float((alone - shared_runs(f"alone_{name[: -len('_lagged')]}")).abs().max())
+        assert difference <= lag, (difference, lag)
+    else:
+        assert difference <= TOLERANCE, difference
     other = {"gram": "alone_w2", "w2": "alone_gram", "gram_lagged": "alone_w2_lagged", "w2_lagged": "alone_gram"}
     assert float((alone - shared_runs(other[name])).abs().max()) > 0.01
 
