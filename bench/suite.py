@@ -42,7 +42,7 @@ import torch
 from engine import Config, style_losses
 from engine.api import loop_extractor, scale_objective
 from engine.criterion import build_criterion
-from engine.errors import UserError
+from engine.errors import UserError, is_out_of_memory
 from engine.images import load_image, resize
 from engine.losses import matmul_tf32
 from engine.memory import plan_scale
@@ -405,10 +405,8 @@ def rows_at(
     for lever in levers:
         try:
             row = run_row(lever, size, device, warmup, repeats, build)
-        # torch.cuda's name for the class: torch.OutOfMemoryError is the same class, but only from torch 2.5.
-        except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:
-            # CUDA raises OutOfMemoryError; the CPU allocator a RuntimeError ("can't allocate memory").
-            if not isinstance(exc, torch.cuda.OutOfMemoryError) and "allocate" not in str(exc):
+        except RuntimeError as exc:  # torch's OutOfMemoryError is a RuntimeError too
+            if not is_out_of_memory(exc):
                 raise
             row = {"config": lever.name, **_fields(lever), "size": size, "error": "out of memory"}
             if device.type == "cuda":

@@ -59,7 +59,7 @@ def is_out_of_memory(exc: BaseException) -> bool:
     """Whether ``exc`` is the device running out of memory (CUDA's own error, or the CPU allocator's)."""
     import torch  # here, so that this module stays importable without torch's start-up cost
 
-    if isinstance(exc, torch.OutOfMemoryError):
+    if isinstance(exc, torch.cuda.OutOfMemoryError):  # torch.OutOfMemoryError's name before torch 2.5
         return True
     text = str(exc)
     return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)

@@ -32,7 +32,7 @@ from .errors import UserError
 from .optimize import LBFGS_HISTORY
 from .style_losses import check_tileable, style_loss
 from .tiling import Geometry, Tiling
-from .vgg import CHANNELS, blocks_of, recomputed_blocks, truncated_names
+from .vgg import blocks_of, channels, recomputed_blocks, truncated_names
 
 GiB = 1024**3
 # Share of the free memory a run plans to use: the allocator's fragmentation, the framework's own
@@ -46,10 +46,7 @@ def layer_bytes(model: str, layers, element: int) -> dict[str, float]:
     """Bytes per input pixel of each layer's output in the truncated network."""
     geometry = Geometry.of(model, layers)
     # "conv3_2", "relu3_2", "pool3": the fifth character is the block, which sets the channels.
-    return {
-        name: CHANNELS[int(name[4]) - 1] * element / geometry.factors[name] ** 2
-        for name in truncated_names(model, layers)
-    }
+    return {name: channels(name) * element / geometry.factors[name] ** 2 for name in truncated_names(model, layers)}
 
 
 def activation_bytes_per_pixel(model: str, layers, element: int = 4, mode: str = "untiled") -> float:

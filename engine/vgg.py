@@ -20,6 +20,13 @@ from .errors import UserError
 # Convolutions per block; channels per block are the same for both models.
 BLOCKS = {"vgg16": (2, 2, 3, 3, 3), "vgg19": (2, 2, 4, 4, 4)}
 CHANNELS = (64, 128, 256, 512, 512)
+
+
+def channels(layer: str) -> int:
+    """Channels of a layer's output: "relu3_1", "conv3_2", "pool3": the fifth character is the block."""
+    return CHANNELS[int(layer[4]) - 1]
+
+
 MODELS = tuple(BLOCKS)
 POOLINGS = ("max", "avg")
 PADDINGS = ("zeros", "replicate", "reflect")
@@ -192,7 +199,7 @@ def recomputed_blocks(model: str, layers: Iterable[str]) -> int:
     for block in blocks_of(truncated_names(model, layers)):
         values = 0.0
         for name in block:
-            per_pixel = CHANNELS[int(name[4]) - 1] / 4 ** downsampling_before(model, name)
+            per_pixel = channels(name) / 4 ** downsampling_before(model, name)
             values += per_pixel * (3 if name.startswith("pool") else 1) / (4 if name.startswith("pool") else 1)
         sizes.append(values)
     for count in range(1, len(sizes) + 1):

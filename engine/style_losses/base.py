@@ -27,7 +27,7 @@ from torch import nn
 
 from ..errors import UserError, option
 from ..losses import FeaturesOrMoments, at_least_float32
-from ..vgg import CHANNELS
+from ..vgg import channels as _channels
 
 if TYPE_CHECKING:
     from ..tiling import Tile
@@ -163,10 +163,6 @@ class TileTerm:
 
     def surrogate(self, features: torch.Tensor, tile: "Tile", factor: int) -> torch.Tensor:
         raise NotImplementedError
-
-
-def _channels(layer: str) -> int:
-    return CHANNELS[int(layer[4]) - 1]  # "relu3_1": the fifth character is the block
 
 
 # ------------------------------------------------------------------------------------------ the registry

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..losses import EPS, at_least_float32
-from ..vgg import CHANNELS
+from ..vgg import channels as _channels
 from .base import PerJob, StyleLoss, register
 
 
@@ -24,10 +24,6 @@ def _pixels(features: torch.Tensor) -> torch.Tensor:
     """``(N, C, H, W)`` -> ``(N, C, H*W)`` in at least float32."""
     n, c, h, w = features.shape
     return at_least_float32(features.reshape(n, c, h * w))
-
-
-def _channels(layer: str) -> int:
-    return CHANNELS[int(layer[4]) - 1]  # "relu3_1": the fifth character is the block
 
 
 @register
