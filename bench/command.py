@@ -149,6 +149,12 @@ def register(sub) -> None:
         help="where results.json, curves.png and the result images go (default: out/quality)",
     )
     q.add_argument("--overwrite", action="store_true", help="replace an existing DIR/results.json")
+    q.add_argument(
+        "--baseline",
+        metavar="NAME",
+        help="also say when each configuration first reached NAME's final quality (within the judge's noise), "
+        "in seconds and as a speed-up over NAME's whole run",
+    )
     q.set_defaults(run=run_quality)
 
 
@@ -237,6 +243,7 @@ def run_highres(args: argparse.Namespace) -> int:
 
 
 def run_quality(args: argparse.Namespace) -> int:
+    from engine.errors import UserError
     from engine.files import check_writable
 
     from . import quality
@@ -244,14 +251,27 @@ def run_quality(args: argparse.Namespace) -> int:
     root = Path(__file__).resolve().parents[1]
     pairs = args.pair or [(str(root / "examples/tubingen.jpg"), str(root / "examples/starry_night.jpg"))]
     configs = [quality.parse_config(text) for text in args.config or ["default"]]
+    if args.baseline is not None and args.baseline not in [name for name, _ in configs]:
+        names = ", ".join(name for name, _ in configs)
+        raise UserError(f"--baseline {args.baseline!r} is not one of the --config names ({names})")
     json_path = args.out / "results.json"
     args.out.mkdir(parents=True, exist_ok=True)
     check_writable(json_path, args.overwrite, what="results file")  # refused now, not after the runs
     results = quality.run_quality(pairs, configs, args.size, args.snapshot_every, args.seeds, args.judge_seed, args.out)
+    if args.baseline is not None:
+        results["time_to_quality"] = quality.time_to_quality(results, args.baseline)
     print(f"wrote {quality.write_json(results, json_path, args.overwrite)}")
     print(f"wrote {quality.plot_curves(results, args.out / 'curves.png')}")
     for line in quality.summary(results):
         print(line)
+    for row in results.get("time_to_quality", []):
+        when = (
+            f"after {row['seconds']:.0f} s ({row['speedup']:.2f}x faster than {row['baseline']}'s "
+            f"{row['baseline_seconds']:.0f} s)"
+            if row["seconds"] is not None
+            else "never"
+        )
+        print(f"{row['pair']:<28} {row['config']:<14} reached {row['baseline']}'s final quality {when}")
     return 0
 
 

@@ -425,6 +425,46 @@ def summary(results: dict) -> list[str]:
     return lines
 
 
+# Within the judge's own noise (docs/quality.md: two standard deviations of its sampling on style and colour;
+# content has no sampling, the same margin is kept for it).
+REACH_TOLERANCE = {"style": 0.01, "content": 0.01, "colour": 0.012}
+
+
+def reached(point: dict, target: dict, tolerance: Optional[dict] = None) -> bool:
+    """Whether a snapshot's scores are as good as ``target``'s on every measure, within ``tolerance``."""
+    tolerance = REACH_TOLERANCE if tolerance is None else tolerance
+    return all(point[m] <= target[m] + tolerance[m] for m in MEASURES)
+
+
+def time_to_quality(results: dict, baseline: str) -> list[dict]:
+    """For each pair and configuration (seed 0), when its run first reached the final quality of ``baseline``'s
+    run on the same pair (``reached``): seconds and pixel-steps, None if it never did; beside them the
+    baseline's own wall time, from the same run of the bench."""
+    rows = [r for r in results["rows"] if r["seed"] == min(x["seed"] for x in results["rows"])]
+    out = []
+    for pair in dict.fromkeys(r["pair"] for r in rows):
+        base = next((r for r in rows if r["pair"] == pair and r["config"] == baseline), None)
+        if base is None:
+            continue
+        for run in (r for r in rows if r["pair"] == pair):
+            hit = next((p for p in run["curve"] if reached(p, base["final"])), None)
+            if hit is None and reached(run["final"], base["final"]):
+                hit = {"seconds": run["wall_seconds"], "pixel_steps": run["pixel_steps"]}
+            out.append(
+                {
+                    "pair": pair,
+                    "config": run["config"],
+                    "baseline": baseline,
+                    "target": base["final"],
+                    "seconds": None if hit is None else hit["seconds"],
+                    "pixel_steps": None if hit is None else hit["pixel_steps"],
+                    "baseline_seconds": base["wall_seconds"],
+                    "speedup": None if hit is None else base["wall_seconds"] / hit["seconds"],
+                }
+            )
+    return out
+
+
 def spread(values: Sequence[float]) -> float:
     """Sample standard deviation (0 for fewer than two values)."""
     if len(values) < 2:

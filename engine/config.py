@@ -17,6 +17,7 @@ from .color import MODES as COLOR_MODES
 from .errors import UserError, option, plural
 from .images import FORMATS as IMAGE_FORMATS
 from .runtime import MEMORY_FORMATS, PRECISIONS, SWITCHES
+from .schedule import SCHEDULES
 from .sizes import DEFAULT_MAX_PIXELS
 from .style_losses import Names
 from .style_losses import style_loss as registered_loss
@@ -125,7 +126,25 @@ class Config:
     )
     steps: int = field(
         default=200,
-        metadata={"http": True, "help": "steps at the coarsest scale; each finer scale takes 1/sqrt(2) as many"},
+        metadata={"http": True, "help": "steps at the coarsest scale; --schedule says how many each finer one takes"},
+    )
+    schedule: str = field(
+        default="sqrt2",
+        metadata={
+            "http": True,
+            "help": "steps per scale, in proportion to --steps: 'sqrt2' (each finer scale 1/sqrt(2) as many as "
+            "the one before) or 'lean' (the scales between half as many, at least --steps/16; the last "
+            "--steps/8); see docs/cli.md",
+            "choices": tuple(SCHEDULES),
+        },
+    )
+    plateau: float = field(
+        default=0.0,
+        metadata={
+            "http": True,
+            "help": "end a scale early once its last 20 steps lowered the loss by less than this fraction "
+            "(e.g. 0.01; checked every 5 steps); 0: every scale takes all its steps",
+        },
     )
     optimizer: str = field(default="adam", metadata={"http": True, "help": "optimiser", "choices": OPTIMIZERS})
     lr: float = field(
@@ -222,6 +241,8 @@ class Config:
             raise UserError(f"{option('style_layers')} must name at least one layer")
         for name in ("content_weight", "style_weight", "tv_weight", "style_scale", "lr"):
             _check_number(name, getattr(self, name), allow_zero=name.endswith("_weight"))
+        if isinstance(self.plateau, bool) or not isinstance(self.plateau, (int, float)) or not 0 <= self.plateau < 1:
+            raise UserError(f"{option('plateau')} must be a fraction at least 0 and below 1, not {self.plateau!r}")
         for name, layers in (
             ("content_layer_weights", self.content_layers),
             ("style_layer_weights", self.style_layers),

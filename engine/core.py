@@ -38,6 +38,7 @@ from .optimize import (
     Callback,
     Checkpointing,
     Objective,
+    Plateau,
     Reporting,
     ScaleProblem,
     StepInfo,
@@ -241,7 +242,9 @@ class JobInput:
     init: Optional[torch.Tensor] = None  # the decoded --init image file, if one is given
 
     def schedule(self, config: Config, min_side: int) -> list[Scale]:
-        return build_schedule(*self.content.shape[-2:], config.size, config.min_size, config.steps, min_side)
+        return build_schedule(
+            *self.content.shape[-2:], config.size, config.min_size, config.steps, min_side, schedule=config.schedule
+        )
 
     def with_colours(self, image: torch.Tensor) -> torch.Tensor:
         """A result (or preview) of this job as the user sees it: in luminance mode, with the content's chroma."""
@@ -339,6 +342,7 @@ def run_batch(core: Core, batch: Batch) -> list[Result]:
     image = None
     carry = None  # Adam's state and the average, handed from each scale to the next
     done = 0  # steps of the scales before this one
+    skipped = 0  # steps that scales ended by a plateau did not take (the total reported shrinks by them)
     if share is None:
         should_interrupt = control.poll
     else:  # one process alone stopping would leave the others waiting for it: a stop is everyone's or no one's
@@ -347,6 +351,7 @@ def run_batch(core: Core, batch: Batch) -> list[Result]:
     for scale in schedule:
         if resume is not None and scale.index < resume["scale"]:
             done += scale.steps
+            skipped += scale.steps - sum(1 for h in history if h["scale"] == scale.index)
             continue
         size = (scale.height, scale.width)
         content = runtime.layout(torch.stack([resize(job.content, size) for job in jobs]))
@@ -404,7 +409,7 @@ def run_batch(core: Core, batch: Batch) -> list[Result]:
                         step=i,
                         steps=scale.steps,
                         total_step=len(history),
-                        total_steps=total_steps,
+                        total_steps=total_steps - skipped,
                         loss=loss,
                         parts=dict(parts),
                         source=current,
@@ -452,9 +457,11 @@ def run_batch(core: Core, batch: Batch) -> list[Result]:
                 after_step=control.check,
                 steps_pool=core.steps_pool,
                 carry=carry,
+                plateau=Plateau(tolerance=config.plateau) if config.plateau else None,
             )
         )
         done += scale.steps
+        skipped += scale.steps - carry.steps
     images = [job.with_colours(im.float().cpu().contiguous()) for im, job in zip(image, jobs)]
     seconds = time.perf_counter() - started
     # The job is done: a checkpoint of it, written now or resumed from, could only repeat it.

@@ -20,7 +20,7 @@ import contextlib
 import time
 from collections import OrderedDict
 from dataclasses import KW_ONLY, dataclass, field
-from typing import TYPE_CHECKING, Callable, ContextManager, Optional
+from typing import TYPE_CHECKING, Callable, ContextManager, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -345,6 +345,7 @@ class Carry:
     optimizer: Optional[dict] = None
     average: Optional[torch.Tensor] = None
     average_steps: int = 0
+    steps: int = 0  # the steps the scale took (fewer than asked when a plateau stopped it)
 
 
 def resample_state(carry: Carry, like: torch.Tensor) -> Carry:
@@ -499,6 +500,32 @@ class Checkpointing:
     resume: Optional[dict] = None
 
 
+@dataclass(frozen=True, kw_only=True)
+class Plateau:
+    """When a scale's loss has flattened, so that its remaining steps would change little (``--plateau``).
+
+    Checked every ``every`` steps, after at least ``window`` of them: the scale stops once its last
+    ``window`` steps lowered the loss by less than ``tolerance`` of the loss ``window`` steps ago. A
+    comparison over a window, not step to step, because Adam's steps jitter the loss; checked at fixed
+    steps, not whenever the losses happen to be read, so that a resumed run stops where an uninterrupted
+    one does.
+    """
+
+    tolerance: float
+    window: int = 20
+    every: int = 5
+
+    def due(self, i: int) -> bool:
+        return i >= self.window and i % self.every == 0
+
+    def flat(self, losses: Sequence[float]) -> bool:
+        """``losses``: the scale's total loss at steps 1..i, in order (the check is at i = len(losses))."""
+        if len(losses) <= self.window:
+            return False
+        before, now = losses[-1 - self.window], losses[-1]
+        return before - now < self.tolerance * abs(before)
+
+
 @dataclass(kw_only=True)
 class ScaleProblem:
     """One scale's optimisation: the starting ``image`` (not modified), what to minimise, and how.
@@ -521,10 +548,14 @@ class ScaleProblem:
     after_step: Callable[[int], None] = lambda i: None
     steps_pool: Optional["StepPool"] = None
     carry: Optional[Carry] = None  # what the previous scale returned: Adam's state and the average go on
+    plateau: Optional[Plateau] = None  # stop before ``steps`` once the loss has flattened
 
 
 def optimize_scale(problem: ScaleProblem) -> tuple[torch.Tensor, Carry]:
     """Run ``problem.steps`` steps from ``problem.image``; returns the result and the state to carry on.
+
+    With ``problem.plateau`` the scale may stop earlier (``Carry.steps`` says where): its losses are then
+    read at each of the plateau's checks.
 
     ``problem.carry`` is what the previous scale returned: Adam's moments and step count and the moving
     average go on from there, resampled to this scale (``resample_state``), instead of starting afresh.
@@ -557,7 +588,10 @@ def optimize_scale(problem: ScaleProblem) -> tuple[torch.Tensor, Carry]:
     names: list[str] = []
     average = torch.zeros_like(param, requires_grad=False) if ema_decay else None
     summed = 0  # steps the average had summed before this scale began
+    plateau = p.plateau
+    losses: list[float] = []  # this scale's total losses, step by step, for the plateau's checks
     if resume is not None:
+        losses = list(resume.get("losses", []))
         load_optimizer_state(step.optimizer, resume["optimizer"])
         if step.loss_scale is not None and resume.get("loss_scale") is not None:
             step.loss_scale.load_state_dict(resume["loss_scale"])
@@ -576,6 +610,7 @@ def optimize_scale(problem: ScaleProblem) -> tuple[torch.Tensor, Carry]:
         # What a callback, a snapshot or an interrupt sees: the average when there is one.
         return param.detach() if average is None else (average / (1 - ema_decay ** (summed + i))).clamp(0, 1)
 
+    last = steps
     for i in range(start + 1, steps + 1):
         total, parts = step()
         if average is not None:
@@ -586,11 +621,13 @@ def optimize_scale(problem: ScaleProblem) -> tuple[torch.Tensor, Carry]:
         stop = saving.should_stop()
         save = saving.save is not None and (stop or saving.due(i))
         late = report.seconds and time.perf_counter() - last_read >= report.seconds
-        if len(pending) >= every or late or i == steps or save or report.due(i):
+        check = plateau is not None and plateau.due(i)
+        if len(pending) >= every or late or i == steps or save or report.due(i) or check:
             image = _Lazy(current, i)
-            _flush(pending, names, report.on_step, image)
+            losses.extend(_flush(pending, names, report.on_step, image))
             image.expire()
             pending, last_read = [], time.perf_counter()
+        flat = check and i < steps and plateau.flat(losses)  # a check reads every pending loss first
         if save:
             saving.save(
                 {
@@ -600,19 +637,23 @@ def optimize_scale(problem: ScaleProblem) -> tuple[torch.Tensor, Carry]:
                     "ema": None if average is None else average.cpu().clone(),
                     "ema_steps": summed + i,
                     "loss_scale": None if step.loss_scale is None else step.loss_scale.state_dict(),
+                    "losses": list(losses) if plateau is not None else [],
                 }
             )
         if stop:
             raise Interrupted(current(i).detach().clone(), i)
         p.after_step(i)
+        if flat:
+            last = i
+            break
     if p.steps_pool is not None and isinstance(step, GraphedStep):
         result = p.steps_pool.give_back(p, step)  # a copy: the step's image is reused by the next job
     else:
         result = step.finish()
-    if average is not None and summed + steps > 0:
-        result = (average / (1 - ema_decay ** (summed + steps))).clamp_(0, 1)
+    if average is not None and summed + last > 0:
+        result = (average / (1 - ema_decay ** (summed + last))).clamp_(0, 1)
     adam = step.optimizer.state_dict() if p.optimizer == "adam" else None
-    return result, Carry(adam, average, summed + steps)
+    return result, Carry(adam, average, summed + last, steps=last)
 
 
 # Param-group settings that belong to this run's device, not to the checkpoint's.
@@ -678,10 +719,11 @@ class _Lazy:
         self.expired = True
 
 
-def _flush(pending, names, on_step, image) -> None:
-    values = torch.stack([v for _, v in pending]).cpu()  # the one host-device sync
+def _flush(pending, names, on_step, image) -> list[float]:
+    """Read the pending steps' losses (checked finite), report them; returns their totals in order."""
+    values = torch.stack([v for _, v in pending]).cpu().tolist()  # the one host-device sync
     last = pending[-1][0]
-    for (i, _), row in zip(pending, values.tolist()):
+    for (i, _), row in zip(pending, values):
         if not all(v == v and abs(v) != float("inf") for v in row):
             bad = "NaN" if any(v != v for v in row) else "infinite"
             raise NonFiniteLoss(
@@ -690,3 +732,4 @@ def _flush(pending, names, on_step, image) -> None:
             )
         if on_step is not None:
             on_step(i, row[0], dict(zip(names, row[1:])), image if i == last else None)
+    return [row[0] for row in values]

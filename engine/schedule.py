@@ -3,14 +3,22 @@
 Optimising at a small size first and upsampling the result gives the large
 structures of the style room to form (a VGG receptive field covers more of a
 small image) and makes most steps cheap. Scales grow by sqrt(2), so each
-has twice the pixels of the previous one; steps shrink by sqrt(2) per scale
-because the upsampled result is already close to the answer.
+has twice the pixels of the previous one. How many steps each scale takes is
+the schedule (``SCHEDULES``), all in proportion to ``--steps``, the steps of
+the first scale:
+
+* ``sqrt2``: each finer scale takes 1/sqrt(2) as many steps as the one before,
+  because the upsampled result is already close to the answer. Each scale then
+  costs sqrt(2) times the pixel-steps of the one before, so the last two scales
+  take about half the time.
+* ``lean``: see ``_lean``.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 from .errors import UserError, option
 from .images import fit_long_side
@@ -26,22 +34,48 @@ class Scale:
     steps: int
 
 
-def long_sides(size: int, min_size: int) -> list[int]:
-    """Long sides from about ``min_size`` up to ``size``, a factor sqrt(2) apart."""
+def long_sides(size: int, min_size: int, factor: float = FACTOR) -> list[int]:
+    """Long sides from about ``min_size`` up to ``size``, ``factor`` apart."""
     sides = [size]
-    while round(sides[-1] / FACTOR) >= min_size:
-        sides.append(round(sides[-1] / FACTOR))
+    while round(sides[-1] / factor) >= min_size:
+        sides.append(round(sides[-1] / factor))
     return sides[::-1]
 
 
-def build_schedule(height: int, width: int, size: int, min_size: int, steps: int, min_side: int = 1) -> list[Scale]:
-    """Scales for a content image of ``height x width``.
+def _sqrt2(index: int, count: int, steps: int) -> int:
+    return round(steps / FACTOR**index)
+
+
+def _lean(index: int, count: int, steps: int) -> int:
+    """The first scale ``steps``; the scales between ``steps / 16``; the last ``steps / 2 ** (count - 1)``,
+    what ``sqrt2`` gives the last scale of the same size (its scales are half as far apart)."""
+    if index == 0:
+        return steps
+    if index == count - 1:
+        return round(steps / 2 ** (count - 1))
+    return round(steps / 16)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    factor: float  # between the long sides of consecutive scales
+    steps: Callable[[int, int, int], int]  # (index, number of scales, --steps) -> steps of that scale
+
+
+SCHEDULES = {"lean": Schedule(2.0, _lean), "sqrt2": Schedule(FACTOR, _sqrt2)}
+
+
+def build_schedule(
+    height: int, width: int, size: int, min_size: int, steps: int, min_side: int = 1, *, schedule: str = "sqrt2"
+) -> list[Scale]:
+    """Scales for a content image of ``height x width``, with ``schedule``'s steps (``SCHEDULES``).
 
     ``min_side`` is the smallest short side the network accepts (2 ** pools);
     scales whose short side would fall below it are skipped.
     """
+    rule = SCHEDULES[schedule]
     scales = []
-    for side in long_sides(size, min_size):
+    for side in long_sides(size, min_size, rule.factor):
         h, w = fit_long_side(height, width, side)
         if min(h, w) >= min_side:
             scales.append((h, w))
@@ -52,5 +86,6 @@ def build_schedule(height: int, width: int, size: int, min_size: int, steps: int
             f"{min_side} px on each side; use a larger {option('size')} or shallower layers"
         )
     return [
-        Scale(index=i, height=h, width=w, steps=max(1, round(steps / FACTOR**i))) for i, (h, w) in enumerate(scales)
+        Scale(index=i, height=h, width=w, steps=max(1, rule.steps(i, len(scales), steps)))
+        for i, (h, w) in enumerate(scales)
     ]

@@ -334,7 +334,9 @@ class Service:
 
     def _check_work(self, config: Config, content: torch.Tensor) -> None:
         need = network_min_side(config.model, config.feature_layers)
-        schedule = build_schedule(*content.shape[-2:], config.size, config.min_size, config.steps, need)
+        schedule = build_schedule(
+            *content.shape[-2:], config.size, config.min_size, config.steps, need, schedule=config.schedule
+        )
         work = sum(s.steps * s.height * s.width for s in schedule)
         if work > self.limits.max_step_pixels:
             raise UserError(

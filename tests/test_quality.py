@@ -108,3 +108,40 @@ def test_nst_bench_quality_writes_results_curves_and_images(tmp_path):
         assert Path(row["image_path"]).is_file()
     assert (out / "curves.png").stat().st_size > 1000
     assert main(args) == 2  # the results are not overwritten without --overwrite
+    assert main(args + ["--overwrite", "--baseline", "nope"]) == 2  # not a --config name: refused before any run
+
+
+def _run(config, curve, wall):
+    points = [
+        {"step": i, "pixel_steps": 10 * i, "seconds": s, "style": st, "content": c, "colour": col}
+        for i, (s, st, c, col) in enumerate(curve)
+    ]
+    return {
+        "pair": "p+s",
+        "config": config,
+        "seed": 0,
+        "curve": points,
+        "final": points[-1],
+        "wall_seconds": wall,
+        "pixel_steps": points[-1]["pixel_steps"],
+    }
+
+
+def test_time_to_quality_is_the_first_snapshot_as_good_as_the_baseline_on_every_measure():
+    old = _run("old", [(0, 1, 0, 1), (50, 0.6, 0.7, 0.8), (100, 0.40, 0.60, 0.60)], wall=101)
+    new = _run(
+        "new",
+        [
+            (0, 1, 0, 1),
+            (20, 0.39, 0.70, 0.59),  # style and colour reached, content not
+            (30, 0.405, 0.605, 0.61),  # within the judge's noise on all three
+            (40, 0.38, 0.58, 0.55),
+        ],
+        wall=41,
+    )
+    never = _run("never", [(0, 1, 0, 1), (10, 0.45, 0.5, 0.5)], wall=11)
+    rows = {r["config"]: r for r in quality.time_to_quality({"rows": [old, new, never]}, "old")}
+    assert rows["new"]["seconds"] == 30 and rows["new"]["pixel_steps"] == 20
+    assert rows["new"]["speedup"] == pytest.approx(101 / 30)
+    assert rows["old"]["seconds"] == 100  # the baseline reaches its own final quality at its last snapshot
+    assert rows["never"]["seconds"] is None and rows["never"]["speedup"] is None

@@ -130,7 +130,9 @@ def stylize_frames(
         job = decode_jobs([(content, styles)], config)[0]
         terms, reliable = None, None
         if k == 0 or settings.independent:
-            schedule = build_schedule(h, w, max(h, w), config.min_size, config.steps, core.min_side)
+            schedule = build_schedule(
+                h, w, max(h, w), config.min_size, config.steps, core.min_side, schedule=config.schedule
+            )
         else:
             schedule = [Scale(index=0, height=h, width=w, steps=settings.later_step_count(config))]
             gaps = [j for j in (LONG_TERM if settings.long_term else (1,)) if k - j >= 0]
