@@ -397,7 +397,7 @@ def run_batch(core: Core, batch: Batch) -> list[Result]:
             if isinstance(objective, TiledObjective):  # lagged statistics: the gradient of the next step takes them
                 objective.load_state_dict(resume.get("tile_stats"))
 
-        def on_step(i, loss, parts, current, scale=scale):
+        def on_step(i, loss, parts, current, scale=scale, total=total_steps - skipped):
             history.append({"scale": scale.index, "step": i, "loss": loss, **parts})
             if batch.callback is not None:
                 batch.callback(
@@ -409,7 +409,7 @@ def run_batch(core: Core, batch: Batch) -> list[Result]:
                         step=i,
                         steps=scale.steps,
                         total_step=len(history),
-                        total_steps=total_steps - skipped,
+                        total_steps=total,
                         loss=loss,
                         parts=dict(parts),
                         source=current,

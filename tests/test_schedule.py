@@ -1,4 +1,4 @@
-"""The coarse-to-fine schedule: the steps each scale takes (``--schedule``) and ending a flat scale early (``--plateau``)."""
+"""The coarse-to-fine schedule: the steps of each scale (``--schedule``); ending a flat scale early (``--plateau``)."""
 
 import pytest
 import torch
