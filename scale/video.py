@@ -323,3 +323,78 @@ def run_video_chunks(
     stylize_videos_on_ray(
         [job], config, settings, chunking, address or None, on_chunk=on_chunk, keep_chunks=keep_chunks
     )
+
+
+# ------------------------------------------------------------------------------------- measuring the seam
+
+
+def measure_seams(
+    clip_frames: torch.Tensor, styles: list, config: Config, settings: VideoSettings, chunking: Chunking, folder: Path
+) -> dict:
+    """Stylise ``clip_frames`` once in one process and once in chunks on Ray (the Ray connection is the
+    caller's), join the chunks both ways (cross-fade, hard cut) and split each one's warping errors
+    (video.measure) into the seams' pairs and the rest. Returns a JSON-able dict."""
+    from video.measure import warping_errors
+
+    total = len(clip_frames)
+    size = tuple(clip_frames.shape[-2:])
+    names = [f"frame_{k:06d}.png" for k in range(total)]
+    plan = plan_chunks(total, chunking)
+    stores = {name: FrameStore(Path(folder) / name, names) for name in ("single", "chunks", "fade", "cut")}
+    for s in stores.values():
+        s.folder.mkdir(parents=True, exist_ok=True)
+    from video.run import stylize_frames
+
+    stylize_frames(iter(clip_frames), list(styles), config, settings, stores["single"], size)
+    job = VideoJob(frames=lambda: iter(clip_frames), styles=list(styles), store=stores["chunks"], size=size)
+    stylize_videos_on_ray([job], config, settings, chunking, keep_chunks=True)
+    join_video(stores["chunks"], plan, fade=True, keep_chunks=True, into=stores["fade"])
+    join_video(stores["chunks"], plan, fade=False, keep_chunks=True, into=stores["cut"])
+    contents = [resize(f, size) for f in clip_frames]
+    report = {"frames": total, "size": list(size), "plan": [list(p) for p in plan]}
+    rows = {"content (the floor)": contents}
+    rows.update({name: [stores[name].load(k) for k in range(total)] for name in ("single", "fade", "cut")})
+    for name, frames in rows.items():
+        errors = warping_errors(frames, contents)
+        report[name] = {"per_pair": [round(e, 7) for e in errors], **seam_errors(errors, plan)}
+    return report
+
+
+def main(argv=None) -> int:
+    """``python -m scale.video``: the seam of a chunked run on the synthetic clip, as JSON (a local Ray cluster)."""
+    import argparse
+    import json
+
+    from engine.images import load_image
+    from video.synthetic import make_clip
+
+    root = Path(__file__).resolve().parents[1]
+    parser = argparse.ArgumentParser(prog="python -m scale.video", description=main.__doc__)
+    parser.add_argument("folder", help="where the frames go (a new or empty folder)")
+    parser.add_argument("--frames", type=int, default=16)
+    parser.add_argument("--size", default="64x96", help="HxW of the clip (default: 64x96)")
+    parser.add_argument("--chunk", type=int, default=8)
+    parser.add_argument("--overlap", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--cpus", type=int, default=2, help="the local Ray cluster's CPUs")
+    args = parser.parse_args(argv)
+    import ray
+
+    h, w = (int(v) for v in args.size.split("x"))
+    photo = load_image(root / "examples/tubingen.jpg")
+    clip = make_clip(photo, 1 - photo.flip(-1), args.frames, (h, w))  # the tests' clip: an inverted square
+    config = Config(device="cpu", size=max(h, w), steps=args.steps)
+    style = load_image(root / "examples/starry_night.jpg")
+    chunking = Chunking(chunk=args.chunk, overlap=args.overlap)
+    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False, logging_level="warning")
+    try:
+        report = measure_seams(clip.frames, [style], config, VideoSettings(), chunking, Path(args.folder))
+    finally:
+        ray.shutdown()
+    report.update(chunk=args.chunk, overlap=args.overlap, steps=args.steps)
+    print(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
