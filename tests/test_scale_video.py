@@ -180,3 +180,17 @@ def test_the_cli_runs_a_video_in_chunks_on_ray(cluster, tmp_path):
     sentence = "--chunk and --overlap cut a video into Ray tasks; add --ray, or drop them"
     assert one_error_line(bad) == f"nst: error: {sentence}"
     assert not (tmp_path / "x.mp4").exists() and not (tmp_path / "x.mp4.frames").exists()
+
+
+@pytest.mark.slow
+def test_a_chunk_that_fails_is_one_sentence_naming_it(cluster, tmp_path):
+    frames = torch.full((3, 3, 16, 16), float("nan"))  # the engine refuses the frame in one sentence
+    store = FrameStore(tmp_path / "out", [f"f{k}.png" for k in range(3)])
+    store.folder.mkdir()
+    job = VideoJob(frames=lambda: iter(frames), styles=[load_image(STYLE)], store=store, size=(16, 16))
+    with pytest.raises(UserError) as caught:
+        stylize_videos_on_ray([job], Config(**CONFIG), VideoSettings(), Chunking(chunk=2, overlap=1))
+    sentence = str(caught.value)
+    assert sentence.startswith("chunk ") and " of video 1 failed: " in sentence and "\n" not in sentence
+    assert sentence.endswith("has NaN or infinite values"), sentence  # the engine's own sentence, passed on
+    assert not list(store.folder.glob("*.png"))  # no joined frame from a run that failed
