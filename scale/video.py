@@ -213,33 +213,20 @@ def stylize_videos_on_ray(
     if cpus_per_task < 1:
         raise UserError(f"cpus_per_task must be 1 or more, not {cpus_per_task}")
     started_here = connect(ray, address)
+    plans = [plan_chunks(len(v.store.names), chunking) for v in videos]
+    running: dict = {}  # object ref -> (video, chunk)
     try:
         task = ray.remote(num_cpus=cpus_per_task, max_retries=RESTARTS)(_stylize_chunk)
-        plans = [plan_chunks(len(v.store.names), chunking) for v in videos]
-        running = {}
-        for v, (video, plan) in enumerate(zip(videos, plans)):
-            styles = ray.put(list(video.styles))
-            todo = {i: span for i, span in enumerate(plan) if not _complete(chunk_store(video.store, i, span))}
-            if video.store.first_missing() == len(video.store.names) or not todo:
-                continue
-            waiting = dict(todo)  # the chunks not sent yet; frames before the first of them are dropped
-            buffer: dict[int, torch.Tensor] = {}
-            for k, raw in enumerate(video.frames()):
-                if k < min(a for a, _ in waiting.values()):
-                    continue
-                # Shrunk here as video.run shrinks it (resize is the identity at the size it already has).
-                buffer[k] = resize(raw, video.size)
-                for i, (a, b) in list(waiting.items()):
-                    if b == k + 1:
-                        chunk = torch.stack([buffer[j] for j in range(a, b)])
-                        running[task.remote(chunk, styles, config, settings, cpus_per_task)] = (v, i)
-                        del waiting[i]
-                if not waiting:
-                    break
-                first = min(a for a, _ in waiting.values())
-                for j in [j for j in buffer if j < first]:
-                    del buffer[j]
-        while running:
+        # Chunks are decoded and sent as room frees up, not all at once: the driver and the object store hold
+        # the frames of at most two chunks per task the cluster can run at once, however long the videos are.
+        room = 2 * max(1, int(ray.cluster_resources().get("CPU", 1)) // cpus_per_task)
+        chunks = _chunks(videos, plans, ray)
+        pending = next(chunks, None)
+        while pending is not None or running:
+            while pending is not None and len(running) < room:
+                v, i, frames, styles = pending
+                running[task.remote(frames, styles, config, settings, cpus_per_task)] = (v, i)
+                pending = next(chunks, None)
             (ref,), _ = ray.wait(list(running), num_returns=1)
             v, i = running.pop(ref)
             try:
@@ -259,10 +246,37 @@ def stylize_videos_on_ray(
             if on_chunk is not None:
                 on_chunk(ChunkDone(v, i, len(plans[v]), span))
     finally:
+        for ref in running:  # a failure or Ctrl-C: the other chunks stop too (on a cluster that outlives us)
+            ray.cancel(ref)
         if started_here:
             ray.shutdown()
     for video, plan in zip(videos, plans):
         join_video(video.store, plan, chunking.fade, keep_chunks=keep_chunks)
+
+
+def _chunks(videos: Sequence[VideoJob], plans, ray):
+    """``(video, chunk, frames, styles ref)`` for every chunk not complete yet, in order, decoding each video once
+    and keeping only the frames of the chunks not sent yet."""
+    for v, (video, plan) in enumerate(zip(videos, plans)):
+        todo = {i: span for i, span in enumerate(plan) if not _complete(chunk_store(video.store, i, span))}
+        if video.store.first_missing() == len(video.store.names) or not todo:
+            continue
+        styles = ray.put(list(video.styles))
+        buffer: dict[int, torch.Tensor] = {}
+        for k, raw in enumerate(video.frames()):
+            if k < min(a for a, _ in todo.values()):
+                continue
+            # Shrunk here as video.run shrinks it (resize is the identity at the size it already has).
+            buffer[k] = resize(raw, video.size)
+            for i, (a, b) in list(todo.items()):
+                if b == k + 1:
+                    del todo[i]
+                    yield v, i, torch.stack([buffer[j] for j in range(a, b)]), styles
+            if not todo:
+                break
+            first = min(a for a, _ in todo.values())
+            for j in [j for j in buffer if j < first]:
+                del buffer[j]
 
 
 def join_video(
