@@ -184,9 +184,10 @@ class VideoJobs:
         from video import io
         from video.run import FrameStore, VideoSettings, stylize_frames
 
-        if job.state in FINISHED:
-            return
-        job.state = "running"
+        with self._lock:  # a job cancelled while queued never starts
+            if job.state in FINISHED:
+                return
+            job.state = "running"
         store = FrameStore(job.folder / "frames", [f"frame_{k:06d}.png" for k in range(job.frames)])
         store.folder.mkdir(exist_ok=True)
 

@@ -124,10 +124,18 @@ def test_two_videos_in_chunks_join_every_frame_once_in_order_with_the_overlaps_c
                 a = (k - start + 1) / (stop - start + 1)
                 assert np.array_equal(out, np.rint((1 - a) * mine[0] + a * mine[1])), k
                 assert not np.array_equal(mine[0], mine[1])  # the seam: the chunks disagree there
-    # Run again: every chunk is complete in the work folder, so nothing is sent to Ray.
+    # As if stopped before chunk 1 of the first video was saved (and before the join): only that chunk runs
+    # again, and the joined frames are those of the uninterrupted run.
+    joined = {k: stores[0].path(k).read_bytes() for k in range(7)}
+    for k in range(7):
+        stores[0].path(k).unlink()
+    lost = chunk_store(stores[0], 1, plan_chunks(7, chunking)[1])
+    lost.path(2).unlink()
     again = []
     stylize_videos_on_ray(jobs, config, settings, chunking, on_chunk=again.append)
-    assert again == [] and not list(stores[0].folder.glob("chunk_*"))
+    assert [(d.video, d.chunk) for d in again] == [(0, 1)]
+    assert {k: stores[0].path(k).read_bytes() for k in range(7)} == joined
+    assert not list(stores[0].folder.glob("chunk_*"))  # removed once joined (kept only when asked)
 
 
 @pytest.mark.slow
