@@ -156,6 +156,7 @@ def create_app(service: Service, token: Optional[str] = None, body_seconds: floa
     @asynccontextmanager
     async def lifespan(app):
         service.start()
+        videos.start()
         yield
         await asyncio.to_thread(videos.close)  # first: its frames run on the engine service.close closes
         await asyncio.to_thread(service.close)
@@ -371,7 +372,7 @@ def create_app(service: Service, token: Optional[str] = None, body_seconds: floa
             for what, name, data in plan:
                 decode = functools.partial(service.decode, data, f"{what} {name!r}", config, "style")
                 styles.append(await asyncio.get_running_loop().run_in_executor(service.decoder, decode))
-            job = await asyncio.to_thread(videos.submit, video[1], video[0], styles, config)
+            job = await asyncio.to_thread(videos.submit, video[1], video[0], styles, config, options)
         except (QueueFull, Busy) as exc:
             return _error(429, str(exc), **_retry())
         except ServiceStopping as exc:

@@ -7,6 +7,7 @@ The job's progress is counted in frames, its preview is the frame being made, an
 from __future__ import annotations
 
 import io
+import json
 import time
 from fractions import Fraction
 
@@ -27,9 +28,9 @@ pytestmark = pytest.mark.slow
 FRAMES = 4
 
 
-def clip_bytes(tmp_path) -> bytes:
+def clip_bytes(tmp_path, count: int = FRAMES) -> bytes:
     photo = load_image(ROOT / "examples/tubingen.jpg")
-    frames = make_clip(photo, 1 - photo.flip(-1), FRAMES, (48, 64)).frames
+    frames = make_clip(photo, 1 - photo.flip(-1), count, (48, 64)).frames
     path = tmp_path / "clip.mp4"
     with av.open(str(path), "w") as out:
         stream = out.add_stream("libx264", rate=Fraction(12))
@@ -110,3 +111,34 @@ def test_a_running_video_job_can_be_cancelled_and_has_no_result(server, tmp_path
     assert (
         answer.status_code == 409 and answer.json()["detail"] == f"video job {job['id']} has no result: it is cancelled"
     )
+
+
+def test_a_video_job_goes_on_at_its_next_frame_after_a_restart(tmp_path):
+    state = tmp_path / "state"
+    first = Server(state)
+    data = {"style_sample": "starry_night.jpg", **SMALL, "steps": "60"}
+    job = first.client.post("/videos", data=data, files=[("video", ("clip.mp4", clip_bytes(tmp_path, 8)))]).json()
+    deadline = time.monotonic() + 300
+    while first.client.get(f"/videos/{job['id']}").json()["frames_done"] < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert first.stop(), "".join(first.stderr)
+    assert "1 unfinished video job kept for the next start" in "".join(first.stderr)
+    folder = state / "videos" / job["id"]
+    kept = sorted(p.name for p in (folder / "frames").glob("*.png"))
+    assert 2 <= len(kept) < 8 and json.loads((folder / "job.json").read_text())["state"] == "queued"
+    second = Server(state)
+    try:
+        again = second.client.get(f"/videos/{job['id']}").json()
+        assert again["frames_done"] >= len(kept) and again["state"] in ("queued", "running", "done")
+        while again["state"] not in ("done", "failed", "cancelled") and time.monotonic() < deadline:
+            time.sleep(0.1)
+            again = second.client.get(f"/videos/{job['id']}").json()
+        assert again["state"] == "done" and again["frames_done"] == 8, again
+        # It went on at its next frame: only the frames not kept ran again (frame 0 was not among them).
+        assert again["frames_run"] == 8 - len(kept) and again["seconds_first_frame"] is None
+        assert f"video job {job['id']} queued again" in "".join(second.stderr)
+        (tmp_path / "out.mp4").write_bytes(second.client.get(f"/videos/{job['id']}/result").content)
+        with av.open(str(tmp_path / "out.mp4")) as container:
+            assert sum(1 for _ in container.decode(video=0)) == 8
+    finally:
+        assert second.stop(), "".join(second.stderr)
