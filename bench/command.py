@@ -61,7 +61,7 @@ def register(sub) -> None:
     )
     p.set_defaults(run=run)
 
-    sub_bench = p.add_subparsers(dest="bench_command", metavar="{compare,highres,quality}", required=False)
+    sub_bench = p.add_subparsers(dest="bench_command", metavar="{compare,highres,quality,video}", required=False)
     c = sub_bench.add_parser(
         "compare",
         help="compare two recorded runs: NEW/OLD per row, marked only outside the noise",
@@ -156,6 +156,22 @@ def register(sub) -> None:
         "in seconds and as a speed-up over NAME's whole run",
     )
     q.set_defaults(run=run_quality)
+    v = sub_bench.add_parser(
+        "video",
+        help="a video's flicker (warping error) with the temporal term and frame by frame, and seconds per frame",
+        description="Stylise the synthetic clip (a panned photo with a moving square: known motion) twice with the "
+        "same --steps, with temporal consistency and each frame on its own; report the warping error of each "
+        "beside the content clip's own (the floor), and the seconds per frame, first and later. See docs/video.md.",
+    )
+    v.add_argument("--frames", type=_positive, default=8, help="frames of the clip (default: 8)")
+    v.add_argument("--size", default="64x96", metavar="HxW", help="frame size (default: 64x96)")
+    v.add_argument("--steps", type=_positive, default=40, help="--steps of both runs (default: 40)")
+    v.add_argument("--later-steps", type=float, metavar="F", help="the temporal run's later frames: F x --steps")
+    v.add_argument("--temporal-weight", type=float, metavar="W", help="the temporal term's weight")
+    v.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"), help="(default: cpu)")
+    v.add_argument("--json", type=Path, metavar="PATH", help="also write the results, with machine and commit, as JSON")
+    v.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
+    v.set_defaults(run=run_video)
 
 
 def _positive(text: str) -> int:
@@ -292,3 +308,9 @@ def run_compare(args: argparse.Namespace) -> int:
             )
             return 1
     return 0
+
+
+def run_video(args: argparse.Namespace) -> int:
+    from . import video
+
+    return video.run(args)

@@ -141,7 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="?",
         const="",
         metavar="ADDRESS",
-        help="with a folder of contents: run its jobs on a Ray cluster, one worker per GPU (or per core) "
+        help="with a folder of contents: run its jobs on a Ray cluster, one worker per GPU (or per core); "
+        "with a video: run it in overlapping chunks (--chunk, --overlap), one Ray task each "
         "(ADDRESS: auto, HOST:PORT or ray://HOST:10001; none: $RAY_ADDRESS, else a cluster on this machine); "
         "needs the ray extra: pip install 'nst-engine[ray]'",
     )

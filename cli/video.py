@@ -58,7 +58,22 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--keep-frames",
         action="store_true",
-        help="keep the stylised frames (PNG) in OUTPUT.frames/ after the video is written",
+        help="keep the stylised frames (PNG) in OUTPUT.frames/ after the video is written (with --ray, also "
+        "each chunk's own frames, before joining, in OUTPUT.frames/chunk_NNNN/)",
+    )
+    group.add_argument(
+        "--chunk",
+        type=int,
+        metavar="N",
+        help="with --ray: cut the video into chunks of N frames, each a Ray task, joined by cross-fading the frames "
+        "neighbouring chunks share (default: 24)",
+    )
+    group.add_argument(
+        "--overlap",
+        type=int,
+        metavar="K",
+        help="with --ray: frames neighbouring chunks share, cross-faded from the earlier chunk's to the later's "
+        "(default: 3)",
     )
     group.add_argument(
         "--independent-frames",
@@ -95,7 +110,6 @@ def run_video(args: argparse.Namespace) -> int:
         ("--snapshot-every", args.snapshot_every),
         ("--log", args.log),
         ("--animate", args.animate),
-        ("--ray", getattr(args, "ray", None) is not None),
         ("--output-format", args.output_format),
     ):
         if given:
@@ -104,6 +118,20 @@ def run_video(args: argparse.Namespace) -> int:
         raise UserError("--bit-depth 16 works with images; video frames are 8-bit")
     if config.preserve_colors == "luminance":
         raise UserError("--preserve-colors luminance is not supported for video yet; use histogram or none")
+    on_ray = getattr(args, "ray", None) is not None
+    chunking = None
+    if on_ray:
+        from scale.video import Chunking
+
+        if args.frames_dir:
+            raise UserError("--ray takes a video file, not --frames-dir; encode the frames as a video first")
+        defaults = Chunking()
+        chunking = Chunking(
+            chunk=defaults.chunk if args.chunk is None else args.chunk,
+            overlap=defaults.overlap if args.overlap is None else args.overlap,
+        )
+    elif args.chunk is not None or args.overlap is not None:
+        raise UserError("--chunk and --overlap cut a video into Ray tasks; add --ray, or drop them")
     settings = VideoSettings(
         temporal_weight=args.temporal_weight,
         later_steps=args.later_steps,
@@ -140,6 +168,8 @@ def run_video(args: argparse.Namespace) -> int:
         identity = {"video": _sha(source), "frames": [span.start, span.stop]}
     check_size(config, *size, "the output frames")
     manifest = _manifest(identity, args.styles, config, settings, size)
+    if chunking is not None:  # chunked frames differ from a single run's (and from other chunkings')
+        manifest["ray"] = {"chunk": chunking.chunk, "overlap": chunking.overlap}
     start = _open_store(store, manifest, args.overwrite, frames_dir=args.frames_dir)
     total = len(store.names)
     if start:
@@ -165,8 +195,24 @@ def run_video(args: argparse.Namespace) -> int:
     from video.run import stylize_frames
 
     try:
-        with stop:
-            if start < total:
+        if chunking is not None and start < total:
+            from scale.video import run_video_chunks
+
+            # Outside StopOnSignal: Ctrl-C stops the driver at once; the chunks done stay in the work folder.
+            run_video_chunks(
+                frames=frames,
+                styles=styles,
+                config=config,
+                settings=settings,
+                store=store,
+                size=size,
+                chunking=chunking,
+                address=args.ray or None,
+                quiet=args.quiet,
+                keep_chunks=args.keep_frames,
+            )
+        elif start < total:
+            with stop:
                 stylize_frames(frames(), styles, config, settings, store, size, control=control, on_frame=on_frame)
     except Stopped:
         done = store.first_missing()
@@ -264,15 +310,25 @@ def _open_store(store, manifest: dict, overwrite: bool, frames_dir: bool) -> int
             # --overwrite: this run's frame names and manifest only; nothing else in the folder is touched.
             for p in [store.path(k) for k in range(len(store.names))] + [path]:
                 p.unlink(missing_ok=True)
+            _remove_chunks(folder)
     folder.mkdir(exist_ok=True)
     if not path.is_file():
         write_atomically(path, lambda fh: fh.write(json.dumps(manifest, indent=1).encode()), overwrite=True)
     return store.first_missing()
 
 
+def _remove_chunks(folder: Path) -> None:
+    """The chunk folders a run with --ray leaves while it works (scale/video.py), if there are any."""
+    if any(folder.glob("chunk_*")):
+        from scale.video import remove_chunk_folders
+
+        remove_chunk_folders(folder)
+
+
 def _remove_store(store) -> None:
     for k in range(len(store.names)):
         store.path(k).unlink(missing_ok=True)
+    _remove_chunks(store.folder)
     (store.folder / MANIFEST).unlink(missing_ok=True)
     try:
         store.folder.rmdir()

@@ -71,6 +71,20 @@ def _ray():
     return ray
 
 
+def connect(ray, address: Optional[str]) -> bool:
+    """Join the cluster at ``address`` unless the caller already has; True when this call did (and the caller
+    shuts it down)."""
+    if ray.is_initialized():
+        return False
+    try:
+        ray.init(address=address or None, include_dashboard=False, log_to_driver=False, logging_level="warning")
+    except (ConnectionError, ValueError, RuntimeError) as exc:
+        detail = str(exc).split("\n")[0][:160]
+        hint = "" if os.environ.get("RAY_AUTH_MODE") else "; a cluster that takes a token needs RAY_AUTH_MODE=token"
+        raise UserError(f"could not reach the Ray cluster at {address or 'RAY_ADDRESS'} ({detail}){hint}") from None
+    return True
+
+
 class Worker:
     """The actor: one synchronous ``Core`` for the worker's life; ``run`` stylises one batch of decoded jobs."""
 
@@ -116,14 +130,7 @@ def stylize_on_ray(
     ray = _ray()
     if cpus_per_worker < 1:
         raise UserError(f"cpus_per_worker must be 1 or more, not {cpus_per_worker}")
-    started_here = not ray.is_initialized()
-    if started_here:
-        try:
-            ray.init(address=address or None, include_dashboard=False, log_to_driver=False, logging_level="warning")
-        except (ConnectionError, ValueError, RuntimeError) as exc:
-            detail = str(exc).split("\n")[0][:160]
-            hint = "" if os.environ.get("RAY_AUTH_MODE") else "; a cluster that takes a token needs RAY_AUTH_MODE=token"
-            raise UserError(f"could not reach the Ray cluster at {address or 'RAY_ADDRESS'} ({detail}){hint}") from None
+    started_here = connect(ray, address)
     try:
         return _Run(
             ray=ray,

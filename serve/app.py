@@ -36,6 +36,7 @@ from engine.images import to_pil
 from .service import RETRY_SECONDS, Busy, Recorder, Service, ServiceStopping
 from .store import FINAL, Row, StoreBusy, StoreFull
 from .uploads import CLIENT_OPTIONS, display_name, options_schema, parse_options
+from .video import VideoJobs
 
 STATIC = Path(__file__).parent / "static"
 SAMPLES_DIR = Path(__file__).resolve().parents[1] / "examples"
@@ -150,10 +151,14 @@ class _DroppedStreams(logging.Filter):
 def create_app(service: Service, token: Optional[str] = None, body_seconds: float = BODY_SECONDS) -> FastAPI:
     logging.getLogger("asyncio").addFilter(_DroppedStreams())
 
+    videos = VideoJobs(service)
+
     @asynccontextmanager
     async def lifespan(app):
         service.start()
+        videos.start()
         yield
+        await asyncio.to_thread(videos.close)  # first: its frames run on the engine service.close closes
         await asyncio.to_thread(service.close)
 
     app = FastAPI(
@@ -346,7 +351,115 @@ def create_app(service: Service, token: Optional[str] = None, body_seconds: floa
             headers={"Content-Disposition": f'attachment; filename="{name}"'},
         )
 
+    # Video jobs (serve/video.py) ----------------------------------------------------------------------------
+
+    @app.post("/videos", status_code=201)
+    async def create_video(request: Request):
+        """Queue a video job: a 'video' file, one or more style images ('style' files or 'style_sample' names),
+        and options as for /jobs; the frames are stylised with temporal consistency, as ``nst stylize VIDEO``."""
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind != "multipart/form-data":
+            return _error(415, f"send the video job as multipart/form-data, not {kind[:40] or 'a body without a type'}")
+        try:
+            try:
+                async with request.form(max_files=1 + max_styles, max_fields=len(CLIENT_OPTIONS) + 2 + max_styles) as f:
+                    texts, video, plan = await _read_video_form(f, max_styles)
+            except StarletteHTTPException as exc:
+                return _error(400, _multipart_sentence(str(exc.detail), max_styles))
+            options = parse_options(texts)
+            config = service.check(options, len(plan))
+            styles = []
+            for what, name, data in plan:
+                decode = functools.partial(service.decode, data, f"{what} {name!r}", config, "style")
+                styles.append(await asyncio.get_running_loop().run_in_executor(service.decoder, decode))
+            job = await asyncio.to_thread(videos.submit, video[1], video[0], styles, config, options)
+        except (QueueFull, Busy) as exc:
+            return _error(429, str(exc), **_retry())
+        except ServiceStopping as exc:
+            return _error(503, str(exc), **_retry())
+        except UserError as exc:
+            return _error(422, str(exc))
+        return JSONResponse(job.as_json(), status_code=201)
+
+    @app.get("/videos/{job_id}")
+    def get_video(job_id: str):
+        """A video job's state, frames done of all, seconds per frame (first, later) and error."""
+        job = videos.get(job_id)
+        return _unknown(job_id) if job is None else job.as_json()
+
+    @app.delete("/videos/{job_id}")
+    async def cancel_video(job_id: str):
+        """Cancel a video job: a queued one at once, a running one after its current step."""
+        job = await asyncio.to_thread(videos.cancel, job_id)
+        return _unknown(job_id) if job is None else job.as_json()
+
+    @app.get("/videos/{job_id}/preview")
+    async def preview_video(job_id: str):
+        """The frame being made, as JPEG (read every second or so; the last frame once done); 204 before."""
+        job = videos.get(job_id)
+        if job is None:
+            return _unknown(job_id)
+        image = job.preview
+        if image is None:
+            return Response(status_code=204)
+        return Response(await asyncio.to_thread(_jpeg, image), media_type="image/jpeg", headers=_no_store())
+
+    @app.get("/videos/{job_id}/result")
+    def video_result(job_id: str):
+        """The stylised video (H.264 in MP4, the input's frame rate, its audio copied)."""
+        job = videos.get(job_id)
+        if job is None:
+            return _unknown(job_id)
+        if job.state != "done":
+            why = f"failed: {job.error}" if job.state == "failed" else f"is {job.state}"
+            return _error(409, f"video job {job_id} has no result: it {why}")
+        try:
+            handle = open(videos.result_path(job), "rb")
+        except OSError:
+            return _gone(job_id)
+        return StreamingResponse(
+            _chunks(handle),
+            media_type="video/mp4",
+            headers={"Content-Disposition": f'attachment; filename="nst-{job_id[:8]}.mp4"'},
+        )
+
     return app
+
+
+async def _read_video_form(form, max_styles: int):
+    """The option texts, the video ``(filename, bytes)`` and the styles to decode ``[(what, name, bytes)]``."""
+    videos, styles, texts = [], [], {}
+    for key, value in form.multi_items():
+        if hasattr(value, "read"):
+            if key not in ("video", "style"):
+                raise UserError(f"unexpected file field {key[:40]!r}; send a 'video' file and 'style' files")
+            (videos if key == "video" else styles).append(value)
+        elif key == "style_sample":
+            styles.append(value)
+        elif key in ("video", "style"):
+            raise UserError(f"{key} must be an uploaded file")
+        elif key in texts:
+            raise UserError(f"option {key[:40]!r} is given twice")
+        else:
+            texts[key] = value
+    parse_options(texts)
+    if len(videos) != 1:
+        raise UserError("send exactly one 'video' file")
+    if not styles:
+        raise UserError("send at least one style image: 'style' files or 'style_sample' names")
+    if len(styles) > max_styles:
+        raise UserError(f"send at most {max_styles} style images, not {len(styles)}")
+    plan = []
+    for i, item in enumerate(styles):
+        what = f"style image {i + 1}" if len(styles) > 1 else "the style image"
+        if isinstance(item, str):
+            if item not in SAMPLES:
+                raise UserError(f"no sample named {item[:40]!r}; the samples are {', '.join(SAMPLES) or 'none'}")
+            plan.append((what, item, SAMPLES[item].read_bytes()))
+        else:
+            plan.append((what, display_name(item.filename, "style"), await item.read()))
+    video = videos[0]
+    return texts, (str(video.filename or ""), await video.read()), plan
 
 
 def _chunks(handle, size: int = 1 << 20):
