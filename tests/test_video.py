@@ -34,10 +34,10 @@ STYLE = ROOT / "examples/starry_night.jpg"
 TINY = dict(device="cpu", style_layers=("relu1_1", "relu2_1", "relu3_1"), content_layers=("relu2_1",))
 
 
-def clip(frames=4, size=(48, 64)):
+def clip(frames=4, size=(48, 64), zoom=0.0):
     photo = load_image(ROOT / "examples/tubingen.jpg")
     patch = 1 - photo.flip(-1)  # a textured square that looks like nothing in the background
-    return make_clip(photo, patch, frames, size)
+    return make_clip(photo, patch, frames, size, zoom=zoom)
 
 
 def write_video(path, frames, fps=Fraction(12), audio=False, codec="libx264"):
@@ -75,8 +75,9 @@ def nst(*args, cwd, check=True):
 # ------------------------------------------------------------------------------------------ flow and masks
 
 
-def test_flow_and_masks_match_the_known_motion():
-    c = clip()
+@pytest.mark.parametrize("zoom", [0.0, 0.03], ids=["pan", "pan-and-zoom"])
+def test_flow_and_masks_match_the_known_motion(zoom):
+    c = clip(zoom=zoom)
     for t in range(1, len(c.frames)):
         backward = fl.dis_flow(c.frames[t], c.frames[t - 1])
         forward = fl.dis_flow(c.frames[t - 1], c.frames[t])
@@ -89,7 +90,8 @@ def test_flow_and_masks_match_the_known_motion():
         edges = c.square[t] | c.square[t - 1]
         near = torch.nn.functional.max_pool2d(edges[None, None].float(), 9, 1, 4)[0, 0].bool()
         plain = ~near & ~c.hidden[t]
-        assert float(reliable[plain].float().mean()) > 0.9
+        # DIS fits a shift per patch; under a zoom each patch is also scaled, so a few more fail the check.
+        assert float(reliable[plain].float().mean()) > (0.9 if not zoom else 0.85)
 
 
 def test_warping_by_the_known_flow_gives_the_next_frame_where_it_is_visible():
@@ -97,6 +99,19 @@ def test_warping_by_the_known_flow_gives_the_next_frame_where_it_is_visible():
     warped = fl.warp(c.frames[1 - 1], c.flows[1])
     visible = ~c.hidden[1]
     assert float((warped - c.frames[1]).abs().amax(0)[visible].max()) < 1e-5  # whole-pixel shifts: exact
+
+
+def test_a_zooming_clip_has_the_flow_of_a_zoom():
+    c = clip(frames=3, zoom=0.05)
+    # The background's flow points towards the centre and grows with the distance from it (the square moves left).
+    flow = c.flows[1]
+    assert float(flow[0, 24, 2]) > 1.0 + float(flow[0, 24, 61]) and float(flow[1, 2, 32]) > float(flow[1, 45, 32])
+    visible = ~c.hidden[1] & ~c.square[1] & ~c.square[0]
+    warped = fl.warp(c.frames[0], flow)
+    # Resampled twice (the frame, then the warp), so not exact, but far closer than the frame before it.
+    assert float((warped - c.frames[1]).abs()[:, visible].mean()) < 0.25 * float(
+        (c.frames[0] - c.frames[1]).abs()[:, visible].mean()
+    )
 
 
 def test_long_term_weights_take_the_nearest_frame_that_shows_a_pixel():
