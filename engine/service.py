@@ -386,6 +386,14 @@ class Engine:
         with self._device:
             return self.core.stylize_batch(jobs, config or self.config, **options)
 
+    def run(self, batch: Batch) -> list[Result]:
+        """``Core.run`` on this Engine's core, between the worker's batches, in the caller's thread: for callers
+        that build their own ``Batch`` (a video's frames, each with its temporal term)."""
+        if self._closed:
+            raise UserError("this Engine is closed and runs no more jobs")
+        with self._device:
+            return self.core.run(batch)
+
     # ---------------------------------------------------------------------------------- the worker
 
     def _next_batch(self) -> Optional[list[Job]]:

@@ -343,7 +343,7 @@ class VideoJobs:
 
 class _Turns:
     """The engine's core for ``stylize_frames``, each frame's run taking the engine's device in turn with the
-    image batches (the lock ``Engine.stylize_batch`` takes), so that one run is on the device at a time."""
+    image batches (``Engine.run``), so that one run is on the device at a time."""
 
     def __init__(self, engine):
         self._engine = engine
@@ -353,8 +353,7 @@ class _Turns:
         return self._engine.core.runtime_for(config)
 
     def run(self, batch):
-        with self._engine._device:
-            return self._engine.core.run(batch)
+        return self._engine.run(batch)
 
 
 def _uint8(image: torch.Tensor):
