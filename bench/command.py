@@ -146,7 +146,8 @@ def register(sub) -> None:
         type=Path,
         default=Path("out/quality"),
         metavar="DIR",
-        help="where results.json, curves.png and the result images go (default: out/quality)",
+        help="where results.json, curves.png (against seconds), curves-pixel-steps.png and the result images "
+        "go (default: out/quality)",
     )
     q.add_argument("--overwrite", action="store_true", help="replace an existing DIR/results.json")
     q.add_argument(
@@ -278,6 +279,7 @@ def run_quality(args: argparse.Namespace) -> int:
         results["time_to_quality"] = quality.time_to_quality(results, args.baseline)
     print(f"wrote {quality.write_json(results, json_path, args.overwrite)}")
     print(f"wrote {quality.plot_curves(results, args.out / 'curves.png')}")
+    print(f"wrote {quality.plot_curves(results, args.out / 'curves-pixel-steps.png', x='pixel_steps')}")
     for line in quality.summary(results):
         print(line)
     for row in results.get("time_to_quality", []):

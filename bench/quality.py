@@ -367,8 +367,9 @@ def write_json(results: dict, path: Path, overwrite: bool = False) -> Path:
     return path
 
 
-def plot_curves(results: dict, path: Path) -> Path:
-    """Quality against wall time: one column per pair, one row per measure, one line per configuration (seed 0)."""
+def plot_curves(results: dict, path: Path, x: str = "seconds") -> Path:
+    """Quality against wall time (or ``x="pixel_steps"``, which no load moves): one column per pair, one row per
+    measure, one line per configuration (seed 0)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -387,7 +388,7 @@ def plot_curves(results: dict, path: Path) -> Path:
             for k, name in enumerate(configs):
                 runs = [r for r in rows if r["pair"] == pair and r["config"] == name]
                 for j, run in enumerate(runs):
-                    xs = [p["seconds"] for p in run["curve"]]
+                    xs = [p[x] / (1e6 if x == "pixel_steps" else 1) for p in run["curve"]]
                     ys = [p[measure] for p in run["curve"]]
                     ax.plot(
                         xs,
@@ -399,7 +400,7 @@ def plot_curves(results: dict, path: Path) -> Path:
                         markersize=3,
                     )
             ax.set_title(f"{pair}: {measure}", fontsize=9)
-            ax.set_xlabel("seconds (loaded CPU)", fontsize=8)
+            ax.set_xlabel("seconds (loaded CPU)" if x == "seconds" else "million pixel-steps", fontsize=8)
             ax.grid(alpha=0.3)
             if row_index == 0 and col == 0:
                 ax.legend(fontsize=7)

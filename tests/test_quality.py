@@ -106,7 +106,7 @@ def test_nst_bench_quality_writes_results_curves_and_images(tmp_path):
         assert row["curve"][0]["style"] == pytest.approx(1.0)
         assert row["pixel_steps"] == 6 * 36 * 48
         assert Path(row["image_path"]).is_file()
-    assert (out / "curves.png").stat().st_size > 1000
+    assert (out / "curves.png").stat().st_size > 1000 and (out / "curves-pixel-steps.png").stat().st_size > 1000
     assert main(args) == 2  # the results are not overwritten without --overwrite
     assert main(args + ["--overwrite", "--baseline", "nope"]) == 2  # not a --config name: refused before any run
 
