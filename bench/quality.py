@@ -388,16 +388,18 @@ def plot_curves(results: dict, path: Path, x: str = "seconds") -> Path:
             for k, name in enumerate(configs):
                 runs = [r for r in rows if r["pair"] == pair and r["config"] == name]
                 for j, run in enumerate(runs):
-                    xs = [p[x] / (1e6 if x == "pixel_steps" else 1) for p in run["curve"]]
-                    ys = [p[measure] for p in run["curve"]]
+                    # A run judged only at its end is a point: a line from the photo would invent its curve.
+                    points = run["curve"] if len(run["curve"]) > 2 else run["curve"][-1:]
+                    xs = [p[x] / (1e6 if x == "pixel_steps" else 1) for p in points]
+                    ys = [p[measure] for p in points]
                     ax.plot(
                         xs,
                         ys,
                         color=colours[k % len(colours)],
                         alpha=1.0 if j == 0 else 0.4,
                         label=name if j == 0 else None,
-                        marker=".",
-                        markersize=3,
+                        marker="." if len(points) > 1 else "x",
+                        markersize=3 if len(points) > 1 else 7,
                     )
             ax.set_title(f"{pair}: {measure}", fontsize=9)
             ax.set_xlabel("seconds (loaded CPU)" if x == "seconds" else "million pixel-steps", fontsize=8)
