@@ -132,9 +132,9 @@ class Config:
         default="sqrt2",
         metadata={
             "http": True,
-            "help": "steps per scale, in proportion to --steps: 'sqrt2' (each finer scale 1/sqrt(2) as many as "
-            "the one before) or 'lean' (the scales between half as many, at least --steps/16; the last "
-            "--steps/8); see docs/cli.md",
+            "help": "scales and their steps, in proportion to --steps: 'sqrt2' (scales sqrt(2) apart, each "
+            "finer one 1/sqrt(2) as many steps) or 'lean' (scales twice as far apart, the ones between "
+            "--steps/16, the last as in sqrt2: a cheaper draft); see docs/cli.md",
             "choices": tuple(SCHEDULES),
         },
     )

@@ -508,7 +508,7 @@ class Plateau:
     ``window`` steps lowered the loss by less than ``tolerance`` of the loss ``window`` steps ago. A
     comparison over a window, not step to step, because Adam's steps jitter the loss; checked at fixed
     steps, not whenever the losses happen to be read, so that a resumed run stops where an uninterrupted
-    one does.
+    one does. Processes sharing tiles all see the same (all-reduced) loss, so they all stop at the same step.
     """
 
     tolerance: float

@@ -2,16 +2,18 @@
 
 Optimising at a small size first and upsampling the result gives the large
 structures of the style room to form (a VGG receptive field covers more of a
-small image) and makes most steps cheap. Scales grow by sqrt(2), so each
-has twice the pixels of the previous one. How many steps each scale takes is
-the schedule (``SCHEDULES``), all in proportion to ``--steps``, the steps of
-the first scale:
+small image) and makes most steps cheap. The schedule (``SCHEDULES``, the
+``--schedule`` option) says how far apart the scales are and how many steps
+each takes, all in proportion to ``--steps``, the steps of the first scale:
 
-* ``sqrt2``: each finer scale takes 1/sqrt(2) as many steps as the one before,
-  because the upsampled result is already close to the answer. Each scale then
-  costs sqrt(2) times the pixel-steps of the one before, so the last two scales
-  take about half the time.
-* ``lean``: see ``_lean``.
+* ``sqrt2`` (the default): scales sqrt(2) apart, so each has twice the pixels
+  of the one before, and each finer scale takes 1/sqrt(2) as many steps,
+  because the upsampled result is already close to the answer. Each scale
+  then costs sqrt(2) times the pixel-steps of the one before: the last two
+  scales take about half the time.
+* ``lean``: see ``_lean``. It costs about 41% of ``sqrt2``'s pixel-steps at
+  print sizes, and gives a visibly weaker result (docs/speed.md, "The
+  schedule"): a draft.
 """
 
 from __future__ import annotations
@@ -47,8 +49,9 @@ def _sqrt2(index: int, count: int, steps: int) -> int:
 
 
 def _lean(index: int, count: int, steps: int) -> int:
-    """The first scale ``steps``; the scales between ``steps / 16``; the last ``steps / 2 ** (count - 1)``,
-    what ``sqrt2`` gives the last scale of the same size (its scales are half as far apart)."""
+    """With scales twice as far apart: the first ``steps``; the scales between ``steps / 16``; the last
+    ``steps / 2 ** (count - 1)``, what ``sqrt2`` gives the last scale of the same size. The last scale's steps
+    are what the judge of quality reads most; the scales between carry the picture up to it."""
     if index == 0:
         return steps
     if index == count - 1:
