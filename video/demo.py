@@ -35,6 +35,7 @@ def main(argv=None) -> int:
     parser.add_argument("folders", nargs="+")
     parser.add_argument("--scale", type=float, default=1.0)
     parser.add_argument("--fps", type=int, default=12)
+    parser.add_argument("--crf", type=int, default=28, help="an MP4's x264 quality: lower is larger (default: 28)")
     args = parser.parse_args(argv)
     rows = side_by_side([Path(f) for f in args.folders], args.scale)
     if args.output.endswith(".gif"):
@@ -44,7 +45,7 @@ def main(argv=None) -> int:
         from .io import encode
 
         even = [r[: r.shape[0] // 2 * 2, : r.shape[1] // 2 * 2] for r in rows]
-        encode(iter(even), args.output, Fraction(args.fps), overwrite=False)
+        encode(iter(even), args.output, Fraction(args.fps), overwrite=False, crf=args.crf)
     return 0
 
 

@@ -156,9 +156,11 @@ def encode(
     overwrite: bool,
     audio_from: Optional[str] = None,
     span: Span = Span(),
+    crf: int = CRF,
 ) -> Path:
     """Write ``(H, W, 3)`` uint8 frames as H.264 at ``fps`` to ``output`` atomically (a hidden file beside it,
-    renamed at the end); ``audio_from``: a video whose first audio track is copied, cut to ``span``."""
+    renamed at the end); ``audio_from``: a video whose first audio track is copied, cut to ``span``; ``crf``:
+    x264's quality (lower is better and larger)."""
     import av
 
     output = Path(output)
@@ -170,7 +172,7 @@ def encode(
             video.pix_fmt = "yuv420p"
             # One thread, lookahead included: with its threads x264 made different bits from run to run for the
             # same frames. (Some content still varies in its last bits; the frames themselves never do.)
-            video.options = {"crf": str(CRF), "x264-params": "threads=1:lookahead-threads=1"}
+            video.options = {"crf": str(crf), "x264-params": "threads=1:lookahead-threads=1"}
             source = av.open(audio_from) if audio_from else None
             try:
                 audio_in = source.streams.audio[0] if source is not None and source.streams.audio else None
