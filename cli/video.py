@@ -298,6 +298,11 @@ def _open_store(store, manifest: dict, overwrite: bool, frames_dir: bool) -> int
             theirs = json.loads(path.read_text()) if path.is_file() else None
         except (OSError, ValueError):
             theirs = {}
+        if isinstance(theirs, dict) and isinstance(theirs.get("config"), dict):
+            from engine.checkpoint import ADDED_SINCE
+
+            # A folder from before a setting existed was made with what is now its default.
+            theirs["config"] = {**ADDED_SINCE, **theirs["config"]}
         if theirs != manifest and any(folder.iterdir()):
             if not overwrite:
                 what = (

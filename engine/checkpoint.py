@@ -90,12 +90,13 @@ def load(path: os.PathLike) -> dict:
 # and how it fits in memory (``tile``, ``memory_budget``: a run stopped for lack of memory can go on in
 # smaller tiles).
 PORTABLE = ("device", "tile", "memory_budget")
+ADDED_SINCE = {"tile_stats": "exact", "schedule": "sqrt2", "plateau": 0.0}
 
 
 def check_compatible(state: dict, config: Config, inputs: dict, path: os.PathLike) -> None:
     """Refuse a checkpoint made with other settings or other input images."""
-    # tile_stats came after format 2; a checkpoint without it was written by a run with exact statistics.
-    saved = {"tile_stats": "exact", **state["config"]}
+    # Settings that came after format 2: a checkpoint without one was written by a run with what is now its default.
+    saved = {**ADDED_SINCE, **state["config"]}
     ours = config_state(config)
     differences = [
         f"{k} {saved.get(k)!r} in the checkpoint, {v!r} now"
