@@ -114,6 +114,19 @@ def test_plateau_resumes_where_the_uninterrupted_scale_would_stop():
     assert carry.steps == 25 and [i for i, _ in rest] == [23, 24, 25]
 
 
+def _stop_after(n):
+    """A control that interrupts the run at its ``n``-th step (its watch runs once per step)."""
+    calls = [0]
+
+    def watch():
+        calls[0] += 1
+        if calls[0] == n:
+            control.interrupt()
+
+    control = Control(watch=watch)
+    return control
+
+
 SMALL = dict(device="cpu", size=32, min_size=32, content_layers=("relu2_2",), style_layers=("relu1_1", "relu2_1"))
 
 
@@ -124,14 +137,7 @@ def test_a_run_with_a_plateau_stops_early_and_resumes_to_the_same_image(tmp_path
     config = Config(**SMALL, steps=300, plateau=0.5)
     full = stylize(content, style, config)
     assert 20 < len(full.history) < 300
-    calls = [0]
-
-    def watch():
-        calls[0] += 1
-        if calls[0] == 21:
-            control.interrupt()
-
-    control = Control(watch=watch)
+    control = _stop_after(21)
     plan = ckpt.CheckpointPlan(str(tmp_path / "run.ckpt"))
     with pytest.raises(Interrupted):
         stylize(content, style, config, checkpoint=plan, control=control)
@@ -145,14 +151,7 @@ def test_a_checkpoint_from_before_schedules_resumes_as_sqrt2_without_a_plateau(t
     style = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(2))
     config = Config(**{**SMALL, "min_size": 24}, steps=6)
     full = stylize(content, style, config)
-    calls = [0]
-
-    def watch():
-        calls[0] += 1
-        if calls[0] == 4:
-            control.interrupt()
-
-    control = Control(watch=watch)
+    control = _stop_after(4)
     plan = ckpt.CheckpointPlan(str(tmp_path / "run.ckpt"))
     with pytest.raises(Interrupted):
         stylize(content, style, config, checkpoint=plan, control=control)
