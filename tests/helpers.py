@@ -1,9 +1,11 @@
-"""Running ``nst`` in subprocesses, shared by the CLI tests."""
+"""Shared by the tests: running ``nst`` in subprocesses, and a control that interrupts a run."""
 
 import hashlib
 import subprocess
 import sys
 from pathlib import Path
+
+from engine.control import Control
 
 ROOT = Path(__file__).resolve().parents[1]
 # A bare environment, so that nothing from the caller's (warnings filters, CUDA settings) reaches stderr;
@@ -52,3 +54,16 @@ def one_error_line(result):
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("nst: error: "), lines[0]
     return lines[0]
+
+
+def stop_after(n):
+    """A control that asks for an interrupt at the ``n``-th step (its watch runs once per step)."""
+    calls = [0]
+
+    def watch():
+        calls[0] += 1
+        if calls[0] == n:
+            control.interrupt()
+
+    control = Control(watch=watch)
+    return control

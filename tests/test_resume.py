@@ -12,12 +12,11 @@ import time
 import numpy as np
 import pytest
 import torch
-from helpers import ENV, one_error_line, run_together
+from helpers import ENV, one_error_line, run_together, stop_after
 from PIL import Image
 
 from engine import Config, UserError, stylize
 from engine import checkpoint as ckpt
-from engine.control import Control
 from engine.optimize import Interrupted
 
 SMALL = dict(
@@ -32,19 +31,6 @@ def picture(h, w, seed):
 @pytest.fixture(scope="module")
 def pair():
     return picture(40, 48, 1), picture(36, 36, 2)
-
-
-def stop_after(n):
-    """A control that asks for an interrupt at the ``n``-th step (its watch runs once per step)."""
-    calls = [0]
-
-    def watch():
-        calls[0] += 1
-        if calls[0] == n:
-            control.interrupt()
-
-    control = Control(watch=watch)
-    return control
 
 
 @pytest.mark.parametrize("loss", ["gram", "ot"])

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from helpers import stop_after
 
 from engine import Config, UserError, stylize
 from engine import checkpoint as ckpt
-from engine.control import Control
 from engine.optimize import Interrupted, Objective, Plateau, Reporting, ScaleProblem, optimize_scale
 from engine.schedule import build_schedule
 
@@ -114,19 +114,6 @@ def test_plateau_resumes_where_the_uninterrupted_scale_would_stop():
     assert carry.steps == 25 and [i for i, _ in rest] == [23, 24, 25]
 
 
-def _stop_after(n):
-    """A control that interrupts the run at its ``n``-th step (its watch runs once per step)."""
-    calls = [0]
-
-    def watch():
-        calls[0] += 1
-        if calls[0] == n:
-            control.interrupt()
-
-    control = Control(watch=watch)
-    return control
-
-
 SMALL = dict(device="cpu", size=32, min_size=32, content_layers=("relu2_2",), style_layers=("relu1_1", "relu2_1"))
 
 
@@ -137,7 +124,7 @@ def test_a_run_with_a_plateau_stops_early_and_resumes_to_the_same_image(tmp_path
     config = Config(**SMALL, steps=300, plateau=0.5)
     full = stylize(content, style, config)
     assert 20 < len(full.history) < 300
-    control = _stop_after(21)
+    control = stop_after(21)
     plan = ckpt.CheckpointPlan(str(tmp_path / "run.ckpt"))
     with pytest.raises(Interrupted):
         stylize(content, style, config, checkpoint=plan, control=control)
@@ -151,7 +138,7 @@ def test_a_checkpoint_from_before_schedules_resumes_as_sqrt2_without_a_plateau(t
     style = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(2))
     config = Config(**{**SMALL, "min_size": 24}, steps=6)
     full = stylize(content, style, config)
-    control = _stop_after(4)
+    control = stop_after(4)
     plan = ckpt.CheckpointPlan(str(tmp_path / "run.ckpt"))
     with pytest.raises(Interrupted):
         stylize(content, style, config, checkpoint=plan, control=control)
