@@ -57,8 +57,9 @@ def _plain(value):
 
 
 def config_from_state(state: dict) -> Config:
+    """The config a checkpoint's saved settings describe (a setting it predates: as its run behaved)."""
     known = {f.name: f for f in dataclasses.fields(Config)}
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in state.items() if k in known}
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in {**ADDED_SINCE, **state}.items() if k in known}
     return Config(**values)
 
 
@@ -90,12 +91,13 @@ def load(path: os.PathLike) -> dict:
 # and how it fits in memory (``tile``, ``memory_budget``: a run stopped for lack of memory can go on in
 # smaller tiles).
 PORTABLE = ("device", "tile", "memory_budget")
-ADDED_SINCE = {"tile_stats": "exact", "schedule": "sqrt2", "plateau": 0.0}
+ADDED_SINCE = {"tile_stats": "exact", "schedule": "sqrt2", "plateau": 0.0, "detail": 0.0}
 
 
 def check_compatible(state: dict, config: Config, inputs: dict, path: os.PathLike) -> None:
     """Refuse a checkpoint made with other settings or other input images."""
-    # Settings that came after format 2: a checkpoint without one was written by a run with what is now its default.
+    # Settings that came after format 2: a checkpoint without one was written by a run that behaved as this value
+    # does (the setting's default when it was added; a default changed since does not apply to it).
     saved = {**ADDED_SINCE, **state["config"]}
     ours = config_state(config)
     differences = [

@@ -5,6 +5,12 @@
   style's luminance is first matched to the content's mean and spread. The
   optimisation runs on grey images, and the result's Y is then joined to the
   content's I and Q, so the output keeps the content's colours exactly.
+* the ``palette`` start (``--init palette``, not a colour mode): the photo's
+  colours mapped the other way, onto the style images' mean and covariance
+  (blended by the jobs' weights), as the image the optimisation starts from.
+  The style loss would move the colours there anyway, one Adam step of about
+  ``lr`` per pixel at a time; starting there saves those steps and leaves
+  the photo's layout and detail untouched (docs/speed.md, "The schedule").
 * ``histogram``: before optimising, each style image's colours are mapped
   affinely so that their mean and covariance equal the content's
   (``x -> A (x - mu_s) + mu_c`` with ``A = C_c^1/2 C_s^-1/2``); the style
@@ -14,6 +20,8 @@ Images here are ``(3, H, W)`` float RGB in [0, 1].
 """
 
 from __future__ import annotations
+
+from typing import Sequence
 
 import torch
 
@@ -66,3 +74,30 @@ def match_colours(style: torch.Tensor, content: torch.Tensor) -> torch.Tensor:
     transform = sym_power(cov_c, 0.5, EPS) @ sym_power(cov_s, -0.5, EPS)
     out = transform @ (s - mu_s) + mu_c
     return out.reshape(style.shape).to(style.dtype).clamp(0, 1)
+
+
+def colour_moments(images: Sequence[torch.Tensor], weights: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The colour mean ``(3, 1)`` and covariance ``(3, 3)``, float64, of the mixture of the pixels of ``images``
+    in which each image has the share ``weights`` gives it (normalised)."""
+    total = float(sum(weights))
+    mean = torch.zeros(3, 1, dtype=torch.float64)
+    second = torch.zeros(3, 3, dtype=torch.float64)
+    for image, weight in zip(images, weights):
+        x = image.reshape(3, -1).double()
+        m = x.mean(1, keepdim=True)
+        mean += weight / total * m
+        second += weight / total * (torch.cov(x, correction=0) + m @ m.T)
+    return mean, second - mean @ mean.T
+
+
+def palette_start(content: torch.Tensor, styles: Sequence[torch.Tensor], blend: Sequence[float]) -> torch.Tensor:
+    """``--init palette``: the photo ``(3, H, W)`` mapped affinely, ``x -> A (x - mu_c) + mu_s`` with
+    ``A = C_s^1/2 C_c^-1/2``, so that its colour mean and covariance become those of ``styles`` blended by
+    ``blend`` (then clamped to [0, 1])."""
+    c = content.reshape(3, -1).double()
+    mu_c, cov_c = colour_moments([content], [1.0])
+    mu_s, cov_s = colour_moments(styles, blend)
+    eye = EPS * torch.eye(3, dtype=torch.float64)
+    transform = sym_power(cov_s + eye, 0.5, EPS) @ sym_power(cov_c + eye, -0.5, EPS)
+    out = transform @ (c - mu_c) + mu_s
+    return out.reshape(content.shape).to(content.dtype).clamp(0, 1)

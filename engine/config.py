@@ -25,7 +25,7 @@ from .vgg import MODELS, PADDINGS, POOLINGS, check_layers
 from .weights import PREPROCESS
 
 OPTIMIZERS = ("adam", "lbfgs")
-INITS = ("content", "noise", "gray")
+INITS = ("content", "palette", "noise", "gray")
 TILE_STATS = ("exact", "lagged")
 DEVICES = ("auto", "cpu", "cuda")
 BACKENDS = ("eager", "torchscript")
@@ -120,8 +120,8 @@ class Config:
         default=MIN_SIZE_DEFAULT,
         metadata={
             "http": True,
-            "help": "long side of the first, coarsest scale (scales grow by sqrt(2)); at most --size, except "
-            f"the default {MIN_SIZE_DEFAULT}, which means one scale when --size is smaller",
+            "help": "long side of the first, coarsest scale (--schedule says how the scales grow); at most "
+            f"--size, except the default {MIN_SIZE_DEFAULT}, which means one scale when --size is smaller",
         },
     )
     steps: int = field(
@@ -132,10 +132,18 @@ class Config:
         default="sqrt2",
         metadata={
             "http": True,
-            "help": "scales and their steps, in proportion to --steps: 'sqrt2' (scales sqrt(2) apart, each "
-            "finer one 1/sqrt(2) as many steps) or 'lean' (scales twice as far apart, the ones between "
-            "--steps/16, the last as in sqrt2: a cheaper draft); see docs/cli.md",
+            "help": "scales and their steps, in proportion to --steps: 'lean' (scales twice as far apart, the "
+            "ones between --steps/16, the last --steps/2**(scales-1)) or 'sqrt2' (the schedule before 2026-12: "
+            "scales sqrt(2) apart, each finer one 1/sqrt(2) as many steps); see docs/speed.md",
             "choices": tuple(SCHEDULES),
+        },
+    )
+    detail: float = field(
+        default=0.0,
+        metadata={
+            "http": True,
+            "help": "at each finer scale, add back this fraction (0-1) of the photo's detail that the coarser "
+            "scale could not hold (with --init content or palette); 0: plain upsampling",
         },
     )
     plateau: float = field(
@@ -161,7 +169,8 @@ class Config:
         default="content",
         metadata={
             "http": True,
-            "help": "starting image: content, noise, gray, or an image file (resized to each job's content)",
+            "help": "starting image: content (the photo), palette (the photo in the style images' colours: "
+            "their mean and covariance), noise, gray, or an image file (resized to each job's content)",
         },
     )
     seed: int = field(default=0, metadata={"http": True, "help": "random seed"})
@@ -243,6 +252,8 @@ class Config:
             _check_number(name, getattr(self, name), allow_zero=name.endswith("_weight"))
         if isinstance(self.plateau, bool) or not isinstance(self.plateau, (int, float)) or not 0 <= self.plateau < 1:
             raise UserError(f"{option('plateau')} must be a fraction at least 0 and below 1, not {self.plateau!r}")
+        if isinstance(self.detail, bool) or not isinstance(self.detail, (int, float)) or not 0 <= self.detail <= 1:
+            raise UserError(f"{option('detail')} must be a fraction from 0 to 1, not {self.detail!r}")
         for name, layers in (
             ("content_layer_weights", self.content_layers),
             ("style_layer_weights", self.style_layers),

@@ -13,7 +13,7 @@ from engine import Config, UserError
     [
         ({"model": "vgg11"}, "model must be one of vgg16, vgg19, not 'vgg11'"),
         ({"optimizer": "sgd"}, "optimizer must be one of adam, lbfgs"),
-        ({"init": "random"}, "init must be one of content, noise, gray"),
+        ({"init": "random"}, "init must be one of content, palette, noise, gray"),
         ({"pooling": "l2"}, "pooling must be one of max, avg"),
         ({"style_layers": ("relu1_1", "relu6_1")}, "unknown layer 'relu6_1' for vgg19"),
         ({"model": "vgg16", "style_layers": ("relu5_4",)}, "unknown layer 'relu5_4' for vgg16"),

@@ -152,7 +152,10 @@ OPTIONS_IN_PROCESS = {
     ),
     "folder format for a file": (["--output-format", "jpg"], "--output-format applies to a folder of contents"),
     "init file missing": (["--init", "nothere.png"], "init image 'nothere.png' does not exist"),
-    "init not an image": (["--init", "random"], "--init must be one of content, noise, gray, or an image file"),
+    "init not an image": (
+        ["--init", "random"],
+        "--init must be one of content, palette, noise, gray, or an image file",
+    ),
 }
 
 # name: (extra arguments, (width, height) of the result): odd settings that must simply work (in this process).

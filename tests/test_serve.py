@@ -147,7 +147,7 @@ def truncated_png() -> bytes:
         ({"style_weight": "-1"}, None, 422, None),  # Config's own sentence, checked below
         ({"style_loss": "cubist"}, None, 422, None),
         ({"size": "big"}, None, 422, "size must be a whole number, not 'big'"),
-        ({"init": "/etc/passwd"}, None, 422, "init must be one of content, noise, gray over HTTP"),
+        ({"init": "/etc/passwd"}, None, 422, "init must be one of content, palette, noise, gray over HTTP"),
         ({"weights": "/etc/passwd"}, None, 422, "weights is chosen by the server"),
         ({"colour": "red"}, None, 422, "unknown option 'colour'"),
         ({"size": "4096"}, None, 422, "size 4096 makes the output 4096x3072 = 12.6 Mpx, above this server's 4.2 Mpx"),

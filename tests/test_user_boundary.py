@@ -97,7 +97,7 @@ def test_list_settings_accept_comma_separated_strings():
             {"style_layers": "relu1_1", "style_layer_weights": "1,2"},
             "style_layer_weights has 2 values but there is 1 style layer",
         ),
-        ({"init": "random"}, "init must be one of content, noise, gray, or an image file, not 'random'"),
+        ({"init": "random"}, "init must be one of content, palette, noise, gray, or an image file, not 'random'"),
     ],
 )
 def test_bad_list_settings_are_one_sentence(kwargs, message):
