@@ -74,7 +74,7 @@ class Config:
         default=None, metadata={"http": True, "help": "one weight per style layer (default: equal)"}
     )
     content_weight: float = field(default=1.0, metadata={"http": True, "help": "weight of the content loss"})
-    style_weight: float = field(default=5.0, metadata={"http": True, "help": "weight of the style loss"})
+    style_weight: float = field(default=4.0, metadata={"http": True, "help": "weight of the style loss"})
     tv_weight: float = field(default=2.0, metadata={"http": True, "help": "weight of the total-variation loss"})
     style_blend_weights: Optional[tuple[float, ...]] = field(
         default=None, metadata={"http": True, "help": "one weight per style image (default: equal)"}
@@ -129,7 +129,7 @@ class Config:
         metadata={"http": True, "help": "steps at the coarsest scale; --schedule says how many each finer one takes"},
     )
     schedule: str = field(
-        default="lean",
+        default="sqrt2",
         metadata={
             "http": True,
             "help": "scales and their steps, in proportion to --steps: 'lean' (scales twice as far apart, the "
@@ -139,7 +139,7 @@ class Config:
         },
     )
     detail: float = field(
-        default=1.0,
+        default=0.0,
         metadata={
             "http": True,
             "help": "at each finer scale, add back this fraction (0-1) of the photo's detail that the coarser "
@@ -166,7 +166,7 @@ class Config:
         },
     )
     init: str = field(
-        default="palette",
+        default="content",
         metadata={
             "http": True,
             "help": "starting image: content (the photo), palette (the photo in the style images' colours: "

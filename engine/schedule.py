@@ -6,17 +6,14 @@ small image) and makes most steps cheap. The schedule (``SCHEDULES``, the
 ``--schedule`` option) says how far apart the scales are and how many steps
 each takes, all in proportion to ``--steps``, the steps of the first scale:
 
-* ``lean`` (the default): scales twice as far apart, ``steps`` at the
-  first, ``steps / 16`` at each between and ``steps / 2 ** (scales - 1)``
-  at the last (see ``_lean``). With the starts the other defaults give each
-  scale (``--init palette``, ``--detail 1``, engine/core.py), it reaches
-  ``sqrt2``'s judged quality in about 0.4x its pixel-steps at print sizes
-  (docs/speed.md, "The schedule").
-* ``sqrt2`` (the default before 2026-12): scales sqrt(2) apart, so each has
-  twice the pixels of the one before, and each finer scale takes 1/sqrt(2)
-  as many steps, because the upsampled result is already close to the
-  answer. Each scale then costs sqrt(2) times the pixel-steps of the one
-  before: the last two scales take about half the time.
+* ``sqrt2`` (the default): scales sqrt(2) apart, so each has twice the pixels
+  of the one before, and each finer scale takes 1/sqrt(2) as many steps,
+  because the upsampled result is already close to the answer. Each scale
+  then costs sqrt(2) times the pixel-steps of the one before: the last two
+  scales take about half the time.
+* ``lean``: see ``_lean``. It costs about 41% of ``sqrt2``'s pixel-steps at
+  print sizes, and gives a visibly weaker result (docs/speed.md, "The
+  schedule"): a draft.
 """
 
 from __future__ import annotations
@@ -72,7 +69,7 @@ SCHEDULES = {"lean": Schedule(2.0, _lean), "sqrt2": Schedule(FACTOR, _sqrt2)}
 
 
 def build_schedule(
-    height: int, width: int, size: int, min_size: int, steps: int, min_side: int = 1, *, schedule: str
+    height: int, width: int, size: int, min_size: int, steps: int, min_side: int = 1, *, schedule: str = "sqrt2"
 ) -> list[Scale]:
     """Scales for a content image of ``height x width``, with ``schedule``'s steps (``SCHEDULES``).
 

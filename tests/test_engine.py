@@ -19,7 +19,6 @@ TINY = dict(
     device="cpu",
     size=32,
     min_size=23,
-    schedule="sqrt2",  # two scales at this size (lean, the default, would run one)
     steps=4,
     content_layers=("relu2_1",),
     style_layers=("relu1_1", "relu2_1"),

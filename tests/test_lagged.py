@@ -115,7 +115,7 @@ def _stylize(plan=None, resume=None, control=None, stats="lagged", tile="16"):
     from engine.images import load_image
 
     content, style = load_image(ROOT / "examples/tubingen.jpg"), load_image(ROOT / "examples/starry_night.jpg")
-    config = Config(device="cpu", size=64, min_size=32, ema_decay=0, steps=5, tile=tile, tile_stats=stats, **SHALLOW)
+    config = Config(device="cpu", size=64, min_size=45, ema_decay=0, steps=5, tile=tile, tile_stats=stats, **SHALLOW)
     return stylize(content, style, config, checkpoint=plan, resume=resume, control=control)
 
 

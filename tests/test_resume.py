@@ -19,15 +19,8 @@ from engine import Config, UserError, stylize
 from engine import checkpoint as ckpt
 from engine.optimize import Interrupted
 
-# Two scales (sqrt2: 34 and 48 px; lean, the default, would run one at this size), so resumes cross a scale.
 SMALL = dict(
-    device="cpu",
-    size=48,
-    min_size=34,
-    schedule="sqrt2",
-    steps=6,
-    content_layers=("relu2_2",),
-    style_layers=("relu1_1", "relu2_1"),
+    device="cpu", size=48, min_size=34, steps=6, content_layers=("relu2_2",), style_layers=("relu1_1", "relu2_1")
 )
 
 

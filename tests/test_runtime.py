@@ -94,7 +94,7 @@ def pair():
 def test_channels_last_matches_contiguous(pair):
     runs = {}
     for fmt in ("contiguous", "channels_last"):
-        runs[fmt] = stylize(*pair, Config(**SMALL, device="cpu", size=48, min_size=24, steps=5, memory_format=fmt))
+        runs[fmt] = stylize(*pair, Config(**SMALL, device="cpu", size=48, min_size=34, steps=5, memory_format=fmt))
     # Other conv kernels, other rounding; Adam divides each pixel's step by its own gradient scale, so
     # where a gradient is near zero a rounding difference can show. Bound: a tenth of one step (lr 0.02),
     # and a mean difference a thousand times smaller.
@@ -104,11 +104,11 @@ def test_channels_last_matches_contiguous(pair):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("init", ["palette", "content", "noise"])
+@pytest.mark.parametrize("init", ["content", "noise"])
 def test_batched_jobs_equal_jobs_one_by_one(init):
     contents = [picture(40, 48, 3), picture(40, 48, 4), picture(48, 40, 5), picture(40, 48, 6)]
     styles = [picture(32, 32, 7), [picture(30, 40, 8), picture(32, 32, 7)], picture(32, 32, 7), picture(36, 30, 9)]
-    config = Config(**SMALL, device="cpu", size=48, min_size=24, steps=4, init=init, batch_size=2)
+    config = Config(**SMALL, device="cpu", size=48, min_size=34, steps=4, init=init, batch_size=2)
     jobs = list(zip(contents, styles))
     seen = []
     batched = stylize_batch(jobs, config, callback=lambda info: seen.append(info.jobs))

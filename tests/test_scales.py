@@ -113,15 +113,8 @@ def test_lbfgs_starts_each_scale_afresh_but_the_average_is_carried():
     assert carry.optimizer is None and carry.average is not None and carry.average_steps == 2
 
 
-# Two scales (sqrt2: 34 and 48 px; lean, the default, would run one at this size).
 SMALL = dict(
-    device="cpu",
-    size=48,
-    min_size=34,
-    schedule="sqrt2",
-    steps=6,
-    content_layers=("relu2_2",),
-    style_layers=("relu1_1", "relu2_1"),
+    device="cpu", size=48, min_size=34, steps=6, content_layers=("relu2_2",), style_layers=("relu1_1", "relu2_1")
 )
 
 

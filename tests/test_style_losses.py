@@ -373,7 +373,6 @@ def test_style_tied_to_one_half_changes_that_half_most(tmp_path):
         steps=15,
         style_weight=50,
         ema_decay=0,
-        init="content",  # the palette start would recolour both halves before the masked loss acts
         content_layers=("relu2_2",),
         style_layers=("relu1_1", "relu2_1"),
         style_masks=(str(tmp_path / "left.png"),),
@@ -411,7 +410,6 @@ def test_other_losses_run_end_to_end_and_descend(loss):
         steps=30,
         style_loss=loss,
         ema_decay=0,
-        init="content",  # from the photo as it is: the palette start would take a share of the descent measured
         content_layers=("relu2_2",),
         style_layers=("relu1_1", "relu2_1", "relu3_1"),
     )
