@@ -226,7 +226,11 @@ class _Run:
             if max(height, width) > self.config.size:
                 height, width = fit_long_side(height, width, self.config.size)
             try:
-                schedules.append(build_schedule(height, width, self.config.size, self.config.min_size, 1, need))
+                schedules.append(
+                    build_schedule(
+                        height, width, self.config.size, self.config.min_size, 1, need, schedule=self.config.schedule
+                    )
+                )
             except UserError as exc:
                 self._done(index, JobFailed(index, str(exc)))
                 continue

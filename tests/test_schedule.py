@@ -133,18 +133,21 @@ def test_a_run_with_a_plateau_stops_early_and_resumes_to_the_same_image(tmp_path
     torch.testing.assert_close(resumed.image, full.image, rtol=0, atol=1e-6)
 
 
-def test_a_checkpoint_from_before_schedules_resumes_as_sqrt2_without_a_plateau(tmp_path):
+def test_a_checkpoint_from_before_schedules_resumes_as_it_ran(tmp_path):
     content = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(1))
     style = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(2))
-    config = Config(**{**SMALL, "min_size": 24}, steps=6)
+    # Before --schedule, --plateau and --detail existed, every run was sqrt2, whole scales, plain upsampling.
+    config = Config(**{**SMALL, "min_size": 24}, steps=6, schedule="sqrt2", detail=0.0)
     full = stylize(content, style, config)
     control = stop_after(4)
     plan = ckpt.CheckpointPlan(str(tmp_path / "run.ckpt"))
     with pytest.raises(Interrupted):
         stylize(content, style, config, checkpoint=plan, control=control)
     state = ckpt.load(tmp_path / "run.ckpt")
-    for name in ("schedule", "plateau"):  # as a checkpoint written before these settings existed
+    for name in ("schedule", "plateau", "detail"):  # as a checkpoint written before these settings existed
         del state["config"][name]
+    # `nst resume` rebuilds the settings from the checkpoint: those it predates come back as the run had them.
+    assert ckpt.config_from_state(state["config"]) == config
     resumed = stylize(content, style, config, resume=state)
     torch.testing.assert_close(resumed.image, full.image, rtol=0, atol=1e-6)
     with pytest.raises(UserError, match="other settings"):

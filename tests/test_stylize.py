@@ -51,7 +51,7 @@ def test_multiscale_schedule_reaches_requested_size(images):
     result = stylize(
         images[0],
         images[1],
-        Config(size=70, min_size=32, steps=4, device="cpu"),
+        Config(size=70, min_size=32, steps=4, device="cpu", schedule="sqrt2"),
         callback=lambda info: seen.append(info),
     )
     h, w = fit_long_side(*images[0].shape[-2:], 70)
@@ -67,11 +67,11 @@ def test_multiscale_schedule_reaches_requested_size(images):
 
 def test_schedule_skips_scales_too_small_for_the_network():
     # A 1:8 panorama: at long side 64 the short side is 8, below the 16 px relu5_1 needs.
-    scales = build_schedule(100, 800, size=256, min_size=64, steps=10, min_side=16)
+    scales = build_schedule(100, 800, size=256, min_size=64, steps=10, min_side=16, schedule="sqrt2")
     assert all(min(s.height, s.width) >= 16 for s in scales)
     assert max(scales[-1].height, scales[-1].width) == 256
     with pytest.raises(UserError, match="at least 16 px"):
-        build_schedule(10, 800, size=64, min_size=64, steps=10, min_side=16)
+        build_schedule(10, 800, size=64, min_size=64, steps=10, min_side=16, schedule="lean")
 
 
 @pytest.mark.slow
