@@ -355,7 +355,7 @@ def test_options_endpoint_comes_from_config(server):
             assert by_name[f.name]["default"] == (list(f.default) if isinstance(f.default, tuple) else f.default)
             if "choices" in f.metadata and f.name != "init":
                 assert by_name[f.name]["choices"] == list(f.metadata["choices"])
-    assert by_name["init"]["choices"] == ["content", "noise", "gray"]  # no server files over HTTP
+    assert by_name["init"]["choices"] == ["content", "palette", "noise", "gray"]  # no server files over HTTP
     assert by_name["size"]["type"] == "integer" and by_name["style_blend_weights"]["type"] == "numbers"
     assert served["limits"]["max_styles"] == 8
 
