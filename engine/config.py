@@ -81,9 +81,8 @@ class Config:
         default=0.0,
         metadata={
             "http": True,
-            "help": "weight of the structure term (STROTSS self-similarity): which places of the result look alike "
-            "must match the photo's, which keeps its layout and leaves its look to the style; 0: off; not with "
-            "tiles (see docs/losses-defaults.md)",
+            "help": "weight of the structure term (after STROTSS): which places of the result look alike must "
+            "match the photo's, which keeps its layout and leaves its look to the style; 0: off; not with tiles",
         },
     )
     style_blend_weights: Optional[tuple[float, ...]] = field(
