@@ -169,3 +169,15 @@ def test_an_engine_without_the_terms_layers_refuses_a_job_that_needs_them():
     with pytest.raises(UserError, match="this job reads layer relu3_1, which this engine's network does not compute"):
         core.runtime_for(job)
     core.close()
+
+
+def test_a_checkpoint_from_before_the_option_resumes_and_one_with_it_is_kept_to_it(photo, tmp_path):
+    style = picture(36, 36, 2)
+    plan = ckpt.CheckpointPlan(str(tmp_path / "run.ckpt"))
+    with pytest.raises(Interrupted):
+        stylize(photo, style, Config(**SMALL), checkpoint=plan, control=stop_after(3))
+    state = ckpt.load(tmp_path / "run.ckpt")
+    del state["config"]["structure_weight"]  # as a checkpoint written before the option existed
+    ckpt.check_compatible(state, Config(**SMALL), state["inputs"], "old.ckpt")
+    with pytest.raises(UserError, match="structure_weight 0.0 in the checkpoint, 2.0 now"):
+        ckpt.check_compatible(state, Config(**SMALL, structure_weight=2.0), state["inputs"], "old.ckpt")
