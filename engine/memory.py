@@ -29,7 +29,7 @@ from typing import Optional, Sequence
 import torch
 
 from . import structure
-from .errors import UserError
+from .errors import UserError, option
 from .optimize import LBFGS_HISTORY
 from .style_losses import check_tileable, style_loss
 from .tiling import Geometry, Tiling
@@ -193,7 +193,7 @@ def plan_scale(
         what, other = (
             (f"the {config.style_loss} style loss", "another --style-loss")
             if refusal is not None
-            else ("the structure term", "--structure-weight 0")
+            else ("the structure term", f"{option('structure_weight')} 0")
         )
         raise OutOfBudget(
             f"a {width}x{height} image needs about {leanest / GiB:.1f} GiB with {what}, "
