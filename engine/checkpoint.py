@@ -91,7 +91,7 @@ def load(path: os.PathLike) -> dict:
 # and how it fits in memory (``tile``, ``memory_budget``: a run stopped for lack of memory can go on in
 # smaller tiles).
 PORTABLE = ("device", "tile", "memory_budget")
-ADDED_SINCE = {"tile_stats": "exact", "schedule": "sqrt2", "plateau": 0.0, "detail": 0.0}
+ADDED_SINCE = {"tile_stats": "exact", "schedule": "sqrt2", "plateau": 0.0, "detail": 0.0, "structure_weight": 0.0}
 
 
 def check_compatible(state: dict, config: Config, inputs: dict, path: os.PathLike) -> None:

@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import Optional
 
+from . import structure
 from .color import MODES as COLOR_MODES
 from .errors import UserError, option, plural
 from .images import FORMATS as IMAGE_FORMATS
@@ -76,6 +77,14 @@ class Config:
     content_weight: float = field(default=1.0, metadata={"http": True, "help": "weight of the content loss"})
     style_weight: float = field(default=4.0, metadata={"http": True, "help": "weight of the style loss"})
     tv_weight: float = field(default=2.0, metadata={"http": True, "help": "weight of the total-variation loss"})
+    structure_weight: float = field(
+        default=0.0,
+        metadata={
+            "http": True,
+            "help": "weight of the structure term (after STROTSS): which places of the result look alike must "
+            "match the photo's, which keeps its layout and leaves its look to the style; 0: off; not with tiles",
+        },
+    )
     style_blend_weights: Optional[tuple[float, ...]] = field(
         default=None, metadata={"http": True, "help": "one weight per style image (default: equal)"}
     )
@@ -248,7 +257,7 @@ class Config:
         check_layers(self.model, self.content_layers + self.style_layers)
         if not self.style_layers:
             raise UserError(f"{option('style_layers')} must name at least one layer")
-        for name in ("content_weight", "style_weight", "tv_weight", "style_scale", "lr"):
+        for name in ("content_weight", "style_weight", "tv_weight", "structure_weight", "style_scale", "lr"):
             _check_number(name, getattr(self, name), allow_zero=name.endswith("_weight"))
         if isinstance(self.plateau, bool) or not isinstance(self.plateau, (int, float)) or not 0 <= self.plateau < 1:
             raise UserError(f"{option('plateau')} must be a fraction at least 0 and below 1, not {self.plateau!r}")
@@ -292,6 +301,8 @@ class Config:
                 f"larger than the {MAX_SIZE} px this engine accepts"
             )
         _check_tile(self)
+        if self.tile.isdigit() and structure.tile_refusal(self):
+            raise UserError(structure.tile_refusal(self))
         if self.tile_stats == "lagged" and self.optimizer != "adam":
             # A line search compares losses and gradients at trial points; a gradient one step behind its
             # loss would mislead it, and "the previous step" is not defined between trial points.
@@ -311,8 +322,8 @@ class Config:
 
     @property
     def feature_layers(self) -> tuple[str, ...]:
-        """Every layer the losses read, content first, without repeats."""
-        return tuple(dict.fromkeys(self.content_layers + self.style_layers))
+        """Every layer the losses read, content first, then style, then the structure term's, without repeats."""
+        return tuple(dict.fromkeys(self.content_layers + self.style_layers + structure.layers(self)))
 
 
 TILE_MODES = ("auto", "off", "checkpoint")

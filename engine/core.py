@@ -181,6 +181,12 @@ class Core:
                     f"{option(name)} is {getattr(config, name)!r} but this engine was built with "
                     f"{getattr(self.config, name)!r}; a job may change every setting but {', '.join(FIXED)}"
                 )
+        missing = [n for n in config.feature_layers if n not in self.config.feature_layers]
+        if missing:  # e.g. the structure term's layers, beyond the style layers this engine was built for
+            raise UserError(
+                f"this job reads layer {missing[0]}, which this engine's network does not compute; build the engine "
+                f"with the job's {option('structure_weight')} (or {option('style_layers')} that include it)"
+            )
         runtime = decide_runtime(config, self.runtime.device)
         if runtime.channels_last != self.runtime.channels_last:
             raise UserError(

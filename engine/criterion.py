@@ -15,6 +15,8 @@ from typing import Callable, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
+from . import structure
+from .errors import UserError
 from .images import digest, resize
 from .losses import ContentLoss, Moments, StyleTransferLoss
 from .sizes import style_size
@@ -95,6 +97,8 @@ def build_criterion(
     """
     autocast = runtime.autocast if runtime is not None else contextlib.nullcontext
     layout = runtime.layout if runtime is not None else (lambda t: t.to(content.device))
+    if tiling is not None and structure.tile_refusal(config):
+        raise UserError(structure.tile_refusal(config))
     if tiling is None:
         with autocast():
             content_feats = extractor(content)
@@ -142,4 +146,8 @@ def build_criterion(
         style_weight=config.style_weight,
         tv_weight=config.tv_weight,
         extra=extra_terms,
+        # The photo's self-similarity, once per scale: the same features the content targets came from.
+        structure=(config.structure_weight, structure.StructureLoss.of(content_feats, structure.layers(config)))
+        if config.structure_weight > 0
+        else None,
     )

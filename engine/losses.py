@@ -186,7 +186,10 @@ class TotalVariationLoss(nn.Module):
 
 
 class StyleTransferLoss(nn.Module):
-    """The weighted sum ``content + style + tv`` (+ any ``extra`` image terms), with its parts for reporting.
+    """The weighted sum ``content + style + tv`` (+ ``structure``, + any ``extra`` image terms), with its parts.
+
+    ``structure``: ``(weight, term)``, the self-similarity term of engine/structure.py (``term(features)``),
+    or None. Tiles cannot compute it (``tiling.TiledObjective`` refuses a loss that has one).
 
     ``extra`` maps a name to ``(weight, term)``: a term of the image alone (``term(image)``, e.g. the video
     layer's temporal term, engine/temporal.py) that also has ``term.partial(crop, own, size, origin)`` for
@@ -205,6 +208,7 @@ class StyleTransferLoss(nn.Module):
         style_weight: float,
         tv_weight: float,
         extra: Optional[Mapping[str, tuple[float, nn.Module]]] = None,
+        structure: Optional[tuple[float, nn.Module]] = None,
     ):
         super().__init__()
         self.content = nn.ModuleDict(content)
@@ -214,9 +218,14 @@ class StyleTransferLoss(nn.Module):
         self.content_layer_weights = _normalised(content_layer_weights)
         self.style_layer_weights = _normalised(style_layer_weights)
         self.weights = {"content": content_weight, "style": style_weight, "tv": tv_weight}
+        # The structure term (engine/structure.py) reads features like content and style; only present when on,
+        # so that runs without it report the same parts as before.
+        self.structure = None if structure is None else structure[1]
+        if structure is not None:
+            self.weights["structure"] = float(structure[0])
         extra = dict(extra or {})
         for name in extra:
-            if name in self.weights:
+            if name in self.weights or name == "structure":
                 raise ValueError(f"an extra image term may not be called {name!r}: that is a built-in part")
         self.extra = nn.ModuleDict({name: term for name, (_, term) in extra.items()})  # buffers follow .to()
         self.weights.update({name: float(weight) for name, (weight, _) in extra.items()})
@@ -226,6 +235,7 @@ class StyleTransferLoss(nn.Module):
             "content": _weighted(self.content, self.content_layer_weights, features),
             "style": _weighted(self.style, self.style_layer_weights, features),
             "tv": self.tv(image),
+            **({} if self.structure is None else {"structure": self.structure(features)}),
             **{name: term(image) for name, term in self.extra.items()},
         }
         total = sum(self.weights[k] * v for k, v in parts.items())

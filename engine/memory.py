@@ -28,7 +28,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from .errors import UserError
+from . import structure
+from .errors import UserError, option
 from .optimize import LBFGS_HISTORY
 from .style_losses import check_tileable, style_loss
 from .tiling import Geometry, Tiling
@@ -153,14 +154,21 @@ def plan_scale(
     element = element_bytes(runtime)
     geometry = Geometry.of(model, layers)
     pixels = height * width * batch
-    # The image-side state, and what the style loss holds (its targets and per-step buffers).
-    state = state_bytes_per_pixel(config) * pixels + loss_state_bytes(config, pixels, style_pixels)
+    # The image-side state, what the style loss holds (its targets and per-step buffers) and the structure
+    # term's matrices (with it on, up to 6 x 2048^2 x 4 bytes = 96 MiB per job).
+    state = (
+        state_bytes_per_pixel(config) * pixels
+        + loss_state_bytes(config, pixels, style_pixels)
+        + structure.state_bytes(config, height, width, batch)
+    )
     untiled = state + activation_bytes_per_pixel(model, layers, element) * pixels
     checkpointed = state + activation_bytes_per_pixel(model, layers, element, "checkpoint") * pixels
     per_crop_pixel = activation_bytes_per_pixel(model, layers, element) * batch
 
     def tiled(tile: int) -> MemoryPlan:
         check_tileable(config.style_loss)
+        if structure.tile_refusal(config):
+            raise UserError(structure.tile_refusal(config))
         tiling = Tiling(tile, geometry)
         grid = tiling.grid(height, width)
         crop = max((t.crop[1] - t.crop[0]) * (t.crop[3] - t.crop[2]) for t in grid.tiles)
@@ -180,12 +188,17 @@ def plan_scale(
     if checkpointable and checkpointed <= budget:
         return MemoryPlan("checkpoint", checkpointed)
     refusal = style_loss(config.style_loss).tile_refusal()
-    if refusal is not None:  # no tiles for this loss: the leanest mode is checkpointed blocks
+    if refusal is not None or structure.tile_refusal(config):  # no tiles: the leanest mode is checkpointed blocks
         leanest = checkpointed if checkpointable else untiled
+        what, other = (
+            (f"the {config.style_loss} style loss", "another --style-loss")
+            if refusal is not None
+            else ("the structure term", f"{option('structure_weight')} 0")
+        )
         raise OutOfBudget(
-            f"a {width}x{height} image needs about {leanest / GiB:.1f} GiB with the {config.style_loss} style loss, "
-            f"which cannot be tiled, but the budget is {budget / GiB:.1f} GiB; use a smaller --size, another "
-            "--style-loss, or free memory",
+            f"a {width}x{height} image needs about {leanest / GiB:.1f} GiB with {what}, "
+            f"which cannot be tiled, but the budget is {budget / GiB:.1f} GiB; use a smaller --size, {other}, "
+            "or free memory",
             leanest,
         )
     room = (budget - state) / per_crop_pixel

@@ -260,6 +260,8 @@ class TiledObjective:
             refusal = module.tile_refusal()
             if refusal is not None:
                 raise UserError(refusal)
+        if getattr(criterion, "structure", None) is not None:
+            raise UserError("the structure term compares positions across the whole image, so tiles cannot split it")
         if stats not in ("exact", "lagged"):
             raise ValueError(f"tile statistics must be exact or lagged, not {stats!r}")
         self.extractor, self.criterion, self.grid, self.autocast = extractor, criterion, grid, autocast
