@@ -141,9 +141,9 @@ class Config:
         default="sqrt2",
         metadata={
             "http": True,
-            "help": "scales and their steps, in proportion to --steps: 'lean' (scales twice as far apart, the "
-            "ones between --steps/16, the last --steps/2**(scales-1)) or 'sqrt2' (the schedule before 2026-12: "
-            "scales sqrt(2) apart, each finer one 1/sqrt(2) as many steps); see docs/speed.md",
+            "help": "scales and their steps, in proportion to --steps: 'sqrt2' (scales sqrt(2) apart, each "
+            "finer one 1/sqrt(2) as many steps) or 'lean' (scales twice as far apart, the ones between "
+            "--steps/16, the last --steps/2**(scales-1): a cheaper draft); see docs/cli.md",
             "choices": tuple(SCHEDULES),
         },
     )

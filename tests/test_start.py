@@ -1,13 +1,18 @@
 """Where each scale starts: ``--init palette`` (the photo in the paintings' colours) and ``--detail`` (the photo's
 detail added back when a result is carried to a finer scale)."""
 
+import dataclasses
+
 import pytest
 import torch
+from helpers import stop_after
 
-from engine import Config, UserError
+from engine import Config, UserError, stylize
+from engine import checkpoint as ckpt
 from engine.color import colour_moments, palette_start
 from engine.core import JobInput, finer, initial_image
 from engine.images import resize
+from engine.optimize import Interrupted
 
 
 def picture(h, w, seed, tint):
@@ -91,3 +96,26 @@ def test_palette_is_an_init_and_a_typo_names_it():
     assert Config(init="palette").init == "palette"
     with pytest.raises(UserError, match="init must be one of content, palette, noise, gray, or an image file"):
         Config(init="pallete")
+
+
+def test_a_run_with_both_starts_resumed_in_its_second_scale_ends_at_the_same_image(tmp_path):
+    photo, painting = picture(48, 64, 9, (0.9, 0.6, 0.3)), picture(40, 40, 10, (0.3, 0.5, 0.9))
+    config = Config(
+        device="cpu",
+        size=64,
+        min_size=32,
+        schedule="lean",  # 32 then 64 px: one finer scale, where the detail is added
+        steps=6,
+        init="palette",
+        detail=1.0,
+        content_layers=("relu2_2",),
+        style_layers=("relu1_1", "relu2_1"),
+    )
+    full = stylize(photo, painting, config)
+    plain = stylize(photo, painting, dataclasses.replace(config, detail=0.0))
+    assert (full.image - plain.image).abs().max() > 0.01  # the detail changed the result
+    plan = ckpt.CheckpointPlan(str(tmp_path / "run.ckpt"))
+    with pytest.raises(Interrupted):
+        stylize(photo, painting, config, checkpoint=plan, control=stop_after(8))  # 2 steps into the 64 px scale
+    resumed = stylize(photo, painting, config, resume=ckpt.load(tmp_path / "run.ckpt"))
+    torch.testing.assert_close(resumed.image, full.image, rtol=0, atol=1e-6)
