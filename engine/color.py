@@ -64,15 +64,21 @@ def join_luminance(result: torch.Tensor, colours: torch.Tensor) -> torch.Tensor:
     return yiq_to_rgb(yiq).clamp(0, 1)
 
 
+def _map_moments(
+    x: torch.Tensor, source: tuple[torch.Tensor, torch.Tensor], target: tuple[torch.Tensor, torch.Tensor]
+) -> torch.Tensor:
+    """``x`` ``(3, N)`` float64 mapped affinely, ``x -> A (x - mu) + mu_t`` with ``A = C_t^1/2 C^-1/2``, so that
+    pixels with ``source``'s mean and covariance get ``target``'s (both ``(mean (3, 1), covariance (3, 3))``)."""
+    (mu, cov), (mu_t, cov_t) = source, target
+    eye = EPS * torch.eye(3, dtype=torch.float64)
+    return sym_power(cov_t + eye, 0.5, EPS) @ sym_power(cov + eye, -0.5, EPS) @ (x - mu) + mu_t
+
+
 def match_colours(style: torch.Tensor, content: torch.Tensor) -> torch.Tensor:
     """``style`` with its colour mean and covariance mapped onto ``content``'s (then clamped to [0, 1])."""
     s = style.reshape(3, -1).double()
     c = content.reshape(3, -1).double()
-    mu_s, mu_c = s.mean(1, keepdim=True), c.mean(1, keepdim=True)
-    cov_s = torch.cov(s) + EPS * torch.eye(3, dtype=s.dtype)
-    cov_c = torch.cov(c) + EPS * torch.eye(3, dtype=c.dtype)
-    transform = sym_power(cov_c, 0.5, EPS) @ sym_power(cov_s, -0.5, EPS)
-    out = transform @ (s - mu_s) + mu_c
+    out = _map_moments(s, (s.mean(1, keepdim=True), torch.cov(s)), (c.mean(1, keepdim=True), torch.cov(c)))
     return out.reshape(style.shape).to(style.dtype).clamp(0, 1)
 
 
@@ -91,13 +97,8 @@ def colour_moments(images: Sequence[torch.Tensor], weights: Sequence[float]) -> 
 
 
 def palette_start(content: torch.Tensor, styles: Sequence[torch.Tensor], blend: Sequence[float]) -> torch.Tensor:
-    """``--init palette``: the photo ``(3, H, W)`` mapped affinely, ``x -> A (x - mu_c) + mu_s`` with
-    ``A = C_s^1/2 C_c^-1/2``, so that its colour mean and covariance become those of ``styles`` blended by
-    ``blend`` (then clamped to [0, 1])."""
+    """``--init palette``: the photo ``(3, H, W)`` with its colour mean and covariance mapped onto those of
+    ``styles`` blended by ``blend`` (then clamped to [0, 1])."""
     c = content.reshape(3, -1).double()
-    mu_c, cov_c = colour_moments([content], [1.0])
-    mu_s, cov_s = colour_moments(styles, blend)
-    eye = EPS * torch.eye(3, dtype=torch.float64)
-    transform = sym_power(cov_s + eye, 0.5, EPS) @ sym_power(cov_c + eye, -0.5, EPS)
-    out = transform @ (c - mu_c) + mu_s
+    out = _map_moments(c, colour_moments([content], [1.0]), colour_moments(styles, blend))
     return out.reshape(content.shape).to(content.dtype).clamp(0, 1)
