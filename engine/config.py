@@ -301,8 +301,8 @@ class Config:
                 f"larger than the {MAX_SIZE} px this engine accepts"
             )
         _check_tile(self)
-        if self.tile.isdigit() and structure.tile_refusal(self):
-            raise UserError(structure.tile_refusal(self))
+        if self.tile.isdigit():
+            structure.check_tileable(self)
         if self.tile_stats == "lagged" and self.optimizer != "adam":
             # A line search compares losses and gradients at trial points; a gradient one step behind its
             # loss would mislead it, and "the previous step" is not defined between trial points.

@@ -16,7 +16,6 @@ import torch
 from torch import nn
 
 from . import structure
-from .errors import UserError
 from .images import digest, resize
 from .losses import ContentLoss, Moments, StyleTransferLoss
 from .sizes import style_size
@@ -97,8 +96,8 @@ def build_criterion(
     """
     autocast = runtime.autocast if runtime is not None else contextlib.nullcontext
     layout = runtime.layout if runtime is not None else (lambda t: t.to(content.device))
-    if tiling is not None and structure.tile_refusal(config):
-        raise UserError(structure.tile_refusal(config))
+    if tiling is not None:
+        structure.check_tileable(config)
     if tiling is None:
         with autocast():
             content_feats = extractor(content)

@@ -167,8 +167,7 @@ def plan_scale(
 
     def tiled(tile: int) -> MemoryPlan:
         check_tileable(config.style_loss)
-        if structure.tile_refusal(config):
-            raise UserError(structure.tile_refusal(config))
+        structure.check_tileable(config)
         tiling = Tiling(tile, geometry)
         grid = tiling.grid(height, width)
         crop = max((t.crop[1] - t.crop[0]) * (t.crop[3] - t.crop[2]) for t in grid.tiles)

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import option
+from .errors import UserError, option
 from .losses import EPS, at_least_float32, full_float32
 
 LAYERS = ("relu3_1", "relu4_1")
@@ -44,14 +44,23 @@ def layers(config) -> tuple[str, ...]:
     return LAYERS if config.structure_weight > 0 else ()
 
 
-def tile_refusal(config) -> Optional[str]:
-    """None when tiles may run this config, else the one sentence that says why the structure term forbids them."""
-    if config.structure_weight <= 0:
-        return None
+def refusal() -> str:
+    """The one sentence that says why tiles cannot run the structure term."""
     return (
         f"the structure term ({option('structure_weight')}) compares positions across the whole image, so it "
         f"cannot be split into tiles; use {option('tile')} off or checkpoint, or {option('structure_weight')} 0"
     )
+
+
+def tile_refusal(config) -> Optional[str]:
+    """None when tiles may run this config, else ``refusal()``."""
+    return refusal() if config.structure_weight > 0 else None
+
+
+def check_tileable(config) -> None:
+    """A ``UserError`` with ``refusal()`` when this config's structure term is on, since tiles cannot split it."""
+    if config.structure_weight > 0:
+        raise UserError(refusal())
 
 
 def factor(layer: str) -> int:
@@ -117,6 +126,11 @@ class StructureLoss(nn.Module):
         super().__init__()
         self.layer_names, self.limit = tuple(layer_names), limit
         self.register_buffer("target", target.detach())
+
+    @staticmethod
+    def tile_refusal() -> str:
+        """Why tiles cannot split this term (asked of every loss module by ``tiling.TiledObjective``)."""
+        return refusal()
 
     @classmethod
     @torch.no_grad()

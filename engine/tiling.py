@@ -256,12 +256,13 @@ class TiledObjective:
         share: Optional[TileShare] = None,
         stats: str = "exact",
     ):
-        for module in criterion.style.values():
+        modules = list(criterion.style.values())
+        if getattr(criterion, "structure", None) is not None:
+            modules.append(criterion.structure)
+        for module in modules:  # each loss module says whether tiles can split it
             refusal = module.tile_refusal()
             if refusal is not None:
                 raise UserError(refusal)
-        if getattr(criterion, "structure", None) is not None:
-            raise UserError("the structure term compares positions across the whole image, so tiles cannot split it")
         if stats not in ("exact", "lagged"):
             raise ValueError(f"tile statistics must be exact or lagged, not {stats!r}")
         self.extractor, self.criterion, self.grid, self.autocast = extractor, criterion, grid, autocast

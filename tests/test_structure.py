@@ -1,6 +1,8 @@
 """The structure term (engine/structure.py, ``structure_weight``): its maths, its option, tiles, reproducibility."""
 
 import argparse
+import contextlib
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,6 +14,8 @@ from engine.core import Core, build_extractor
 from engine.images import load_image, resize
 from engine.memory import OutOfBudget, plan_scale
 from engine.optimize import Interrupted
+from engine.structure import StructureLoss
+from engine.tiling import TiledObjective
 
 SMALL = dict(
     device="cpu", size=48, min_size=34, steps=6, content_layers=("relu2_2",), style_layers=("relu1_1", "relu2_1")
@@ -130,6 +134,11 @@ def test_tiles_are_refused_in_one_sentence_but_checkpoint_and_off_run():
     assert plan_scale(gram, None, 256, 256, budget=budget).mode == "tiled"
     with pytest.raises(OutOfBudget, match="with the structure term, which cannot be tiled"):
         plan_scale(config, None, 256, 256, budget=budget)
+    # The tiled objective asks every loss module, the term included, and gets the same sentence.
+    criterion = SimpleNamespace(style={}, structure=StructureLoss(torch.zeros(1, 4, 4)))
+    with pytest.raises(UserError) as tiled:
+        TiledObjective(None, criterion, None, autocast=contextlib.nullcontext)
+    assert str(tiled.value) == str(info.value)
 
 
 def test_the_memory_model_counts_the_matrices():
