@@ -369,7 +369,7 @@ def run_batch(core: Core, batch: Batch) -> list[Result]:
                 torch.cat([initial_image(config, c[None], job) for c, job in zip(content.cpu(), jobs)])
             )
         else:
-            image = runtime.layout(finer(image, size=size, jobs=jobs, config=config))
+            image = runtime.layout(finer(image, content=content, jobs=jobs, config=config))
         scale_masks = None if batch.masks is None else resize(batch.masks, size).to(runtime.device)
         styles = [(job.styles, job.blend) for job in jobs]
         extractor = core.extractor
@@ -571,18 +571,16 @@ def scale_objective(
     return Objective(extractor, criterion, runtime.autocast)
 
 
-def initial_image(config: Config, content: torch.Tensor, job: Optional[JobInput] = None) -> torch.Tensor:
+def initial_image(config: Config, content: torch.Tensor, job: JobInput) -> torch.Tensor:
     """The starting image ``(1, 3, H, W)`` of one job, ``content`` being its photo at the first scale's size;
     noise is seeded per job, so batching does not change it.
 
     ``job.init`` is the decoded ``config.init`` file, if it names one: resized to the content's size. ``palette``
     maps the photo's colours onto the job's style images' (``color.palette_start``).
     """
-    if job is not None and job.init is not None:
+    if job.init is not None:
         return resize(job.init, tuple(content.shape[-2:]))[None]
     if config.init == "palette":
-        if job is None:
-            raise ValueError("init 'palette' needs the job, whose style images give the colours")
         return color.palette_start(content[0], job.styles, job.blend)[None]
     if config.init == "content":
         return content.clone()
@@ -591,8 +589,9 @@ def initial_image(config: Config, content: torch.Tensor, job: Optional[JobInput]
     return torch.rand(content.shape, generator=torch.Generator().manual_seed(config.seed))
 
 
-def finer(image: torch.Tensor, *, size: tuple[int, int], jobs: Sequence[JobInput], config: Config) -> torch.Tensor:
-    """The previous scale's results ``image`` (one per job) as the start of the next, finer scale of ``size``.
+def finer(image: torch.Tensor, *, content: torch.Tensor, jobs: Sequence[JobInput], config: Config) -> torch.Tensor:
+    """The previous scale's results ``image`` (one per job) as the start of the next, finer scale, whose
+    photos ``content`` (``(N, 3, H, W)``, the scale's content targets) give its size.
 
     Upsampled, they lack the detail the smaller size could not hold, which the content loss would then
     have to draw back step by step. With ``config.detail`` > 0 (and a run that starts from the photo,
@@ -600,6 +599,7 @@ def finer(image: torch.Tensor, *, size: tuple[int, int], jobs: Sequence[JobInput
     between the two sizes, ``photo(size) - up(photo(previous size))``, times ``detail``. The style's
     texture is left to the steps of the new scale, as before (docs/speed.md, "The schedule").
     """
+    size = tuple(content.shape[-2:])
     up = resize(image, size)
     if not config.detail or config.init not in ("content", "palette"):
         return up
@@ -607,7 +607,7 @@ def finer(image: torch.Tensor, *, size: tuple[int, int], jobs: Sequence[JobInput
     lost = [
         torch.zeros(3, *size)
         if job.init is not None  # a start image of the caller's own (a video's warped frame): not the photo's
-        else resize(job.content, size) - resize(resize(job.content, previous), size)
-        for job in jobs
+        else photo - resize(resize(job.content, previous), size)
+        for photo, job in zip(content.cpu(), jobs)
     ]
     return (up + config.detail * torch.stack(lost).to(up)).clamp_(0, 1)

@@ -63,26 +63,28 @@ def test_the_palette_start_is_the_first_scales_photo_in_the_paintings_colours():
 
 def test_with_detail_1_a_result_equal_to_the_coarse_photo_becomes_the_fine_photo():
     photo = picture(64, 48, 7, (0.8, 0.8, 0.8))
-    coarse = resize(photo, (32, 24))[None]
+    coarse, fine = resize(photo, (32, 24))[None], resize(photo, (45, 34))[None]
     # Only the detail the 32 px scale could not hold is added: the coarse photo becomes the fine one.
-    got = finer(coarse, size=(45, 34), jobs=[job(photo)], config=Config(detail=1.0))
+    got = finer(coarse, content=fine, jobs=[job(photo)], config=Config(detail=1.0))
     torch.testing.assert_close(got[0], resize(photo, (45, 34)), rtol=0, atol=1e-6)
-    plain = finer(coarse, size=(45, 34), jobs=[job(photo)], config=Config(detail=0.0))
+    plain = finer(coarse, content=fine, jobs=[job(photo)], config=Config(detail=0.0))
     assert torch.equal(plain, resize(coarse, (45, 34)))
-    half = finer(coarse, size=(45, 34), jobs=[job(photo)], config=Config(detail=0.5))
+    half = finer(coarse, content=fine, jobs=[job(photo)], config=Config(detail=0.5))
     torch.testing.assert_close(half, (plain + got) / 2, rtol=0, atol=1e-6)
     assert (got - plain).abs().max() > 0.01  # there was detail to add
 
 
 def test_detail_is_the_photos_only_when_the_run_starts_from_the_photo():
     photo = picture(64, 48, 8, (0.8, 0.8, 0.8))
-    coarse = resize(photo, (32, 24))[None]
+    coarse, fine = resize(photo, (32, 24))[None], resize(photo, (64, 48))[None]
     plain = resize(coarse, (64, 48))
     for config in (Config(detail=1.0, init="noise"), Config(detail=1.0, init="gray")):
-        assert torch.equal(finer(coarse, size=(64, 48), jobs=[job(photo)], config=config), plain)
+        assert torch.equal(finer(coarse, content=fine, jobs=[job(photo)], config=config), plain)
     # A start image of the caller's own (a file, a video's warped frame): that job gets no photo detail.
     own = job(photo, init=torch.zeros(3, 64, 48))
-    both = finer(torch.cat([coarse, coarse]), size=(64, 48), jobs=[job(photo), own], config=Config(detail=1.0))
+    both = finer(
+        torch.cat([coarse, coarse]), content=torch.cat([fine, fine]), jobs=[job(photo), own], config=Config(detail=1.0)
+    )
     assert torch.equal(both[1], plain[0]) and not torch.equal(both[0], plain[0])
 
 
