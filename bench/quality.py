@@ -259,6 +259,26 @@ class _Snapshots:
                 self.points.append((info.total_step, self.pixel_steps, seconds, image[0].detach().float().cpu()))
 
 
+def _reset_peak_memory() -> bool:
+    """Start the process's peak resident set afresh (Linux: ``clear_refs`` 5), so a run's peak is its own."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_memory_gib() -> Optional[float]:
+    """The process's peak resident set (``VmHWM``) in GiB, None where /proc does not say."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20  # kB
+    except OSError:
+        pass
+    return None
+
+
 def run_one(photo_path, style_path, overrides: dict, size: int, every: int, seed: int, judge: Judge) -> dict:
     """One run of ``overrides`` on a pair, judged at its snapshots; the result image is under ``image``."""
     from engine import Callback, Config, stylize
@@ -266,9 +286,12 @@ def run_one(photo_path, style_path, overrides: dict, size: int, every: int, seed
     config = Config(**{"size": size, "seed": seed, **overrides})
     snaps = _Snapshots(every)
     callback = Callback(snaps, image_due=lambda step: step % every == 0)
+    fresh = _reset_peak_memory()
     snaps.started = time.perf_counter()
     result = stylize(photo_path, [style_path], config, callback=callback)
     wall = time.perf_counter() - snaps.started
+    # Read before judging; it includes the snapshots' float32 copies (3 x 4 bytes a pixel each).
+    peak = _peak_memory_gib() if fresh else None
     start = judge(judge.photo)
     curve = [{"step": 0, "pixel_steps": 0, "seconds": 0.0, **start.row()}]
     for step, pixel_steps, seconds, image in snaps.points:
@@ -277,6 +300,7 @@ def run_one(photo_path, style_path, overrides: dict, size: int, every: int, seed
     return {
         "seed": seed,
         "wall_seconds": wall,
+        "peak_gib": peak,
         "steps": len(result.history),
         "pixel_steps": snaps.pixel_steps,
         "final": final.row(),
@@ -285,6 +309,10 @@ def run_one(photo_path, style_path, overrides: dict, size: int, every: int, seed
         "curve": curve,
         "image": result.image,
     }
+
+
+def _gib(value: Optional[float]) -> str:
+    return "unknown" if value is None else f"{value:.2f} GiB"
 
 
 def run_quality(
@@ -324,7 +352,8 @@ def run_quality(
                 f = row["final"]
                 log(
                     f"{pair:<28} {name:<14} seed {seed}: style {f['style']:.3f} content {f['content']:.3f} "
-                    f"colour {f['colour']:.3f}  ({row['wall_seconds']:.0f} s, {row['steps']} steps, loaded)"
+                    f"colour {f['colour']:.3f}  ({row['wall_seconds']:.0f} s, {row['steps']} steps, "
+                    f"peak {_gib(row['peak_gib'])}, loaded)"
                 )
     meta = {
         "judge": {
