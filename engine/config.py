@@ -195,7 +195,8 @@ class Config:
         default="auto",
         metadata={
             "help": "math precision: fp32, tf32 (CUDA), bf16 or fp16 (autocast; image, optimiser and losses "
-            "stay float32); 'auto' is tf32 on CUDA, fp32 on the CPU",
+            "stay float32); 'auto' is tf32 on CUDA, and on the CPU bf16 with adam where the CPU has AMX "
+            "(Intel Xeon since 2023), else fp32",
             "choices": PRECISIONS,
         },
     )
