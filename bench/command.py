@@ -103,6 +103,12 @@ def register(sub) -> None:
     )
     h.add_argument("--steps", type=int, default=2, help="timed steps after an untimed one; 0 times a single step")
     h.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="(default: auto)")
+    h.add_argument(
+        "--precision",
+        default="auto",
+        choices=("auto", "fp32", "tf32", "bf16", "fp16"),
+        help="as nst stylize's (default: auto, what a run here would use)",
+    )
     h.add_argument("--json", type=Path, metavar="PATH", help="also write the rows as JSON (never over a file)")
     h.add_argument(
         "--interleave",
@@ -255,7 +261,13 @@ def run_highres(args: argparse.Namespace) -> int:
     from . import highres
 
     return highres.table(
-        args.sizes.split(","), args.modes.split(","), args.steps, args.device, args.json, args.interleave
+        args.sizes.split(","),
+        args.modes.split(","),
+        steps=args.steps,
+        device=args.device,
+        json_path=args.json,
+        interleave=args.interleave,
+        precision=args.precision,
     )
 
 

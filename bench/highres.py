@@ -77,7 +77,9 @@ def _build(height: int, width: int, mode: str, device: str, extractor=None, prec
     return step, memory, runtime, extractor, targets
 
 
-def interleaved(height: int, width: int, modes: list[str], steps: int, device: str) -> dict[str, float]:
+def interleaved(
+    height: int, width: int, modes: list[str], steps: int, device: str, precision: str = "auto"
+) -> dict[str, float]:
     """Each mode's time over the untiled one's, steps taken in turn in one process: the median over rounds.
 
     On a machine shared with other work, rows timed one after another see
@@ -86,7 +88,7 @@ def interleaved(height: int, width: int, modes: list[str], steps: int, device: s
     """
     built, extractor = {}, None
     for mode in ["off", *[m for m in modes if m != "off"]]:
-        step, _, runtime, extractor, _ = _build(height, width, mode, device, extractor)
+        step, _, runtime, extractor, _ = _build(height, width, mode, device, extractor, precision=precision)
         built[mode] = step
     ratios: dict[str, list[float]] = {mode: [] for mode in built}
     for round_ in range(steps + 1):
@@ -147,11 +149,19 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def table(
-    sizes: list[str], modes: list[str], steps: int, device: str, json_path: Optional[Path], interleave: bool = False
+    sizes: list[str],
+    modes: list[str],
+    *,
+    steps: int,
+    device: str,
+    json_path: Optional[Path],
+    interleave: bool = False,
+    precision: str = "auto",
 ) -> int:
     """The rows of ``sizes`` x ``modes``, each in a fresh process (``--row``), printed as they come.
 
     With ``interleave``, one process per size takes the modes' steps in turn and prints their time ratios.
+    ``precision`` is ``--precision``'s (``auto``: what a run on this machine would use).
     """
     if json_path is not None and json_path.exists():
         raise UserError(f"{json_path} already exists; choose another name")
@@ -161,7 +171,7 @@ def table(
         except ValueError:
             raise UserError(f"size {size!r} is not a whole number or WIDTHxHEIGHT") from None
     if interleave:
-        return _interleaved_table(sizes, modes, steps, device)
+        return _interleaved_table(sizes, modes, steps, device, precision)
     rows = []
     print(
         f"{'size':>11} {'mode':>10} {'tile':>5} {'tiles':>5} {'s/step':>8} {'peak GiB':>9} {'model GiB':>9} "
@@ -172,7 +182,8 @@ def table(
         base = None
         for mode in modes:
             done = subprocess.run(
-                [sys.executable, "-m", "bench.highres", "--row", size, mode, "--steps", str(steps), "--device", device],
+                [sys.executable, "-m", "bench.highres", "--row", size, mode, "--steps", str(steps), "--device", device]
+                + ["--precision", precision],
                 capture_output=True,
                 text=True,
                 cwd=ROOT,
@@ -198,7 +209,7 @@ def table(
     return 0
 
 
-def _interleaved_table(sizes, modes, steps, device) -> int:
+def _interleaved_table(sizes, modes, steps, device, precision) -> int:
     print(f"{'size':>11} " + " ".join(f"{m:>10}" for m in modes) + "   (time per step over untiled, median of rounds)")
     for size in sizes:
         done = subprocess.run(
@@ -214,6 +225,8 @@ def _interleaved_table(sizes, modes, steps, device) -> int:
                 "--device",
                 device,
                 "--interleave",
+                "--precision",
+                precision,
             ],
             capture_output=True,
             text=True,
@@ -237,7 +250,8 @@ def main(argv=None) -> int:
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "tf32", "bf16", "fp16"))
     args = parser.parse_args(argv)
     if args.interleave:
-        print(json.dumps(interleaved(*_size(args.row[0]), args.row[1].split(","), max(args.steps, 1), args.device)))
+        modes, steps = args.row[1].split(","), max(args.steps, 1)
+        print(json.dumps(interleaved(*_size(args.row[0]), modes, steps, args.device, args.precision)))
         return 0
     print(json.dumps(measure(*_size(args.row[0]), args.row[1], args.steps, args.device, args.precision)))
     return 0
