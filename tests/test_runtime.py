@@ -42,7 +42,10 @@ def picture(h, w, seed):
 # --------------------------------------------------------------------------------------------- decisions
 
 
-def test_auto_on_cpu_is_fp32_channels_last_without_graphs():
+def test_auto_on_cpu_is_fp32_channels_last_without_graphs(monkeypatch):
+    import engine.runtime
+
+    monkeypatch.setattr(engine.runtime, "cpu_has_amx", lambda: False)
     rt = resolve_runtime(Config(device="cpu"))
     assert (rt.precision, rt.channels_last, rt.cuda_graphs, rt.autocast_dtype) == ("fp32", True, False, None)
     assert not resolve_runtime(Config(device="cpu", memory_format="contiguous")).channels_last
@@ -73,6 +76,29 @@ def test_reduced_precision_refused_on_cpu_without_native_support(monkeypatch, pr
     # And through the CLI's path: the same one sentence, before any image is read.
     with pytest.raises(UserError, match="emulated"):
         stylize("no-such-file.png", "no-such-style.png", Config(device="cpu", precision=precision))
+
+
+def test_auto_is_bf16_with_adam_on_a_cpu_with_amx_and_fp32_otherwise(monkeypatch):
+    import engine.runtime
+
+    monkeypatch.setattr(engine.runtime, "cpu_has_amx", lambda: True)
+    monkeypatch.setattr(engine.runtime, "cpu_supports", lambda p: True)
+    rt = resolve_runtime(Config(device="cpu"))
+    assert (rt.precision, rt.autocast_dtype, rt.channels_last) == ("bf16", torch.bfloat16, True)
+    assert resolve_runtime(Config(device="cpu", optimizer="lbfgs")).precision == "fp32"  # measured with adam only
+    assert resolve_runtime(Config(device="cpu", precision="fp32")).precision == "fp32"  # asked for, kept
+    monkeypatch.setattr(engine.runtime, "cpu_supports", lambda p: False)  # AMX said yes, oneDNN no: stay fp32
+    assert resolve_runtime(Config(device="cpu")).precision == "fp32"
+    monkeypatch.setattr(engine.runtime, "cpu_has_amx", lambda: False)
+    monkeypatch.setattr(engine.runtime, "cpu_supports", lambda p: True)
+    assert resolve_runtime(Config(device="cpu")).precision == "fp32"
+
+
+def test_the_amx_answer_is_torchs():
+    from engine.runtime import cpu_has_amx
+
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    assert cpu_has_amx() == bool(probe is not None and probe())
 
 
 def test_this_cpu_answer_matches_mkldnn():
