@@ -377,12 +377,15 @@ def strict(tmp_path_factory):
     """A server with a memory budget of one small job and a half of another (by the engine's model), a 2 s header
     and body timeout and 12 connections at most."""
     from engine.job_memory import job_memory
+    from engine.runtime import decide_runtime
 
-    one = job_memory(STRICT_CONFIG, (36, 48), [(30, 48)])
+    # The server counts with its engine's runtime (bf16 activations, half the bytes, on a CPU with AMX): so must this.
+    runtime = decide_runtime(STRICT_CONFIG)
+    one = job_memory(STRICT_CONFIG, (36, 48), [(30, 48)], runtime)
     # One job, and half of a second one's images: one runs at a time, so a second held job adds its images.
     budget = (one.total + one.held / 2) / 2**30
     # Eight styles at 4x the output's size are over it alone: refused in one sentence, not queued.
-    assert job_memory(replace(STRICT_CONFIG, style_scale=4.0), (36, 48), [(30, 48)] * 8).total > 2**30 * budget
+    assert job_memory(replace(STRICT_CONFIG, style_scale=4.0), (36, 48), [(30, 48)] * 8, runtime).total > 2**30 * budget
     s = Server(
         tmp_path_factory.mktemp("strict"),
         "--memory-budget",
