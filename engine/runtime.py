@@ -15,8 +15,8 @@ Precision modes:
   the loss (``optimize.LossScale``), or its tiny gradients flush to zero.
 
 ``auto`` picks ``tf32`` on CUDA; on the CPU, ``bf16`` with Adam where the CPU has AMX matrix units
-(``cpu_has_amx``: there bf16 steps measured 2.6x faster than fp32 at 512 px, at the same judged
-quality, docs/speed.md) and ``fp32`` otherwise. The layout is channels-last with Adam (torch's
+(``cpu_has_amx``: there the default run in bf16 reached fp32's judged quality 2.6-2.7x sooner at
+512-2048 px, docs/speed.md) and ``fp32`` otherwise. The layout is channels-last with Adam (torch's
 L-BFGS needs contiguous tensors). On CUDA, bf16/fp16 are opt-in until they have been measured to
 track fp32 on a GPU (see README).
 """
@@ -128,7 +128,7 @@ def decide_runtime(config, device: Optional[torch.device] = None) -> Runtime:
     precision = config.precision
     if precision == "auto":
         # bf16 only where it was measured to win (AMX) and with Adam: L-BFGS's line search compares
-        # losses at trial points, and bf16 features make those comparisons noisy (not measured; kept out).
+        # losses at trial points, which bf16 features could make noisy; not measured, so kept out.
         cpu_bf16 = cpu_has_amx() and config.optimizer == "adam" and cpu_supports("bf16")
         precision = "tf32" if cuda else ("bf16" if cpu_bf16 else "fp32")
     if precision == "tf32" and not cuda:
