@@ -44,13 +44,26 @@ def peak_memory(fn: Callable[[], T], device: Union[torch.device, str]) -> tuple[
         result = fn()
         torch.cuda.synchronize(device)
         return result, max(0, torch.cuda.max_memory_allocated(device) - before)
+    result, before, peak = _cpu_peak(fn)
+    return result, None if peak is None else max(0, peak - before)
+
+
+def process_peak(fn: Callable[[], T]) -> tuple[T, Optional[int]]:
+    """``(fn(), peak_bytes)``: the process's whole peak resident set while ``fn`` ran (CPU, Linux), the interpreter,
+    torch and whatever was alive before included: what the machine had to hold. ``None`` where it cannot be read."""
+    result, _, peak = _cpu_peak(fn)
+    return result, peak
+
+
+def _cpu_peak(fn: Callable[[], T]) -> tuple[T, int, Optional[int]]:
+    """``(fn(), resident bytes before, peak resident bytes during)``; the peak is ``None`` without ``/proc``."""
     if not _can_reset_cpu_peak():
-        return fn(), None
+        return fn(), 0, None
     _malloc_trim()
     _CLEAR_REFS.write_text("5")  # VmHWM := current VmRSS
     before = _status_kib("VmRSS")
     result = fn()
-    return result, max(0, _status_kib("VmHWM") - before) * 1024
+    return result, before * 1024, _status_kib("VmHWM") * 1024
 
 
 def _status_kib(field: str) -> int:

@@ -43,6 +43,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from .memory import process_peak
+
 STYLE_LAYERS = (
     "relu1_2",
     "relu2_2",
@@ -259,26 +261,6 @@ class _Snapshots:
                 self.points.append((info.total_step, self.pixel_steps, seconds, image[0].detach().float().cpu()))
 
 
-def _reset_peak_memory() -> bool:
-    """Start the process's peak resident set afresh (Linux: ``clear_refs`` 5), so a run's peak is its own."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_memory_gib() -> Optional[float]:
-    """The process's peak resident set (``VmHWM``) in GiB, None where /proc does not say."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 2**20  # kB
-    except OSError:
-        pass
-    return None
-
-
 def run_one(photo_path, style_path, overrides: dict, size: int, every: int, seed: int, judge: Judge) -> dict:
     """One run of ``overrides`` on a pair, judged at its snapshots; the result image is under ``image``."""
     from engine import Callback, Config, stylize
@@ -286,12 +268,14 @@ def run_one(photo_path, style_path, overrides: dict, size: int, every: int, seed
     config = Config(**{"size": size, "seed": seed, **overrides})
     snaps = _Snapshots(every)
     callback = Callback(snaps, image_due=lambda step: step % every == 0)
-    fresh = _reset_peak_memory()
-    snaps.started = time.perf_counter()
-    result = stylize(photo_path, [style_path], config, callback=callback)
+
+    def run():
+        snaps.started = time.perf_counter()  # after the peak's reset, which is not the run's time
+        return stylize(photo_path, [style_path], config, callback=callback)
+
+    # The process's peak, read before judging; it includes the snapshots' float32 copies (3 x 4 bytes a pixel each).
+    result, peak = process_peak(run)
     wall = time.perf_counter() - snaps.started
-    # Read before judging; it includes the snapshots' float32 copies (3 x 4 bytes a pixel each).
-    peak = _peak_memory_gib() if fresh else None
     start = judge(judge.photo)
     curve = [{"step": 0, "pixel_steps": 0, "seconds": 0.0, **start.row()}]
     for step, pixel_steps, seconds, image in snaps.points:
@@ -300,7 +284,7 @@ def run_one(photo_path, style_path, overrides: dict, size: int, every: int, seed
     return {
         "seed": seed,
         "wall_seconds": wall,
-        "peak_gib": peak,
+        "peak_gib": None if peak is None else peak / 2**30,
         "steps": len(result.history),
         "pixel_steps": snaps.pixel_steps,
         "final": final.row(),
