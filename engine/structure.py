@@ -59,8 +59,9 @@ def tile_refusal(config) -> Optional[str]:
 
 def check_tileable(config) -> None:
     """A ``UserError`` with ``refusal()`` when this config's structure term is on, since tiles cannot split it."""
-    if config.structure_weight > 0:
-        raise UserError(refusal())
+    reason = tile_refusal(config)
+    if reason is not None:
+        raise UserError(reason)
 
 
 def factor(layer: str) -> int:
