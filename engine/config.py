@@ -8,6 +8,7 @@ is the single source of truth for every default.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass, field, fields
@@ -20,7 +21,7 @@ from .images import FORMATS as IMAGE_FORMATS
 from .runtime import MEMORY_FORMATS, PRECISIONS, SWITCHES
 from .schedule import SCHEDULES
 from .sizes import DEFAULT_MAX_PIXELS
-from .style_losses import Names
+from .style_losses import AUTO, AUTO_STYLE_LOSSES, Names
 from .style_losses import style_loss as registered_loss
 from .vgg import MODELS, PADDINGS, POOLINGS, check_layers
 from .weights import PREPROCESS
@@ -32,6 +33,8 @@ DEVICES = ("auto", "cpu", "cuda")
 BACKENDS = ("eager", "torchscript")
 # The registered style losses (engine/style_losses/): a live view, so that a loss registered later is a choice.
 STYLE_LOSSES = Names()
+# --style-loss also takes "auto": the first of AUTO_STYLE_LOSSES that can run the job (memory.resolve_style_loss).
+STYLE_LOSS_CHOICES = Names(extra=(AUTO,))
 # The settings the extractor is built from (`nst export`, `nst validate`), and with the runtime's, those a
 # long-lived Engine is built from (engine.service.FIXED).
 EXTRACTOR_FIELDS = ("model", "weights", "preprocess", "pooling", "padding", "content_layers", "style_layers", "device")
@@ -72,10 +75,17 @@ class Config:
         default=("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1"), metadata={"help": "style layers"}
     )
     style_layer_weights: Optional[tuple[float, ...]] = field(
-        default=None, metadata={"http": True, "help": "one weight per style layer (default: equal)"}
+        default=None,
+        metadata={
+            "http": True,
+            "help": "one weight per style layer (default: the style loss's own, see docs/losses.md)",
+        },
     )
     content_weight: float = field(default=1.0, metadata={"http": True, "help": "weight of the content loss"})
-    style_weight: float = field(default=4.0, metadata={"http": True, "help": "weight of the style loss"})
+    style_weight: Optional[float] = field(
+        default=None,
+        metadata={"http": True, "help": "weight of the style loss (default: the style loss's own, see docs/losses.md)"},
+    )
     tv_weight: float = field(default=2.0, metadata={"http": True, "help": "weight of the total-variation loss"})
     structure_weight: float = field(
         default=0.0,
@@ -89,11 +99,13 @@ class Config:
         default=None, metadata={"http": True, "help": "one weight per style image (default: equal)"}
     )
     style_loss: str = field(
-        default="gram",
+        default=AUTO,
         metadata={
             "http": True,
-            "help": "style loss, one of the registered ones (see docs/losses.md)",
-            "choices": STYLE_LOSSES,
+            "help": f"style loss, one of the registered ones (see docs/losses.md); {AUTO!r} is "
+            f"{' where it can run, else '.join(AUTO_STYLE_LOSSES)} (it cannot with tiles, style masks, CUDA graphs "
+            "or when only tiles fit the memory)",
+            "choices": STYLE_LOSS_CHOICES,
         },
     )
     ot_projections: int = field(
@@ -259,7 +271,8 @@ class Config:
         if not self.style_layers:
             raise UserError(f"{option('style_layers')} must name at least one layer")
         for name in ("content_weight", "style_weight", "tv_weight", "structure_weight", "style_scale", "lr"):
-            _check_number(name, getattr(self, name), allow_zero=name.endswith("_weight"))
+            if getattr(self, name) is not None or name != "style_weight":  # None: the style loss's own
+                _check_number(name, getattr(self, name), allow_zero=name.endswith("_weight"))
         if isinstance(self.plateau, bool) or not isinstance(self.plateau, (int, float)) or not 0 <= self.plateau < 1:
             raise UserError(f"{option('plateau')} must be a fraction at least 0 and below 1, not {self.plateau!r}")
         if isinstance(self.detail, bool) or not isinstance(self.detail, (int, float)) or not 0 <= self.detail <= 1:
@@ -272,7 +285,11 @@ class Config:
         _check_weights("style_blend_weights", self.style_blend_weights, None, "style image")
         if not (isinstance(self.ema_decay, (int, float)) and 0 <= self.ema_decay < 1):
             raise UserError(f"{option('ema_decay')} must be at least 0 and below 1, not {self.ema_decay!r}")
-        if self.style_masks is not None and not registered_loss(self.style_loss).takes_masks:
+        if (
+            self.style_masks is not None
+            and self.style_loss != AUTO  # auto picks a loss that takes them
+            and not registered_loss(self.style_loss).takes_masks
+        ):
             takes = ", ".join(name for name in STYLE_LOSSES if registered_loss(name).takes_masks)
             raise UserError(f"{option('style_masks')} work with the {takes} style loss only, not {self.style_loss!r}")
         for name in ("size", "min_size", "steps", "batch_size", "ot_projections", "max_pixels"):
@@ -315,6 +332,17 @@ class Config:
             raise UserError(f"{option('init')} must be one of {', '.join(INITS)}, or an image file, not {self.init!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise UserError(f"{option('seed')} must be a whole number, not {self.seed!r}")
+
+    def with_style_loss(self, name: str) -> "Config":
+        """This config with ``--style-loss name`` (a registered loss) and that loss's own style weight and
+        layer weights wherever this config leaves them unset."""
+        loss = registered_loss(name)
+        return dataclasses.replace(
+            self,
+            style_loss=name,
+            style_weight=loss.weight if self.style_weight is None else self.style_weight,
+            style_layer_weights=self.style_layer_weights or loss.default_layer_weights(self.style_layers),
+        )
 
     @property
     def style_ratio(self) -> float:

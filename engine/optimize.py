@@ -147,12 +147,17 @@ class Objective:
     returned are never scaled.
     """
 
-    capturable = True  # one forward and backward of fixed shapes: a CUDA graph can record it
-
     def __init__(
         self, extractor: Callable, criterion: Callable, autocast: Callable[[], ContextManager] = contextlib.nullcontext
     ):
         self.extractor, self.criterion, self.autocast = extractor, criterion, autocast
+
+    @property
+    def capturable(self) -> bool:
+        """One forward and backward of fixed shapes, which a CUDA graph can record, unless one of the
+        criterion's style losses declares it cannot (``StyleLoss.uncapturable``: ot's fresh directions)."""
+        modules = self.criterion.modules() if isinstance(self.criterion, torch.nn.Module) else ()
+        return not any(getattr(module, "uncapturable", None) for module in modules)
 
     def __call__(self, image: torch.Tensor, scale: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict]:
         with self.autocast():

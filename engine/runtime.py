@@ -30,6 +30,7 @@ from typing import Optional
 import torch
 
 from .errors import UserError, option
+from .style_losses import names as style_loss_names
 from .style_losses import style_loss
 
 PRECISIONS = ("auto", "fp32", "tf32", "bf16", "fp16")
@@ -157,11 +158,13 @@ def decide_runtime(config, device: Optional[torch.device] = None) -> Runtime:
     if graphs == "on" and config.optimizer != "adam":
         raise UserError(f"{option('cuda_graphs')} 'on' works with the adam optimizer only, not {config.optimizer!r}")
     # A loss that cannot be recorded (OT draws fresh random directions every step, which a replay would
-    # freeze) says so in its class, and runs uncaptured.
-    uncapturable = style_loss(config.style_loss).uncapturable
-    if graphs == "on" and uncapturable:
-        raise UserError(
-            f"{option('cuda_graphs')} 'on' cannot capture the {config.style_loss} style loss ({uncapturable})"
-        )
-    use_graphs = graphs == "on" or (graphs == "auto" and cuda and config.optimizer == "adam" and not uncapturable)
+    # freeze) says so in its class: named with graphs on, it is refused; otherwise its steps run uncaptured
+    # (optimize.Objective.capturable), and --style-loss auto with graphs on picks one that can be captured.
+    if graphs == "on" and config.style_loss in style_loss_names():
+        uncapturable = style_loss(config.style_loss).uncapturable
+        if uncapturable:
+            raise UserError(
+                f"{option('cuda_graphs')} 'on' cannot capture the {config.style_loss} style loss ({uncapturable})"
+            )
+    use_graphs = graphs == "on" or (graphs == "auto" and cuda and config.optimizer == "adam")
     return Runtime(device=device, precision=precision, channels_last=channels_last, cuda_graphs=use_graphs)

@@ -12,7 +12,9 @@ model ask of a loss, so none of them names a loss:
   ``TileTerm.lagged_surrogate``); a loss without one may say why in ``untileable``;
 * ``uncapturable``: None, or why a CUDA graph cannot record a step of it;
 * ``generators``: the random state a checkpoint must keep for a run to resume bit for bit;
-* ``state_bytes``: the memory its targets and per-step buffers add to a scale, beyond the network's.
+* ``state_bytes``: the memory its targets and per-step buffers add to a scale, beyond the network's;
+* ``weight`` and ``layer_weights``: its own ``--style-weight`` and per-layer weights, used when the user gives
+  none (each loss measures a different distance, so one number cannot suit them all; docs/losses.md).
 
 Only ``name``, ``help``, ``build`` and ``forward`` are required; the defaults describe a loss built from
 moments that tiles cannot split, that a CUDA graph can capture and that holds no random state.
@@ -20,7 +22,7 @@ moments that tiles cannot split, that a CUDA graph can capture and that holds no
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, ClassVar, Iterator, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -45,6 +47,14 @@ class StyleLoss(nn.Module):
     untileable: ClassVar[Optional[str]] = None  # why tiles cannot split it (see ``tile_refusal``)
     uncapturable: ClassVar[Optional[str]] = None
     takes_masks: ClassVar[bool] = False  # whether it takes --style-masks (spatial control)
+    # Its defaults for --style-weight and --style-layer-weights (a layer it does not name weighs 1).
+    weight: ClassVar[float] = 4.0
+    layer_weights: ClassVar[Mapping[str, float]] = {}
+
+    @classmethod
+    def default_layer_weights(cls, layers: Sequence[str]) -> tuple[float, ...]:
+        """This loss's own weight for each of ``layers``."""
+        return tuple(float(cls.layer_weights.get(name, 1.0)) for name in layers)
 
     @classmethod
     def build(
@@ -201,19 +211,25 @@ def names() -> tuple[str, ...]:
 
 
 class Names:
-    """The registered names as a live collection: ``Config``'s choices and argparse's follow later registrations."""
+    """The registered names as a live collection: ``Config``'s choices and argparse's follow later registrations.
+
+    ``extra``: choices that are not losses (``auto``), listed first.
+    """
+
+    def __init__(self, extra: Sequence[str] = ()):
+        self.extra = tuple(extra)
 
     def __iter__(self) -> Iterator[str]:
-        return iter(tuple(_REGISTRY))
+        return iter(self.extra + tuple(_REGISTRY))
 
     def __contains__(self, name: object) -> bool:
-        return name in _REGISTRY
+        return name in self.extra or name in _REGISTRY
 
     def __len__(self) -> int:
-        return len(_REGISTRY)
+        return len(self.extra) + len(_REGISTRY)
 
     def __repr__(self) -> str:
-        return repr(tuple(_REGISTRY))
+        return repr(tuple(self))
 
 
 def check_tileable(name: str) -> None:

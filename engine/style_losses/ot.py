@@ -38,6 +38,11 @@ class SlicedOTStyleLoss(StyleLoss):
         "split into tiles exactly; use tile off or checkpoint (with a smaller size), or the gram or w2 style loss"
     )
     uncapturable = "it draws new directions every step"
+    # Its distance is larger than a Gram loss's for the same look, so it needs a larger weight for as much
+    # style; relu5_1 at a quarter keeps the painting's object-sized features (a moon, a face) from being
+    # matched whole. Chosen on four photo/painting pairs at 256 px, checked on three others (docs/losses-defaults.md).
+    weight = 14.0
+    layer_weights = {"relu5_1": 0.25}
 
     def __init__(self, targets: Sequence[torch.Tensor], projections: int, generator: torch.Generator):
         super().__init__()
