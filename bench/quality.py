@@ -231,12 +231,12 @@ def parse_config(text: str) -> tuple[str, dict]:
         key = key.strip().replace("-", "_")
         if not eq or key not in types:
             raise UserError(f"--config {text!r}: {item!r} is not key=value with a setting of stylize")
-        default = types[key].default
+        default, kind = types[key].default, str(types[key].type)  # "Optional[float]": a number whose default is None
         if isinstance(default, bool):
             overrides[key] = value.lower() in ("1", "true", "yes", "on")
-        elif isinstance(default, int) and key != "tile":
+        elif (isinstance(default, int) and key != "tile") or kind == "Optional[int]":
             overrides[key] = int(value)
-        elif isinstance(default, float):
+        elif isinstance(default, float) or kind == "Optional[float]":
             overrides[key] = float(value)
         else:
             overrides[key] = value  # strings, and lists as comma-separated strings (Config splits them)

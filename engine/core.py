@@ -16,6 +16,7 @@ Three small objects, from the longest-lived to the shortest:
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import time
@@ -32,7 +33,8 @@ from .control import Control
 from .criterion import StyleFeatureCache, build_criterion
 from .errors import UserError, option, plural
 from .images import ImageLike, at_most, fit_long_side, load_image, resize, save_image, to_pil
-from .memory import MemoryPlan, plan_scale
+from .job_memory import style_shape
+from .memory import MemoryPlan, plan_scale, resolve_style_loss
 from .optimize import (
     SYNC_EVERY,
     Callback,
@@ -353,6 +355,22 @@ def run_batch(core: Core, batch: Batch) -> list[Result]:
         should_interrupt = control.poll
     else:  # one process alone stopping would leave the others waiting for it: a stop is everyone's or no one's
         should_interrupt = lambda: share.any(control.poll())  # noqa: E731
+    checkpointable = isinstance(core.extractor, VGGFeatures)
+    # --style-loss auto is decided once, for the last (largest) scale, so that every scale uses the same loss;
+    # a resumed run keeps the loss its checkpoint was made with.
+    if resume is not None and "style_loss" in resume:
+        config = config.with_style_loss(resume["style_loss"])
+    else:
+        last = schedule[-1]
+        config = resolve_style_loss(
+            config,
+            runtime,
+            last.height,
+            last.width,
+            batch=len(jobs),
+            checkpointable=checkpointable,
+            style_pixels=[math.prod(style_shape(config, *s.shape[-2:])) for job in jobs for s in job.styles],
+        )
     control.start()
     for scale in schedule:
         if resume is not None and scale.index < resume["scale"]:
@@ -373,7 +391,7 @@ def run_batch(core: Core, batch: Batch) -> list[Result]:
         scale_masks = None if batch.masks is None else resize(batch.masks, size).to(runtime.device)
         styles = [(job.styles, job.blend) for job in jobs]
         extractor = core.extractor
-        memory = plan_scale(config, runtime, *size, batch=len(jobs), checkpointable=isinstance(extractor, VGGFeatures))
+        memory = plan_scale(config, runtime, *size, batch=len(jobs), checkpointable=checkpointable)
         criterion = build_criterion(
             config,
             extractor,
@@ -432,7 +450,8 @@ def run_batch(core: Core, batch: Batch) -> list[Result]:
                 {
                     **state,
                     "scale": scale.index,
-                    "config": ckpt.config_state(config),
+                    "config": ckpt.config_state(batch.config),  # as asked (check_compatible compares it)
+                    "style_loss": config.style_loss,  # what auto resolved to
                     "inputs": saving.inputs,
                     "history": [dict(h) for h in history],
                     "generators": [g.get_state() for g in generators],

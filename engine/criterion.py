@@ -19,6 +19,7 @@ from . import structure
 from .images import digest, resize
 from .losses import ContentLoss, Moments, StyleTransferLoss
 from .sizes import style_size
+from .style_losses import names as style_loss_names
 from .style_losses import style_loss
 from .tiling import Tiling, feature_maps, feature_moments
 
@@ -93,7 +94,12 @@ def build_criterion(
     targets are computed tile by tile (the same values, in bounded memory).
     ``style_cache`` keeps each style's features for later scales and jobs of the same size.
     ``extra_terms``: image terms added to the loss as they are (see ``StyleTransferLoss``'s ``extra``).
+    ``config.style_loss`` must name a loss: ``auto`` is resolved by the caller, once for the whole run
+    (``memory.resolve_style_loss``), so that every scale uses the same one.
     """
+    if config.style_loss not in style_loss_names():
+        raise ValueError(f"build_criterion needs a registered style loss, not {config.style_loss!r}")
+    config = config.with_style_loss(config.style_loss)  # the loss's own weights where the config has none
     autocast = runtime.autocast if runtime is not None else contextlib.nullcontext
     layout = runtime.layout if runtime is not None else (lambda t: t.to(content.device))
     if tiling is not None:

@@ -31,7 +31,7 @@ import torch
 from . import structure
 from .errors import UserError, option
 from .optimize import LBFGS_HISTORY
-from .style_losses import check_tileable, style_loss
+from .style_losses import AUTO, AUTO_STYLE_LOSSES, check_tileable, style_loss
 from .tiling import Geometry, Tiling
 from .vgg import blocks_of, channels, recomputed_blocks, truncated_names
 
@@ -148,8 +148,20 @@ def plan_scale(
     (fastest), checkpointed (recomputes the first blocks' forward: about 1.15x),
     tiled with the largest tile that fits (the same recompute plus the halo).
     ``budget`` (bytes) defaults to ``config.memory_budget`` GiB, or to
-    ``HEADROOM`` of what the device has free.
+    ``HEADROOM`` of what the device has free. ``--style-loss auto`` is resolved at this size first
+    (``resolve_style_loss``).
     """
+    if config.style_loss == AUTO:
+        config = resolve_style_loss(
+            config,
+            runtime,
+            height,
+            width,
+            batch=batch,
+            budget=budget,
+            checkpointable=checkpointable,
+            style_pixels=style_pixels,
+        )
     layers, model = config.feature_layers, config.model
     element = element_bytes(runtime)
     geometry = Geometry.of(model, layers)
@@ -216,3 +228,52 @@ def plan_scale(
         f"is {budget / GiB:.1f} GiB; use a smaller --size, or free memory",
         smallest,
     )
+
+
+def resolve_style_loss(
+    config,
+    runtime,
+    height: int,
+    width: int,
+    *,
+    batch: int = 1,
+    budget: Optional[float] = None,
+    checkpointable: bool = True,
+    style_pixels: Optional[Sequence[int]] = None,
+):
+    """``config`` with a registered style loss in place of ``auto``, and that loss's own weights where the
+    config leaves them unset (``Config.with_style_loss``).
+
+    ``auto`` takes the first of ``AUTO_STYLE_LOSSES`` that can run a ``batch`` of ``height x width`` images as
+    asked: one that takes the style masks if there are any, that a CUDA graph can capture if
+    ``--cuda-graphs on``, that tiles can split if a tile size is given, and whose memory plan needs no tiles
+    (with ``--tile auto``: what fits the budget untiled or checkpointed). The last of them is the fallback.
+    """
+    if config.style_loss != AUTO:
+        return config.with_style_loss(config.style_loss)
+    *preferred, fallback = AUTO_STYLE_LOSSES
+    for name in preferred:
+        loss = style_loss(name)
+        if config.style_masks is not None and not loss.takes_masks:
+            continue
+        if config.cuda_graphs == "on" and loss.uncapturable:
+            continue
+        if config.tile.isdigit() and loss.tile_refusal() is not None:
+            continue
+        candidate = config.with_style_loss(name)
+        try:
+            plan = plan_scale(
+                candidate,
+                runtime,
+                height,
+                width,
+                batch=batch,
+                budget=budget,
+                checkpointable=checkpointable,
+                style_pixels=style_pixels,
+            )
+        except OutOfBudget:
+            continue
+        if plan.mode != "tiled":
+            return candidate
+    return config.with_style_loss(fallback)
