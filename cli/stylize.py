@@ -345,7 +345,8 @@ def run_file_job(job: FileJob, config, *, resume: Optional[dict] = None, quiet: 
     checkpoint.discard(str(ckpt_path), str(partial) if resume is not None else None)
     h, w = result.image.shape[-2:]
     steps = plural(len(result.history), "step")
-    print(f"wrote {_shown(written)} ({w}x{h}, {steps}) in {time.perf_counter() - started:.1f} s")
+    loss = f"style loss {result.config.style_loss}"  # what --style-loss auto chose, too
+    print(f"wrote {_shown(written)} ({w}x{h}, {steps}, {loss}) in {time.perf_counter() - started:.1f} s")
     return 0
 
 

@@ -65,7 +65,7 @@ def test_run_writes_output(good_runs):
     assert r.returncode == 0, r.stderr
     assert "Traceback" not in r.stderr and r.stderr.strip() == ""  # --quiet: no progress bar either
     last = r.stdout.strip().splitlines()[-1]
-    assert re.fullmatch(r"wrote out\.png \(48x40, 3 steps\) in \d+\.\d s", last), last
+    assert re.fullmatch(r"wrote out\.png \(48x40, 3 steps, style loss ot\) in \d+\.\d s", last), last
     out = folder / "out.png"
     assert out.read_bytes()[:8] == PNG_MAGIC
     with Image.open(out) as img:
@@ -100,7 +100,7 @@ def test_snapshot_every_step(good_runs):
 def test_overwrite_replaces_existing_output(good_runs):
     r, folder = good_runs["overwrite"]
     assert r.returncode == 0, r.stderr
-    assert r.stdout.strip().splitlines()[-1].startswith("wrote out.jpg (48x40, 3 steps)")
+    assert r.stdout.strip().splitlines()[-1].startswith("wrote out.jpg (48x40, 3 steps, style loss ot)")
     out = folder / "out.jpg"
     assert out.read_bytes()[:3] == JPEG_MAGIC  # the old bytes are gone, replaced by a JPEG
     with Image.open(out) as img:

@@ -116,7 +116,7 @@ def test_the_toy_loss_is_a_choice_everywhere(toys):
 
 
 def test_an_unregistered_name_is_refused_in_one_sentence():
-    with pytest.raises(UserError, match=r"must be one of gram, ot, w2, not 'toymean'$"):
+    with pytest.raises(UserError, match=r"must be one of auto, gram, ot, w2, not 'toymean'$"):
         Config(style_loss="toymean")
     with pytest.raises(UserError, match="must be one of"):
         style_loss("toymean")

@@ -100,7 +100,7 @@ def test_the_command_line_writes_the_image_once(tmp_path):
     layers = ["--style-layers", "relu1_1,relu2_1", "--content-layers", "relu2_1"]
     done = torchrun("-m", "scale.tiled", "stylize", *common, *layers, "--tile", "8", "-o", "out.png", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("wrote out.png (32x24, 2 steps)") == 1
+    assert done.stdout.count("wrote out.png (32x24, 2 steps, style loss gram)") == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.png"]
     alone = subprocess.run(
         [sys.executable, "-m", "scale.tiled", "stylize"], env=ENV, capture_output=True, text=True, timeout=TIMEOUT
