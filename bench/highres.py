@@ -54,6 +54,8 @@ def _build(height: int, width: int, mode: str, device: str, extractor=None, prec
         size=max(height, width),
         max_pixels=height * width,
         precision=precision,
+        # The rows compare memory modes, tiles among them, which only gram (of the defaults) can use.
+        style_loss="gram",
     )
     runtime = resolve_runtime(config)
     extractor = extractor or loop_extractor(config, runtime)
