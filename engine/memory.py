@@ -152,16 +152,8 @@ def plan_scale(
     (``resolve_style_loss``).
     """
     if config.style_loss == AUTO:
-        config = resolve_style_loss(
-            config,
-            runtime,
-            height,
-            width,
-            batch=batch,
-            budget=budget,
-            checkpointable=checkpointable,
-            style_pixels=style_pixels,
-        )
+        where = dict(batch=batch, budget=budget, checkpointable=checkpointable, style_pixels=style_pixels)
+        config = resolve_style_loss(config, runtime, height, width, **where)
     layers, model = config.feature_layers, config.model
     element = element_bytes(runtime)
     geometry = Geometry.of(model, layers)
@@ -230,19 +222,10 @@ def plan_scale(
     )
 
 
-def resolve_style_loss(
-    config,
-    runtime,
-    height: int,
-    width: int,
-    *,
-    batch: int = 1,
-    budget: Optional[float] = None,
-    checkpointable: bool = True,
-    style_pixels: Optional[Sequence[int]] = None,
-):
+def resolve_style_loss(config, runtime, height: int, width: int, **where):
     """``config`` with a registered style loss in place of ``auto``, and that loss's own weights where the
-    config leaves them unset (``Config.with_style_loss``).
+    config leaves them unset (``Config.with_style_loss``). ``where``: ``plan_scale``'s keywords (``batch``,
+    ``budget``, ``checkpointable``, ``style_pixels``), which it is asked with.
 
     ``auto`` takes the first of ``AUTO_STYLE_LOSSES`` that can run a ``batch`` of ``height x width`` images as
     asked: one that takes the style masks if there are any, that a CUDA graph can capture if
@@ -262,16 +245,7 @@ def resolve_style_loss(
             continue
         candidate = config.with_style_loss(name)
         try:
-            plan = plan_scale(
-                candidate,
-                runtime,
-                height,
-                width,
-                batch=batch,
-                budget=budget,
-                checkpointable=checkpointable,
-                style_pixels=style_pixels,
-            )
+            plan = plan_scale(candidate, runtime, height, width, **where)
         except OutOfBudget:
             continue
         if plan.mode != "tiled":
