@@ -86,7 +86,7 @@ def test_parse_config_takes_stylize_settings_and_refuses_others():
     assert name == "decay" and overrides == {"style_layer_weights": "256,64,16,4,1", "style_scale": 0.5, "steps": 10}
     with pytest.raises(UserError, match="'warp=1' is not key=value"):
         quality.parse_config("x:warp=1")
-    with pytest.raises(UserError, match="style_loss must be one of gram"):
+    with pytest.raises(UserError, match="style_loss must be one of auto, gram"):
         quality.parse_config("x:style_loss=nope")
 
 

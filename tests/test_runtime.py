@@ -131,11 +131,14 @@ def test_channels_last_matches_contiguous(pair):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("init", ["content", "noise"])
-def test_batched_jobs_equal_jobs_one_by_one(init):
+@pytest.mark.parametrize("loss", ["gram", "ot"])
+def test_batched_jobs_equal_jobs_one_by_one(init, loss):
     contents = [picture(40, 48, 3), picture(40, 48, 4), picture(48, 40, 5), picture(40, 48, 6)]
     styles = [picture(32, 32, 7), [picture(30, 40, 8), picture(32, 32, 7)], picture(32, 32, 7), picture(36, 30, 9)]
     # fp32: in bf16 a batch's convolutions round otherwise than one image's (the CPU's auto is bf16 with AMX).
-    config = Config(**SMALL, device="cpu", size=48, min_size=34, steps=4, init=init, batch_size=2, precision="fp32")
+    config = Config(
+        **SMALL, device="cpu", size=48, min_size=34, steps=4, init=init, batch_size=2, precision="fp32", style_loss=loss
+    )
     jobs = list(zip(contents, styles))
     seen = []
     batched = stylize_batch(jobs, config, callback=lambda info: seen.append(info.jobs))
@@ -144,7 +147,9 @@ def test_batched_jobs_equal_jobs_one_by_one(init):
     for (content, style), got in zip(jobs, batched):
         alone = stylize(content, style, config)
         assert got.image.shape == alone.image.shape
-        torch.testing.assert_close(got.image, alone.image, rtol=0, atol=1e-4)
+        # A batch's convolutions round otherwise than one image's (1e-6 here); ot's sorts turn that into a
+        # reordering of nearly equal projections, whose effect (3.5e-4 measured) a smooth loss does not have.
+        torch.testing.assert_close(got.image, alone.image, rtol=0, atol=1e-4 if loss == "gram" else 1e-3)
 
 
 def test_batched_lbfgs_runs_one_job_at_a_time():
@@ -158,7 +163,7 @@ def test_batched_lbfgs_runs_one_job_at_a_time():
 @pytest.mark.slow
 def test_autocast_step_on_cpu_tracks_fp32():
     """The bf16 step (the CUDA fast path's maths) run on the CPU at 32 px: image and losses stay float32."""
-    config = Config(**SMALL, device="cpu")
+    config = Config(**SMALL, device="cpu", style_loss="gram")
     content = picture(32, 32, 1)[None]
     style = picture(32, 32, 2)
     losses = {}
@@ -205,7 +210,7 @@ def _emulate_fp16(extractor, switch):
 def test_emulated_fp16_tracks_fp32_only_with_loss_scaling():
     # 192x256, as the CUDA test: the relative losses' feature gradients (~1e-8 here) are mostly below
     # float16's smallest subnormal, so unscaled they flush to zero and the image follows TV alone.
-    config = Config(device="cpu", content_layers=("relu2_2",), style_layers=("relu1_1", "relu2_1"))
+    config = Config(device="cpu", content_layers=("relu2_2",), style_layers=("relu1_1", "relu2_1"), style_loss="gram")
     content, style = picture(192, 256, 1)[None], picture(256, 256, 2)
     rt = Runtime(device=torch.device("cpu"), precision="fp32", channels_last=False, cuda_graphs=False)
     extractor, switch = loop_extractor(config, rt), {"on": False}

@@ -122,14 +122,18 @@ def test_tiles_are_refused_in_one_sentence_but_checkpoint_and_off_run():
         "the structure term (structure_weight) compares positions across the whole image, so it cannot be split "
         "into tiles; use tile off or checkpoint, or structure_weight 0"
     )
-    config = Config(device="cpu", structure_weight=1.0, size=256)
+    # gram: the loss that tiles (ot, which auto would pick here, does not).
+    config = Config(device="cpu", style_loss="gram", structure_weight=1.0, size=256)
     assert plan_scale(config, None, 256, 256, budget=1e12).mode == "untiled"
-    assert plan_scale(Config(device="cpu", structure_weight=1.0, tile="checkpoint"), None, 64, 64).mode == "checkpoint"
+    assert (
+        plan_scale(Config(device="cpu", style_loss="gram", structure_weight=1.0, tile="checkpoint"), None, 64, 64).mode
+        == "checkpoint"
+    )
     # A budget below checkpointed blocks but above 64 px tiles: gram alone runs tiled, with the term it cannot.
-    gram = Config(device="cpu", size=256)
+    gram = Config(device="cpu", style_loss="gram", size=256)
     budget = (
-        plan_scale(Config(device="cpu", tile="64"), None, 256, 256).estimate
-        + plan_scale(Config(device="cpu", tile="checkpoint"), None, 256, 256).estimate
+        plan_scale(Config(device="cpu", style_loss="gram", tile="64"), None, 256, 256).estimate
+        + plan_scale(Config(device="cpu", style_loss="gram", tile="checkpoint"), None, 256, 256).estimate
     ) / 2
     assert plan_scale(gram, None, 256, 256, budget=budget).mode == "tiled"
     with pytest.raises(OutOfBudget, match="with the structure term, which cannot be tiled"):
