@@ -19,6 +19,7 @@ from engine.style_losses import (
     MaskedGramStyleLoss,
     SlicedOTStyleLoss,
     sliced_ot,
+    sorted_values,
     sqrtm_eigh,
     trace_sqrtm,
     w2,
@@ -70,6 +71,18 @@ def test_sliced_ot_draws_fresh_directions_from_its_seed():
     first, second = a(feats), a(feats)
     assert first.item() != second.item()  # new directions at each call
     assert [b(feats).item(), b(feats).item()] == [first.item(), second.item()]  # same seed, same sequence
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_style_sides_fast_sort_gives_torch_sorts_values(dtype):
+    values = torch.randn(8, 1000, generator=torch.Generator().manual_seed(9), dtype=dtype)
+    values[:, :300] = 0.0  # ReLU's zeros: many ties
+    values[:, 300:400] = values[:, 400:500]
+    got = sorted_values(values)
+    assert got.dtype == dtype and torch.equal(got, torch.sort(values, dim=1).values)
+    # With a gradient to keep, it is torch.sort itself.
+    grad = values.clone().requires_grad_(True)
+    assert sorted_values(grad).grad_fn is not None
 
 
 def test_sliced_ot_gradcheck():

@@ -10,7 +10,7 @@ the job (``memory.resolve_style_loss``), each at its own weights.
 
 from .base import Names, StyleLoss, TileTerm, check_tileable, names, register, style_loss, unregister
 from .gram import GramStyleLoss, MaskedGramStyleLoss
-from .ot import SlicedOTStyleLoss, sliced_ot
+from .ot import SlicedOTStyleLoss, sliced_ot, sorted_values
 from .w2 import GaussianW2StyleLoss, default_sqrtm_method, sqrtm_eigh, trace_sqrtm
 
 AUTO = "auto"
@@ -35,6 +35,7 @@ __all__ = [
     "names",
     "register",
     "sliced_ot",
+    "sorted_values",
     "sqrtm_eigh",
     "style_loss",
     "trace_sqrtm",
