@@ -37,7 +37,8 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass, field, fields
+import typing
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -224,19 +225,20 @@ def parse_config(text: str) -> tuple[str, dict]:
     name, _, rest = text.partition(":")
     if not name:
         raise UserError(f"--config {text!r} needs a name before the colon (e.g. decay:style_layer_weights=4,2,1,1,1)")
-    types = {f.name: f for f in fields(Config)}
+    hints = typing.get_type_hints(Config)  # as cli/options.py reads them
     overrides = {}
     for item in filter(None, (part.strip() for part in rest.split(";"))):
         key, eq, value = item.partition("=")
         key = key.strip().replace("-", "_")
-        if not eq or key not in types:
+        if not eq or key not in hints:
             raise UserError(f"--config {text!r}: {item!r} is not key=value with a setting of stylize")
-        default, kind = types[key].default, str(types[key].type)  # "Optional[float]": a number whose default is None
-        if isinstance(default, bool):
+        kind = hints[key]
+        kind = typing.get_args(kind)[0] if typing.get_origin(kind) is typing.Union else kind  # Optional[X]: X
+        if kind is bool:
             overrides[key] = value.lower() in ("1", "true", "yes", "on")
-        elif (isinstance(default, int) and key != "tile") or kind == "Optional[int]":
+        elif kind is int:
             overrides[key] = int(value)
-        elif isinstance(default, float) or kind == "Optional[float]":
+        elif kind is float:
             overrides[key] = float(value)
         else:
             overrides[key] = value  # strings, and lists as comma-separated strings (Config splits them)

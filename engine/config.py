@@ -271,8 +271,9 @@ class Config:
         if not self.style_layers:
             raise UserError(f"{option('style_layers')} must name at least one layer")
         for name in ("content_weight", "style_weight", "tv_weight", "structure_weight", "style_scale", "lr"):
-            if getattr(self, name) is not None or name != "style_weight":  # None: the style loss's own
-                _check_number(name, getattr(self, name), allow_zero=name.endswith("_weight"))
+            if name == "style_weight" and self.style_weight is None:
+                continue  # the style loss's own
+            _check_number(name, getattr(self, name), allow_zero=name.endswith("_weight"))
         if isinstance(self.plateau, bool) or not isinstance(self.plateau, (int, float)) or not 0 <= self.plateau < 1:
             raise UserError(f"{option('plateau')} must be a fraction at least 0 and below 1, not {self.plateau!r}")
         if isinstance(self.detail, bool) or not isinstance(self.detail, (int, float)) or not 0 <= self.detail <= 1:

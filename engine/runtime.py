@@ -30,8 +30,7 @@ from typing import Optional
 import torch
 
 from .errors import UserError, option
-from .style_losses import names as style_loss_names
-from .style_losses import style_loss
+from .style_losses import AUTO, style_loss
 
 PRECISIONS = ("auto", "fp32", "tf32", "bf16", "fp16")
 MEMORY_FORMATS = ("auto", "contiguous", "channels_last")
@@ -160,7 +159,7 @@ def decide_runtime(config, device: Optional[torch.device] = None) -> Runtime:
     # A loss that cannot be recorded (OT draws fresh random directions every step, which a replay would
     # freeze) says so in its class: named with graphs on, it is refused; otherwise its steps run uncaptured
     # (optimize.Objective.capturable), and --style-loss auto with graphs on picks one that can be captured.
-    if graphs == "on" and config.style_loss in style_loss_names():
+    if graphs == "on" and config.style_loss != AUTO:
         uncapturable = style_loss(config.style_loss).uncapturable
         if uncapturable:
             raise UserError(
