@@ -236,10 +236,12 @@ def parse_config(text: str) -> tuple[str, dict]:
         kind = typing.get_args(kind)[0] if typing.get_origin(kind) is typing.Union else kind  # Optional[X]: X
         if kind is bool:
             overrides[key] = value.lower() in ("1", "true", "yes", "on")
-        elif kind is int:
-            overrides[key] = int(value)
-        elif kind is float:
-            overrides[key] = float(value)
+        elif kind in (int, float):
+            try:
+                overrides[key] = kind(value)
+            except ValueError:
+                what = "a whole number" if kind is int else "a number"
+                raise UserError(f"--config {text!r}: {key} must be {what}, not {value.strip()!r}") from None
         else:
             overrides[key] = value  # strings, and lists as comma-separated strings (Config splits them)
     Config(**overrides)  # refused now, in one sentence, not after minutes of other runs

@@ -88,6 +88,15 @@ def test_parse_config_takes_stylize_settings_and_refuses_others():
         quality.parse_config("x:warp=1")
     with pytest.raises(UserError, match="style_loss must be one of auto, gram"):
         quality.parse_config("x:style_loss=nope")
+    assert quality.parse_config("ot:style_loss=ot;style_weight=14;style_size=300")[1] == {
+        "style_loss": "ot",
+        "style_weight": 14.0,  # None by default: a number all the same
+        "style_size": 300,
+    }
+    with pytest.raises(UserError, match=r"^--config 'x:style_weight=abc': style_weight must be a number, not 'abc'$"):
+        quality.parse_config("x:style_weight=abc")
+    with pytest.raises(UserError, match=r"steps must be a whole number, not '2.5'$"):
+        quality.parse_config("x:steps=2.5")
 
 
 @pytest.mark.slow
