@@ -67,7 +67,9 @@ class Config:
         },
     )
     # What to match.
-    content_layers: tuple[str, ...] = field(default=("relu4_2",), metadata={"help": "content layers"})
+    content_layers: Optional[tuple[str, ...]] = field(
+        default=None, metadata={"help": "content layers (default: the style loss's own, see docs/losses.md)"}
+    )
     content_layer_weights: Optional[tuple[float, ...]] = field(
         default=None, metadata={"http": True, "help": "one weight per content layer (default: equal)"}
     )
@@ -267,7 +269,7 @@ class Config:
             choices = f.metadata.get("choices")
             if choices and value not in choices:
                 raise UserError(f"{option(f.name)} must be one of {', '.join(choices)}, not {value!r}")
-        check_layers(self.model, self.content_layers + self.style_layers)
+        check_layers(self.model, self.possible_content_layers + self.style_layers)
         if not self.style_layers:
             raise UserError(f"{option('style_layers')} must name at least one layer")
         for name in ("content_weight", "style_weight", "tv_weight", "structure_weight", "style_scale", "lr"):
@@ -278,8 +280,13 @@ class Config:
             raise UserError(f"{option('plateau')} must be a fraction at least 0 and below 1, not {self.plateau!r}")
         if isinstance(self.detail, bool) or not isinstance(self.detail, (int, float)) or not 0 <= self.detail <= 1:
             raise UserError(f"{option('detail')} must be a fraction from 0 to 1, not {self.detail!r}")
+        if self.content_layer_weights is not None and self.content_layers is None and self.style_loss == AUTO:
+            raise UserError(
+                f"{option('content_layer_weights')} needs {option('content_layers')} with {option('style_loss')} "
+                f"auto: each style loss has its own content layers, so the number of weights is not known"
+            )
         for name, layers in (
-            ("content_layer_weights", self.content_layers),
+            ("content_layer_weights", self.possible_content_layers),
             ("style_layer_weights", self.style_layers),
         ):
             _check_weights(name, getattr(self, name), len(layers), name[:-8].replace("_", " "))
@@ -335,13 +342,14 @@ class Config:
             raise UserError(f"{option('seed')} must be a whole number, not {self.seed!r}")
 
     def with_style_loss(self, name: str) -> "Config":
-        """This config with ``--style-loss name`` (a registered loss) and that loss's own style weight and
-        layer weights wherever this config leaves them unset."""
+        """This config with ``--style-loss name`` (a registered loss) and that loss's own style weight, layer
+        weights and content layers wherever this config leaves them unset."""
         loss = registered_loss(name)
         return dataclasses.replace(
             self,
             style_loss=name,
             style_weight=loss.weight if self.style_weight is None else self.style_weight,
+            content_layers=loss.content_layers if self.content_layers is None else self.content_layers,
             style_layer_weights=self.style_layer_weights or loss.default_layer_weights(self.style_layers),
         )
 
@@ -351,9 +359,18 @@ class Config:
         return self.style_size / self.size if self.style_size else self.style_scale
 
     @property
+    def possible_content_layers(self) -> tuple[str, ...]:
+        """The content layers: as given, or while unset, those of every style loss this config may run with
+        (``auto``'s candidates), so that one extractor serves whichever of them a job resolves to."""
+        if self.content_layers is not None:
+            return self.content_layers
+        names = AUTO_STYLE_LOSSES if self.style_loss == AUTO else (self.style_loss,)
+        return tuple(dict.fromkeys(layer for name in names for layer in registered_loss(name).content_layers))
+
+    @property
     def feature_layers(self) -> tuple[str, ...]:
         """Every layer the losses read, content first, then style, then the structure term's, without repeats."""
-        return tuple(dict.fromkeys(self.content_layers + self.style_layers + structure.layers(self)))
+        return tuple(dict.fromkeys(self.possible_content_layers + self.style_layers + structure.layers(self)))
 
 
 TILE_MODES = ("auto", "off", "checkpoint")

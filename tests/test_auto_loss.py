@@ -85,21 +85,38 @@ def test_named_loss_is_kept_even_where_auto_would_not_choose_it():
 
 @pytest.mark.parametrize("tile, chosen", [("off", "ot"), ("16", "gram")])
 def test_an_auto_run_is_the_run_of_the_loss_it_chose(pair, tile, chosen):
-    auto = stylize(*pair, Config(**SMALL, tile=tile))
+    # The content layers left unset too: each loss brings its own (ot two, gram one).
+    settings = {k: v for k, v in SMALL.items() if k != "content_layers"}
+    auto = stylize(*pair, Config(**settings, tile=tile))
     assert auto.config.style_loss == chosen
     own = style_loss(chosen)
     named = stylize(
         *pair,
         Config(
-            **SMALL,
+            **settings,
             tile=tile,
             style_loss=chosen,
             style_weight=own.weight,
             style_layer_weights=own.default_layer_weights(SMALL["style_layers"]),
+            content_layers=own.content_layers,
         ),
     )
     assert torch.equal(auto.image, named.image)
-    assert auto.config.style_weight == own.weight
+    assert (auto.config.style_weight, auto.config.content_layers) == (own.weight, own.content_layers)
+
+
+def test_content_layers_are_the_chosen_losss_own_unless_given():
+    assert Config().content_layers is None
+    assert Config().with_style_loss("ot").content_layers == ("relu3_1", "relu4_2")
+    assert Config().with_style_loss("gram").content_layers == ("relu4_2",)  # the old default, as it was
+    assert Config(content_layers=("relu2_2",)).with_style_loss("ot").content_layers == ("relu2_2",)
+    # One extractor serves whichever loss auto picks: it reads the content layers of both.
+    assert Config(style_layers=("relu1_1",)).feature_layers == ("relu3_1", "relu4_2", "relu1_1")
+    assert Config(style_layers=("relu1_1",), style_loss="gram").feature_layers == ("relu4_2", "relu1_1")
+    # Weights per content layer need the layers when auto leaves their number open.
+    with pytest.raises(UserError, match="content_layer_weights needs content_layers with style_loss auto"):
+        Config(content_layer_weights=(1.0, 2.0))
+    assert Config(style_loss="ot", content_layer_weights=(1.0, 2.0)).content_layer_weights == (1.0, 2.0)
 
 
 def test_a_resumed_auto_run_keeps_its_loss_and_equals_the_uninterrupted_one(pair, tmp_path):

@@ -25,7 +25,10 @@ from engine import Config, UserError
         ({"style_scale": 0.0}, "style_scale must be a finite number greater than zero"),
         ({"style_layer_weights": (1.0, 2.0)}, "style_layer_weights has 2 values but there are 5 style layers"),
         ({"style_layer_weights": (0.0,) * 5}, "style_layer_weights must not all be zero"),
-        ({"content_layer_weights": (-1.0,)}, "content_layer_weights must be a finite number zero or more"),
+        (
+            {"content_layers": ("relu4_2",), "content_layer_weights": (-1.0,)},
+            "content_layer_weights must be a finite number zero or more",
+        ),
         ({"style_blend_weights": (1.0, -2.0)}, "style_blend_weights must be a finite number zero or more"),
         ({"size": 0}, "size must be a positive whole number, not 0"),
         ({"size": 2.5}, "size must be a positive whole number, not 2.5"),
@@ -48,9 +51,11 @@ def test_defaults_and_normalisation():
     c = Config(style_layers=["relu1_1", "relu4_2"], content_layers=["relu4_2"], style_layer_weights=[1, 2])
     assert c.style_layers == ("relu1_1", "relu4_2")  # lists become tuples: the config stays hashable
     assert c.feature_layers == ("relu4_2", "relu1_1")
-    assert hash(c) == hash(Config(style_layers=("relu1_1", "relu4_2"), style_layer_weights=(1, 2)))
+    assert hash(c) == hash(
+        Config(style_layers=("relu1_1", "relu4_2"), content_layers=("relu4_2",), style_layer_weights=(1, 2))
+    )
     with pytest.raises(dataclasses.FrozenInstanceError):
         c.size = 3
-    assert Config().content_layers == ("relu4_2",)
+    assert Config().content_layers is None  # the style loss's own (tests/test_auto_loss.py)
     assert Config(size=64).min_size == 128  # the default minimum below a small size: one scale, not an error
     assert Config().style_layers == ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")

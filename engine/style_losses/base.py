@@ -13,8 +13,9 @@ model ask of a loss, so none of them names a loss:
 * ``uncapturable``: None, or why a CUDA graph cannot record a step of it;
 * ``generators``: the random state a checkpoint must keep for a run to resume bit for bit;
 * ``state_bytes``: the memory its targets and per-step buffers add to a scale, beyond the network's;
-* ``weight`` and ``layer_weights``: its own ``--style-weight`` and per-layer weights, used when the user gives
-  none (each loss measures a different distance, so one number cannot suit them all; docs/losses.md).
+* ``weight``, ``layer_weights`` and ``content_layers``: its own ``--style-weight``, per-layer weights and
+  ``--content-layers``, used when the user gives none (each loss measures a different distance, so one number
+  cannot suit them all; docs/losses.md).
 
 Only ``name``, ``help``, ``build`` and ``forward`` are required; the defaults describe a loss built from
 moments that tiles cannot split, that a CUDA graph can capture and that holds no random state.
@@ -50,6 +51,8 @@ class StyleLoss(nn.Module):
     # Its defaults for --style-weight and --style-layer-weights (a layer it does not name weighs 1).
     weight: ClassVar[float] = 4.0
     layer_weights: ClassVar[Mapping[str, float]] = {}
+    # Its default for --content-layers.
+    content_layers: ClassVar[tuple[str, ...]] = ("relu4_2",)
 
     @classmethod
     def default_layer_weights(cls, layers: Sequence[str]) -> tuple[float, ...]:

@@ -44,6 +44,10 @@ class SlicedOTStyleLoss(StyleLoss):
     # matched whole. Chosen on four photo/painting pairs at 256 px, checked on three others (docs/losses-defaults.md).
     weight = 14.0
     layer_weights = {"relu5_1": 0.25}
+    # relu3_1 beside relu4_2: at a quarter of the image's resolution it still sees eyes, mouths and window frames,
+    # which relu4_2 alone (an eighth) let the style repaint. Not the Gram loss's default: its targets take 64 more
+    # bytes per pixel, which the largest (tiled, Gram) prints cannot spare.
+    content_layers = ("relu3_1", "relu4_2")
 
     def __init__(self, targets: Sequence[torch.Tensor], projections: int, generator: torch.Generator):
         super().__init__()
