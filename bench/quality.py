@@ -8,13 +8,14 @@ own objective harder:
 * **style**: the sliced Wasserstein distance (SWD) between the result's and the
   style's feature vectors (one C-vector per pixel) at ``STYLE_LAYERS``, ten
   layers the default style loss (relu1_1 ... relu5_1) and content loss
-  (relu4_2) never read. Per layer, the distance is divided by the photo's own
+  (relu4_2, and relu3_1 with ot) never read. Per layer, the distance is divided by the photo's own
   distance to the style, then the ten ratios are averaged: the photo scores
   1.0, the style image itself 0; lower is closer to the style.
 * **content**: the relative L2 distance of the result's features to the
   photo's, ``||F(x) - F(photo)|| / ||F(photo)||``, at ``CONTENT_LAYERS``
-  (relu3_2 and relu4_3, beside the default content layer relu4_2, not on
-  it), divided per layer by the same distance of the style image stretched
+  (relu3_2 and relu4_3, beside the default content layers relu3_1 and
+  relu4_2, not on them; relu3_2 is one convolution after relu3_1),
+  divided per layer by the same distance of the style image stretched
   to the photo's size, then averaged: the photo scores 0, the style image
   1.0; lower is closer to the photo.
 * **colour**: the SWD between the result's and the style's pixel colours
