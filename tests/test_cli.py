@@ -199,7 +199,7 @@ def test_stylize_help_shows_config_defaults(help_runs):
     assert r.returncode == 0, r.stderr
     text = " ".join(r.stdout.split())  # argparse wraps to the terminal width
     defaults = Config()
-    assert "relu4_2" in text
+    assert "content layers (default: the style loss's own, see docs/losses.md)" in text
     assert "weight of the style loss (default: the style loss's own, see docs/losses.md)" in text
     assert f"style layers (default: {','.join(defaults.style_layers)})" in text
     # Every Config field is an option, with its help and (where not None) its default from Config.
