@@ -23,6 +23,10 @@ TINY = dict(
     content_layers=("relu2_1",),
     style_layers=("relu1_1", "relu2_1"),
     batch_size=1,
+    # These tests are about scheduling, batching and caching: with gram a batch's image equals a lone run's to
+    # float rounding. ot's sorts turn that rounding into reordered projections (0.03 after 4 steps at 32 px on an
+    # AMD EPYC); batched ot is checked with its own tolerance in test_runtime.py.
+    style_loss="gram",
 )
 CUDA = torch.cuda.is_available()
 
