@@ -76,8 +76,10 @@ def state_bytes_per_pixel(config) -> float:
     """Per output pixel, what the run holds outside the network whatever the mode (float32)."""
     # The content layers are the style loss's own unless given. Asked before auto is resolved (the --max-pixels
     # message, about sizes only tiles reach), the loss auto takes when nothing else fits brings them.
-    config = config.with_style_loss(AUTO_STYLE_LOSSES[-1] if config.style_loss == AUTO else config.style_loss)
-    content_targets = sum(layer_bytes(config.model, config.feature_layers, 4)[n] for n in config.content_layers)
+    layers = config.content_layers
+    if layers is None:
+        layers = style_loss(AUTO_STYLE_LOSSES[-1] if config.style_loss == AUTO else config.style_loss).content_layers
+    content_targets = sum(layer_bytes(config.model, config.feature_layers, 4)[n] for n in layers)
     copies = IMAGE_COPIES + PREVIOUS_SCALE
     if config.optimizer == "lbfgs":
         copies += 2 * LBFGS_HISTORY + 3  # curvature pairs, direction, previous gradient and point
